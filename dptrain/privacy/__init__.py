@@ -1,0 +1,7 @@
+"""The built-in privacy engine: exact mixed ghost clipping with book-keeping. No Hydra, no argparse."""
+
+from .engine import CLIPPING, PrivacyEngine
+from .optimizer import DPOptimizer
+from .plan import MODES, CoverageError
+
+__all__ = ["CLIPPING", "MODES", "CoverageError", "DPOptimizer", "PrivacyEngine"]

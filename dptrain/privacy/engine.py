@@ -1,0 +1,253 @@
+"""PrivacyEngine: exact per-example clipping by book-keeping, in the same backward pass.
+
+Forward: every hooked module runs with its own parameters *detached*, so autograd never computes the
+non-private weight gradient (only activation gradients flow); the call's inputs are kept and a tensor
+hook on each output keeps the output gradient. Tensor hooks (not module backward hooks) survive timm's
+in-place `x += shortcut` and ReLU(inplace=True).
+
+Backward: the first output gradient queues a callback on the autograd engine, which runs once the
+whole backward has finished — independent of the order modules were registered or fired. It then
+sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i c_i·g_i[p] straight
+into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
+(a functional use, a tied weight) raises instead of being silently unclipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .layers import Record
+from .plan import MODES, CoverageError, Entry, build_plan, describe
+
+log = logging.getLogger("dptrain.privacy")
+
+CLIPPING = ("abadi", "automatic")
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def _replaying():
+    """Inside a fallback replay the hooked forwards behave as plain modules."""
+    prev = getattr(_STATE, "replaying", False)
+    _STATE.replaying = True
+    try:
+        yield
+    finally:
+        _STATE.replaying = prev
+
+
+class _Anchor(torch.autograd.Function):
+    """Makes an output that does not require grad (a first layer on raw data) part of the graph, so a
+    tensor hook can see its gradient; returns a copy because in-place ops on a custom Function's
+    returned input are forbidden. Gives the parameters no gradient (book-keeping builds it)."""
+
+    @staticmethod
+    def forward(ctx, out, leaf):
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class PrivacyEngine:
+    """Attach to `model`; after `loss.backward()` (loss summed over examples) every trainable p has
+    p.grad += Σ_i c_i · g_i[p], with c_i = min(1, R/‖g_i‖) (abadi) or R/(‖g_i‖ + γ) (automatic) and g_i
+    example i's full gradient. Noise and averaging are `DPOptimizer`'s job, once per logical batch.
+
+    mode: "mixed_ghost" (per-layer cheaper of ghost norm / instantiation), "ghost", "per_sample".
+    fallback: extra module types or names to treat as fallback units (their whole subtree is replayed
+    with torch.func), e.g. for a module that uses a child's weight functionally.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str = "mixed_ghost",
+        max_grad_norm: float = 1.0,
+        clipping: str = "abadi",
+        gamma: float = 0.01,
+        fallback: tuple = (),
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+        if clipping not in CLIPPING:
+            raise ValueError(f"unknown clipping '{clipping}'; valid: {', '.join(CLIPPING)}")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.model, self.mode, self.max_grad_norm = model, mode, float(max_grad_norm)
+        self.clipping, self.gamma = clipping, float(gamma)
+        self.entries: list[Entry] = build_plan(model, fallback=fallback)
+        self.per_sample_norms: torch.Tensor | None = None
+        self._records: list[tuple[Entry, Record]] = []
+        self._forward_id = 0
+        self._queued = False
+        self._audited = False
+        self._handles: list = []
+        self._leaf = torch.zeros((), requires_grad=True)  # puts raw-data layers' outputs in the graph
+        self._saved_forward: list[tuple[nn.Module, object]] = []
+        for e in self.entries:
+            self._wrap(e)
+        for e in self.entries:
+            for n, p in e.params:
+                full = f"{e.name}.{n}" if e.name else n
+                self._handles.append(p.register_hook(partial(_outside_use, full)))
+        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+
+    # ---------------------------------------------------------------- forward
+    def _new_forward(self, module, args):
+        if getattr(_STATE, "replaying", False):
+            return
+        self._forward_id += 1
+        self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
+
+    def _wrap(self, entry: Entry) -> None:
+        m = entry.module
+        self._saved_forward.append((m, m.__dict__.get("forward")))
+        orig = m.forward
+        slots = []  # (owning module, attribute name, parameter) for the detached swap
+        for n, p in entry.params:
+            owner = m.get_submodule(n.rpartition(".")[0]) if "." in n else m
+            slots.append((owner, n.rpartition(".")[2], p))
+
+        def forward(*args, **kwargs):
+            if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+                return orig(*args, **kwargs)
+            if entry.dropouts and m.training:
+                _check_dropout(entry)
+            for owner, name, p in slots:
+                owner._parameters[name] = p.detach()
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                for owner, name, p in slots:
+                    owner._parameters[name] = p
+            flat, spec = tree_flatten(out)
+            idx = [i for i, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
+            batch = next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()),
+                         None)
+            if batch is None or not idx:
+                raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input and output")
+            rec = Record(tree_map(_detach, args), tree_map(_detach, kwargs), batch, self._forward_id, len(idx))
+            for k, i in enumerate(idx):
+                o = flat[i]
+                if not o.requires_grad:
+                    o = flat[i] = _Anchor.apply(o, self._leaf)
+                o.register_hook(partial(self._on_grad, rec, k))
+            self._records.append((entry, rec))
+            entry.calls += 1
+            return tree_unflatten(flat, spec)
+
+        m.forward = forward
+
+    # --------------------------------------------------------------- backward
+    def _on_grad(self, rec: Record, k: int, g: torch.Tensor) -> None:
+        if rec.forward_id != self._forward_id or not any(r is rec for _, r in self._records):
+            raise CoverageError(
+                "backward reached a forward whose records were discarded: call backward once after each "
+                "forward of the model (do not sum losses of several forwards, do not retain the graph)"
+            )
+        rec.grads[k] = g.detach()
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _finish(self) -> None:
+        self._queued = False
+        records, self._records = self._records, []
+        if not self._audited:
+            self._audit()
+        groups: dict[int, tuple[Entry, list[Record]]] = {}
+        for e, r in records:
+            if any(g is not None for g in r.grads):
+                _check_versions(e, r)
+                groups.setdefault(id(e), (e, []))[1].append(r)
+        if not groups:
+            return
+        sizes = {r.batch for _, rs in groups.values() for r in rs}
+        if len(sizes) != 1:
+            raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
+        B = sizes.pop()
+        n2 = None
+        states = []
+        with torch.no_grad():
+            for e, rs in groups.values():
+                part, state = e.rule.norms(e, rs, self.mode)
+                part = part.to(torch.float64 if part.dtype == torch.float64 else torch.float32)
+                n2 = part if n2 is None else n2 + part
+                states.append(state)
+            norms = n2.clamp_min(0).sqrt()
+            if self.clipping == "abadi":
+                c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
+            else:
+                c = self.max_grad_norm / (norms + self.gamma)
+            for (e, rs), state in zip(groups.values(), states):
+                e.rule.accumulate(e, rs, c, state)
+        assert norms.shape[0] == B
+        self.per_sample_norms = norms
+
+    def _audit(self) -> None:
+        self._audited = True
+        unused = [f"{e.name}.{n}" if e.name else n for e in self.entries if e.calls == 0 for n, _ in e.params]
+        if unused:
+            raise CoverageError(
+                f"parameters used by no hooked call in the first forward: {', '.join(unused[:8])}"
+                f"{' …' if len(unused) > 8 else ''}. If a parent module uses them functionally, "
+                "pass fallback=['<parent module name>']; if they are unused, freeze them (requires_grad=False)"
+            )
+        log.info("privacy engine (%s) per-layer rules:\n%s", self.mode, describe(self.entries))
+
+    # ---------------------------------------------------------------- public
+    def describe(self) -> str:
+        return describe(self.entries)
+
+    def detach(self) -> nn.Module:
+        """Remove every hook; the model is a plain module again."""
+        for h in self._handles:
+            h.remove()
+        for m, saved in self._saved_forward:
+            if saved is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = saved
+        self._handles, self._saved_forward, self._records = [], [], []
+        return self.model
+
+
+def _detach(x):
+    return x.detach() if torch.is_tensor(x) else x
+
+
+def _outside_use(name: str, grad: torch.Tensor) -> None:
+    raise CoverageError(
+        f"parameter '{name}' received a gradient outside its module's forward (a functional use such as "
+        "F.linear(x, m.weight), or a tied weight), which the engine cannot clip. Route the use through the "
+        "module, or make the module that uses it a fallback unit: PrivacyEngine(..., fallback=['<module>'])"
+    )
+
+
+def _check_versions(e: Entry, r: Record) -> None:
+    for a, v in zip(r.args, r.versions):
+        if v is not None and a._version != v:
+            raise CoverageError(
+                f"the input of {e.label()} was modified in place after its forward; its per-example "
+                "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
+            )
+
+
+def _check_dropout(e: Entry) -> None:
+    for d in e.dropouts:
+        p = getattr(d, "p", getattr(d, "drop_prob", 0.0)) or 0.0
+        if d.training and p > 0:
+            raise CoverageError(
+                f"{e.label()} is replayed per example by the fallback, which cannot reproduce the random "
+                f"dropout inside it ({type(d).__name__}, p={p}); set that dropout / drop-path rate to 0"
+            )

@@ -1,0 +1,432 @@
+"""Per-layer rules: the per-example gradient norm (ghost or instantiated) and the clipped gradient.
+
+Notation (Bu, Mao & Xu 2022): a layer sees activations a_i ∈ R^{T×d} and output gradients
+g_i ∈ R^{T×p} for example i; its per-example weight gradient is g_iᵀ a_i. The ghost norm is
+‖g_iᵀa_i‖² = ⟨a_i a_iᵀ, g_i g_iᵀ⟩ (two T×T Gram matrices); instantiation builds g_iᵀ a_i (p×d).
+A module called several times in one forward contributes Σ_calls g_cᵀ a_c, which is the same as
+concatenating the calls along T, so reuse is exact.
+
+Each rule gets the module's records (one per call: the inputs and the gradients of the outputs) and
+returns the squared per-example norm of the parameters it owns, then builds Σ_i c_i·g_i[p] into .grad.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Bound on the B·T² elements a ghost Gram matrix may hold at once (chunked over the batch).
+GRAM_BUDGET = 2**25
+
+
+class Record:
+    """One call of a hooked module: detached inputs and, after backward, output gradients."""
+
+    __slots__ = ("args", "kwargs", "grads", "batch", "versions", "forward_id", "n_out")
+
+    def __init__(self, args: tuple, kwargs: dict, batch: int, forward_id: int, n_out: int):
+        self.args, self.kwargs, self.batch, self.forward_id = args, kwargs, batch, forward_id
+        self.grads: list[torch.Tensor | None] = [None] * n_out
+        self.n_out = n_out
+        self.versions = [a._version if torch.is_tensor(a) else None for a in args]
+
+
+def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
+    g = g.to(p.dtype).view_as(p)
+    if p.grad is None:
+        p.grad = g.clone() if g.data_ptr() == p.data_ptr() else g
+    else:
+        p.grad.add_(g)
+
+
+def _grad(rec: Record, k: int, like: torch.Tensor) -> torch.Tensor:
+    """Output gradient k of a call, zeros where that output did not reach the loss."""
+    g = rec.grads[k]
+    return like.zero_() if g is None else g
+
+
+def _gram_norm2(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_{t,s} (a_t·a_s)(g_t·g_s) per leading batch index; a: (N, T, d), g: (N, T, p) → (N,).
+    Chunked so that at most GRAM_BUDGET Gram entries live at once."""
+    N, T = a.shape[0], a.shape[1]
+    if T == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    step = max(1, GRAM_BUDGET // (T * T))
+    out = []
+    for s in range(0, N, step):
+        aa = torch.bmm(a[s : s + step], a[s : s + step].transpose(1, 2))  # (n, T, T)
+        gg = torch.bmm(g[s : s + step], g[s : s + step].transpose(1, 2))
+        out.append((aa * gg).sum((1, 2)))
+    return torch.cat(out) if out else a.new_zeros(0)
+
+
+class Rule:
+    kind = "rule"
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise CoverageError for a variant this rule does not compute exactly."""
+
+    def norms(self, entry, recs: list[Record], mode: str) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def accumulate(self, entry, recs: list[Record], c: torch.Tensor, state: Any) -> None:
+        raise NotImplementedError
+
+
+def _owned(entry, name: str) -> nn.Parameter | None:
+    for n, p in entry.params:
+        if n == name:
+            return p
+    return None
+
+
+class LinearRule(Rule):
+    """nn.Linear on (B, d), (B, T, d) or (B, ..., d) inputs; T = product of the middle dims."""
+
+    kind = "linear"
+
+    def _flat(self, m: nn.Linear, recs: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+        a = [r.args[0].reshape(r.batch, -1, m.in_features) for r in recs]
+        g = [_grad(r, 0, x.new_empty(*x.shape[:2], m.out_features)).reshape(x.shape[0], -1, m.out_features)
+             for r, x in zip(recs, a)]
+        if len(recs) == 1:
+            return a[0], g[0]
+        return torch.cat(a, 1), torch.cat(g, 1)  # reuse: concatenate calls along T
+
+    def norms(self, entry, recs, mode):
+        from .plan import choose
+
+        m = entry.module
+        a, g = self._flat(m, recs)
+        B, T = a.shape[0], a.shape[1]
+        n2 = a.new_zeros(B)
+        state: dict[str, torch.Tensor] = {"a": a, "g": g}
+        if _owned(entry, "weight") is not None:
+            entry.choice = choose(mode, T, m.out_features, m.in_features)
+            if entry.choice == "ghost" or T == 1:
+                n2 = n2 + _gram_norm2(a, g)
+            else:
+                pw = torch.einsum("btp,btd->bpd", g, a)  # (B, p, d)
+                n2 = n2 + pw.pow(2).sum((1, 2))
+                state["pw"] = pw
+        if _owned(entry, "bias") is not None:
+            gb = g.sum(1)  # (B, p)
+            n2 = n2 + gb.pow(2).sum(1)
+            state["gb"] = gb
+        return n2, state
+
+    def accumulate(self, entry, recs, c, state):
+        w, b = _owned(entry, "weight"), _owned(entry, "bias")
+        if w is not None:
+            if "pw" in state:
+                _add_grad(w, torch.einsum("bpd,b->pd", state["pw"], c))
+            else:
+                a, g = state["a"], state["g"]
+                gc = (g * c.view(-1, 1, 1).to(g.dtype)).reshape(-1, g.shape[-1])
+                _add_grad(w, gc.t() @ a.reshape(-1, a.shape[-1]))
+        if b is not None:
+            _add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
+
+
+def _conv_input(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input exactly as the convolution sees it, and the zero padding still to apply.
+    Non-zero padding modes and string padding are applied here with F.pad, as the module does."""
+    n = x.dim() - 2
+    if m.padding_mode != "zeros":
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0,) * n
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return x, (0,) * n
+        return F.pad(x, m._reversed_padding_repeated_twice), (0,) * n  # 'same': left = total // 2
+    return x, tuple(m.padding)
+
+
+def _unfold(x: torch.Tensor, m: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> torch.Tensor:
+    """im2col for 1-, 2- and 3-D convolutions: (B, C, *S) → (B, C·∏k, T), channel-major like the
+    weight's (C_in/G, *k) flattening."""
+    k, s, dil = m.kernel_size, m.stride, m.dilation
+    if x.dim() == 4:
+        return F.unfold(x, k, dilation=dil, padding=padding, stride=s)
+    if x.dim() == 3:
+        u = F.unfold(x.unsqueeze(2), (1, k[0]), dilation=(1, dil[0]), padding=(0, padding[0]), stride=(1, s[0]))
+        return u
+    if any(padding):
+        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])
+    B, C = x.shape[:2]
+    for i in range(3):
+        x = x.unfold(2 + i, dil[i] * (k[i] - 1) + 1, s[i])[..., :: dil[i]]
+    # (B, C, o1, o2, o3, k1, k2, k3) → (B, C, k1, k2, k3, o1, o2, o3)
+    x = x.permute(0, 1, 5, 6, 7, 2, 3, 4)
+    return x.reshape(B, C * math.prod(k), -1)
+
+
+class ConvRule(Rule):
+    """nn.Conv1d/2d/3d with stride, dilation, groups (grouped and depthwise), every padding_mode and
+    string padding. Groups make the weight gradient block diagonal: norm = Σ over groups."""
+
+    kind = "conv"
+
+    def check(self, module, name):
+        from .plan import CoverageError
+
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            raise CoverageError(f"transposed convolution '{name}' has no per-example rule; freeze it "
+                                "(requires_grad=False) or replace it")
+
+    def norms(self, entry, recs, mode):
+        from .plan import choose
+
+        m = entry.module
+        G = m.groups
+        B = recs[0].batch
+        us, gs, xs = [], [], []
+        for r in recs:
+            x, pad = _conv_input(m, r.args[0])
+            g = r.grads[0]
+            if g is None:
+                continue
+            xs.append((x, pad, g))
+            us.append(_unfold(x, m, pad).reshape(B, G, -1, g[0, 0].numel()))  # (B, G, d_g, T)
+            gs.append(g.reshape(B, G, m.out_channels // G, -1))  # (B, G, p_g, T)
+        state: dict[str, Any] = {"xs": xs}
+        n2 = recs[0].args[0].new_zeros(B)
+        if not xs:
+            return n2, state
+        u = us[0] if len(us) == 1 else torch.cat(us, -1)
+        g = gs[0] if len(gs) == 1 else torch.cat(gs, -1)
+        d_g, p_g, T = u.shape[2], g.shape[2], u.shape[3]
+        if _owned(entry, "weight") is not None:
+            entry.choice = choose(mode, T, p_g, d_g)
+            if entry.choice == "ghost":
+                ut = u.reshape(B * G, d_g, T).transpose(1, 2)
+                gt = g.reshape(B * G, p_g, T).transpose(1, 2)
+                n2 = n2 + _gram_norm2(ut, gt).view(B, G).sum(1)
+            else:
+                pw = torch.einsum("bgpt,bgdt->bgpd", g, u)  # (B, G, p_g, d_g)
+                n2 = n2 + pw.pow(2).sum((1, 2, 3))
+                state["pw"] = pw
+        del u
+        if _owned(entry, "bias") is not None:
+            gb = g.sum(-1).reshape(B, -1)  # (B, C_out)
+            n2 = n2 + gb.pow(2).sum(1)
+            state["gb"] = gb
+        return n2, state
+
+    def accumulate(self, entry, recs, c, state):
+        m = entry.module
+        w, b = _owned(entry, "weight"), _owned(entry, "bias")
+        if w is not None and state["xs"]:
+            if "pw" in state:
+                _add_grad(w, torch.einsum("bgpd,b->gpd", state["pw"], c.to(state["pw"].dtype)))
+            else:
+                # the weight-gradient convolution on c-scaled output gradients: no second unfold
+                for x, pad, g in state["xs"]:
+                    gc = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                    gw = torch.ops.aten.convolution_backward(
+                        gc, x, m.weight, None, m.stride, pad, m.dilation, False,
+                        [0] * len(pad), m.groups, [False, True, False])[1]
+                    _add_grad(w, gw)
+        if b is not None and "gb" in state:
+            _add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
+
+
+class _AffineNormRule(Rule):
+    """Normalisations with an elementwise affine (LayerNorm, GroupNorm): the per-example gradients
+    are small (B × channels), so they are always instantiated: Σ_positions g ⊙ x̂ and Σ_positions g."""
+
+    kind = "norm"
+
+    def normalized(self, m, x):  # → (x̂, g-layout permutation), channels last: (B, N, C...)
+        raise NotImplementedError
+
+    def norms(self, entry, recs, mode):
+        entry.choice = "instantiate"
+        m = entry.module
+        pw = pb = None
+        for r in recs:
+            if r.grads[0] is None:
+                continue
+            xh, g = self.normalized(m, r.args[0], r.grads[0])  # both (B, N, *shape)
+            w_i, b_i = (g * xh).sum(1), g.sum(1)
+            pw = w_i if pw is None else pw + w_i
+            pb = b_i if pb is None else pb + b_i
+        B = recs[0].batch
+        n2 = recs[0].args[0].new_zeros(B)
+        state = {}
+        if pw is not None:
+            if _owned(entry, "weight") is not None:
+                state["weight"] = pw.reshape(B, -1)
+            if _owned(entry, "bias") is not None:
+                state["bias"] = pb.reshape(B, -1)
+            for v in state.values():
+                n2 = n2 + v.pow(2).sum(1)
+        return n2, state
+
+    def accumulate(self, entry, recs, c, state):
+        for name, v in state.items():
+            _add_grad(_owned(entry, name), c.to(v.dtype) @ v)
+
+
+class LayerNormRule(_AffineNormRule):
+    def __init__(self, channels_first: bool = False):
+        self.channels_first = channels_first  # timm LayerNorm2d: (B, C, H, W) normalised over C
+
+    def normalized(self, m, x, g):
+        if self.channels_first:
+            x, g = x.movedim(1, -1), g.movedim(1, -1)
+        xh = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        shape = (x.shape[0], -1, *m.normalized_shape)  # (B, N, *normalized_shape)
+        return xh.reshape(shape), g.reshape(shape)
+
+
+class GroupNormRule(_AffineNormRule):
+    def normalized(self, m, x, g):
+        xh = F.group_norm(x, m.num_groups, None, None, m.eps)
+        B, C = x.shape[:2]
+        # (B, C, *S) → (B, S, C)
+        return xh.reshape(B, C, -1).transpose(1, 2), g.reshape(B, C, -1).transpose(1, 2)
+
+
+class EmbeddingRule(Rule):
+    """nn.Embedding: ghost norm Σ_{t,s} [id_t = id_s]·(g_t·g_s); rows at padding_idx get no gradient."""
+
+    kind = "embedding"
+
+    def check(self, module, name):
+        from .plan import CoverageError
+
+        if module.sparse:
+            raise CoverageError(f"embedding '{name}' uses sparse gradients; set sparse=False")
+
+    def norms(self, entry, recs, mode):
+        m = entry.module
+        B = recs[0].batch
+        ids, gs = [], []
+        for r in recs:
+            if r.grads[0] is None:
+                continue
+            idx = r.args[0].reshape(B, -1)
+            g = r.grads[0].reshape(B, idx.shape[1], -1)
+            if m.padding_idx is not None:
+                g = g.masked_fill((idx == m.padding_idx).unsqueeze(-1), 0)
+            ids.append(idx)
+            gs.append(g)
+        entry.choice = "ghost"
+        if not ids:
+            return recs[0].grads[0].new_zeros(B) if recs[0].grads[0] is not None else torch.zeros(B), {}
+        idx, g = torch.cat(ids, 1), torch.cat(gs, 1)
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # (B, T, T)
+        n2 = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return n2, {"idx": idx, "g": g}
+
+    def accumulate(self, entry, recs, c, state):
+        if not state:
+            return
+        w = _owned(entry, "weight")
+        g = state["g"] * c.view(-1, 1, 1).to(state["g"].dtype)
+        gw = torch.zeros_like(w).index_add_(0, state["idx"].reshape(-1), g.reshape(-1, g.shape[-1]))
+        _add_grad(w, gw)
+
+
+class FallbackRule(Rule):
+    """Any module with parameters and no rule: per-example gradients of every parameter of its subtree
+    by torch.func — vmap over the batch of the vjp of the module's own forward, replayed on the stored
+    inputs with the stored output gradients. Exact for any deterministic module; slower."""
+
+    kind = "fallback"
+
+    def norms(self, entry, recs, mode):
+        from .engine import _replaying
+
+        entry.choice = "fallback"
+        m = entry.module
+        names = [n for n, _ in entry.params]
+        params = tuple(p.detach() for _, p in entry.params)
+        B = recs[0].batch
+        total = None
+        for r in recs:
+            if all(g is None for g in r.grads):
+                continue
+            per = self._per_example(m, names, params, r, B, _replaying)
+            total = per if total is None else tuple(t + q for t, q in zip(total, per))
+        n2 = params[0].new_zeros(B)
+        if total is None:
+            return n2, None
+        for t in total:
+            n2 = n2 + t.reshape(B, -1).pow(2).sum(1).to(n2.dtype)
+        return n2, total
+
+    @staticmethod
+    def _per_example(m, names, params, r: Record, B: int, replaying) -> tuple[torch.Tensor, ...]:
+        from torch.func import functional_call, vjp, vmap
+        from torch.utils._pytree import tree_flatten
+
+        flat_args, spec = tree_flatten((r.args, r.kwargs))
+        dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == B else None for a in flat_args)
+        grads = tuple(g for g in r.grads)
+        gmask = [g is not None for g in grads]
+        present = tuple(g for g in grads if g is not None)
+
+        def one(flat_i, grads_i):
+            from torch.utils._pytree import tree_unflatten
+
+            batched = [a.unsqueeze(0) if d == 0 else a for a, d in zip(flat_i, dims)]
+            args, kwargs = tree_unflatten(batched, spec)
+
+            def f(*ps):
+                out = functional_call(m, dict(zip(names, ps)), args, kwargs)
+                outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o) and o.is_floating_point()]
+                return tuple(o for o, keep in zip(outs, gmask) if keep)
+
+            _, pull = vjp(f, *params)
+            return pull(tuple(g.unsqueeze(0) for g in grads_i))
+
+        with replaying():
+            return vmap(one, in_dims=(list(dims), 0), randomness="error")(list(flat_args), present)
+
+    def accumulate(self, entry, recs, c, state):
+        if state is None:
+            return
+        for (_, p), t in zip(entry.params, state):
+            _add_grad(p, torch.einsum("b...,b->...", t, c.to(t.dtype)))
+
+
+FALLBACK = FallbackRule()
+
+
+def _timm_norms() -> dict[type, Rule]:
+    try:
+        from timm.layers import LayerNorm as TimmLN
+        from timm.layers import LayerNorm2d as TimmLN2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return {}
+    return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True)}
+
+
+# Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:
+# they go to the fallback (exact) unless listed here.
+RULES: dict[type, Rule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+    nn.Embedding: EmbeddingRule(),
+    **_timm_norms(),
+}
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    rule = RULES.get(type(module))
+    if rule is not None:
+        return rule
+    # subclasses that keep the parent's forward compute the same function (e.g. timm's Linear wrappers)
+    for base, r in RULES.items():
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return r
+    return None

@@ -1,0 +1,142 @@
+"""Coverage plan: which rule computes each trainable parameter's per-example gradient.
+
+The plan walks the module tree top-down. A module with a rule (layers.RULES) owns its direct
+parameters; a module with trainable direct parameters and no rule becomes a *fallback unit* that owns
+every trainable parameter of its subtree (its children are not hooked separately); anything else is
+descended into. Whatever cannot be covered exactly raises `CoverageError` naming the parameter and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import FALLBACK, RULES, Rule, rule_for
+
+MODES = ("mixed_ghost", "ghost", "per_sample")
+
+
+class CoverageError(RuntimeError):
+    """A trainable parameter would not get an exact per-example gradient."""
+
+
+@dataclass
+class Entry:
+    """One hooked module and the rule that clips the parameters it owns."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    params: list[tuple[str, nn.Parameter]]  # (name relative to `module`, parameter)
+    choice: str = ""  # last decision: ghost / instantiate / fallback
+    calls: int = 0
+    dropouts: list[nn.Module] = field(default_factory=list)  # only for fallback units
+
+    def label(self) -> str:
+        return f"{self.name or '<root>'} ({type(self.module).__name__})"
+
+
+def choose(mode: str, T: int, p: int, d: int) -> str:
+    """The mixed rule (Bu, Mao & Xu 2022, Sec. 3.2): the ghost norm costs O(B·T²·(p+d)) time and B·T²
+    memory, instantiation O(B·T·p·d) time and B·p·d memory; ghost wins when 2T² < p·d."""
+    if mode == "ghost":
+        return "ghost"
+    if mode == "per_sample":
+        return "instantiate"
+    return "ghost" if 2 * T * T < p * d else "instantiate"
+
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def _dropouts(module: nn.Module) -> list[nn.Module]:
+    """Random layers a fallback replay could not reproduce (nn.Dropout*, timm DropPath)."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) or hasattr(m, "drop_prob"):
+            out.append(m)
+    return out
+
+
+def _forced_fallback() -> tuple[type, ...]:
+    """Modules known to use a child's weight functionally: timm BEiT attention calls
+    F.linear(x, self.qkv.weight, qkv_bias) and never calls self.qkv."""
+    try:
+        from timm.models.beit import Attention as BeitAttention
+    except ImportError:  # pragma: no cover
+        return ()
+    return (BeitAttention,)
+
+
+def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
+    """Assign every trainable parameter to exactly one Entry, or raise CoverageError.
+    `fallback`: module types or qualified names to replay as a whole (fallback units)."""
+    _check_shared(model)
+    entries: list[Entry] = []
+    forced_types = _forced_fallback() + tuple(f for f in fallback if isinstance(f, type))
+    forced_names = {f for f in fallback if isinstance(f, str)}
+
+    def visit(name: str, module: nn.Module) -> None:
+        if isinstance(module, _BATCHNORM) and any(p.requires_grad for p in module.parameters()):
+            raise CoverageError(
+                f"BatchNorm layer '{name}' mixes examples, so per-example gradients are undefined; "
+                "replace it with GroupNorm (dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
+            )
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        rule = rule_for(module)
+        if rule is not None and own:
+            rule.check(module, name)
+            entries.append(Entry(name, module, rule, own))
+            # a rule module with trainable children would leave them uncovered
+            for child_name, child in module.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+            return
+        forced = isinstance(module, forced_types) or name in forced_names
+        if own or (forced and any(p.requires_grad for p in module.parameters())):
+            sub = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            for bn_name, m in module.named_modules():
+                if isinstance(m, _BATCHNORM):
+                    raise CoverageError(
+                        f"BatchNorm layer '{name}.{bn_name}' mixes examples; replace it with GroupNorm "
+                        "(dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
+                    )
+            entries.append(Entry(name, module, FALLBACK, sub, dropouts=_dropouts(module)))
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    covered = {id(p) for e in entries for _, p in e.params}
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in covered:  # pragma: no cover - visit() covers every module
+            raise CoverageError(f"parameter '{n}' is not covered by any rule")
+    return entries
+
+
+def _check_shared(model: nn.Module) -> None:
+    """Tied weights (one Parameter under two names) would need a joint per-example gradient."""
+    seen: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if id(p) in seen:
+            raise CoverageError(
+                f"parameter '{n}' is the same tensor as '{seen[id(p)]}' (tied weights); its per-example "
+                "gradient would need both uses together. Untie the weights or freeze one use "
+                "(requires_grad=False)."
+            )
+        seen[id(p)] = n
+
+
+def describe(entries: list[Entry]) -> str:
+    """One line per hooked module: the rule and, once a backward ran, the choice it made."""
+    lines = []
+    for e in entries:
+        names = ", ".join(n for n, _ in e.params)
+        lines.append(f"  {e.label():<48} {e.rule.kind:<10} {e.choice or '-':<12} [{names}]")
+    return "\n".join(lines)
+
+
+__all__ = ["MODES", "CoverageError", "Entry", "build_plan", "choose", "describe", "RULES", "torch"]

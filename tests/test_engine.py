@@ -1,0 +1,318 @@
+"""Exactness of the built-in engine against the one-example-at-a-time float64 reference."""
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import check
+
+from dptrain.privacy import CoverageError, PrivacyEngine
+
+MODES = ["mixed_ghost", "ghost", "per_sample"]
+
+
+def batches(shape, classes=3, sizes=(3, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes]
+
+
+class Head(nn.Module):
+    """Wraps a feature layer with a pooling classifier so every layer type ends in logits."""
+
+    def __init__(self, body, feat, classes=3, pool="mean"):
+        super().__init__()
+        self.body, self.fc, self.pool = body, nn.Linear(feat, classes), pool
+
+    def forward(self, x):
+        h = self.body(x)
+        h = h.flatten(2).mean(-1) if h.dim() > 2 else h
+        return self.fc(torch.tanh(h))
+
+
+def seq_model(layer, feat):
+    return Head(layer, feat)
+
+
+LAYERS = {
+    "linear2d": (lambda: nn.Linear(6, 4), (6,), 4),
+    "linear3d": (lambda: nn.Sequential(nn.Linear(6, 4), nn.Flatten(1, -1)), (5, 6), None),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (3, 11), 4),
+    "conv2d_stride_dil": (lambda: nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2), (3, 9, 9), 4),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (4, 7, 7), 6),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1, bias=False), (4, 7, 7), 4),
+    "conv2d_reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 6, 6), 4),
+    "conv2d_replicate": (lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="replicate"), (3, 6, 6), 4),
+    "conv2d_circular": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), (3, 6, 6), 4),
+    "conv2d_same_even": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 7, 7), 4),
+    "conv2d_valid": (lambda: nn.Conv2d(3, 4, 3, padding="valid"), (3, 7, 7), 4),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 3, stride=(1, 2, 1), padding=1, dilation=(2, 1, 1)), (2, 5, 6, 5), 3),
+    "conv3d_grouped": (lambda: nn.Conv3d(4, 4, 2, groups=2, padding="same"), (4, 4, 4, 4), 4),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)), (4, 6), None),
+    "layernorm2d_timm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), timm.layers.LayerNorm2d(4)), (3, 5, 5), 4),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), (3, 6, 6), 4),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layer_matches_reference(layer, mode):
+    torch.manual_seed(0)
+    make, shape, feat = LAYERS[layer]
+    body = make()
+    if feat is None:
+        feat = {"linear3d": 20, "layernorm": 6}[layer]
+        if layer == "layernorm":
+            body = nn.Sequential(body, Mean1())
+    err, _ = check(seq_model(body, feat), batches(shape), mode=mode, max_grad_norm=0.3)
+    assert err < 1e-6
+
+
+class Mean1(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_with_padding_idx(mode):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 10, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g))]
+    data[0][0][0, :3] = 0  # padding rows get no gradient
+    data[0][0][1, :] = 7  # repeated ids: the ghost norm's cross terms
+    err, _ = check(Embed(), data, mode=mode, max_grad_norm=0.2)
+    assert err < 1e-6
+
+
+class Reuse(nn.Module):
+    """One Linear called twice and a conv called on two resolutions in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.conv(self.conv(x)).mean((2, 3)) + self.conv(x[..., ::2, ::2]).mean((2, 3))
+        return self.fc(torch.tanh(self.fc(h)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_reuse_is_exact(mode):
+    torch.manual_seed(0)
+    err, _ = check(Reuse(), batches((3, 6, 6)), mode=mode, max_grad_norm=0.5)
+    assert err < 1e-6
+
+
+class Custom(nn.Module):
+    """A module with its own parameters and no rule → the torch.func fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x, *, shift=None):
+        return self.inner(x * self.scale) + (0 if shift is None else shift)
+
+
+class WithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(5, 4)
+        self.custom = Custom()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.custom(torch.relu(self.pre(x)), shift=1.0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fallback_unit(mode):
+    torch.manual_seed(0)
+    err, engine = check(WithCustom(), batches((5,)), mode=mode, max_grad_norm=0.4)
+    kinds = {e.name: e.rule.kind for e in engine.entries}
+    assert kinds == {"pre": "linear", "custom": "fallback", "fc": "linear"}
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("clipping", ["abadi", "automatic"])
+def test_clipping_functions(clipping):
+    torch.manual_seed(0)
+    err, _ = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=0.4, clipping=clipping)
+    assert err < 1e-6
+
+
+def tiny_resnet():
+    from dptrain.models import fix_batchnorm
+
+    return fix_batchnorm(timm.create_model("resnet18", num_classes=3, pretrained=False))[0]
+
+
+def tiny_vit():
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                             num_classes=3, init_values=0.1, reg_tokens=1)
+
+
+def tiny_beit():
+    return timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                             num_classes=3, init_values=0.1, drop_path_rate=0.0)
+
+
+def tiny_vgg():
+    """VGG-style: 3×3 conv + norm + ReLU(inplace) + max-pool stages, then an MLP classifier."""
+    from dptrain.models import fix_batchnorm
+
+    layers, c = [], 3
+    for out in (4, "M", 8, "M", 8):
+        if out == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+    layers += [nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)]
+    return fix_batchnorm(nn.Sequential(*layers))[0]
+
+
+MODELS = {
+    "resnet18_gn": (tiny_resnet, (3, 16, 16)),
+    "vit_tiny": (tiny_vit, (3, 8, 8)),
+    "vgg_gn": (tiny_vgg, (3, 16, 16)),
+    "beit_tiny": (tiny_beit, (3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_timm_models_match_reference(name, mode):
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    model = make()
+    assert all(p.requires_grad for p in model.parameters())
+    err, _ = check(model, batches(shape, sizes=(2, 2)), mode=mode, max_grad_norm=1.0)
+    assert err < 1e-6
+
+
+def test_sensitivity_single_example_is_bounded():
+    torch.manual_seed(0)
+    model = WithCustom().double()
+    R = 0.05
+    engine = PrivacyEngine(model, max_grad_norm=R)
+    F.cross_entropy(model(torch.randn(1, 5).double() * 10), torch.tensor([1]), reduction="sum").backward()
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert engine.per_sample_norms.item() > R  # it was clipped...
+    assert total.item() <= R * (1 + 1e-9)  # ...to at most R
+    engine.detach()
+
+
+# ----------------------------------------------------------------- refusals
+
+
+def test_batchnorm_refused():
+    with pytest.raises(CoverageError, match="BatchNorm.*GroupNorm"):
+        PrivacyEngine(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(F.linear(self.other(x), self.other.weight))  # a second, unhooked use
+
+
+def test_weight_used_outside_its_module_raises():
+    model = Functional()
+    PrivacyEngine(model)
+    with pytest.raises(CoverageError, match="other.weight.*outside its module"):
+        F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
+
+
+class NeverCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.qkv.weight)
+
+
+def test_parameter_used_by_no_hooked_call_raises_and_fallback_fixes_it():
+    model = NeverCalled()
+    PrivacyEngine(model)
+    with pytest.raises(CoverageError, match="qkv.weight"):
+        F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
+    torch.manual_seed(0)
+    err, _ = check(NeverCalled(), batches((4,)), mode="mixed_ghost", fallback=(NeverCalled,))
+    assert err < 1e-6
+
+
+def test_tied_weights_raise():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    with pytest.raises(CoverageError, match="tied"):
+        PrivacyEngine(model)
+
+
+def test_dropout_inside_fallback_raises():
+    model = nn.Sequential(nn.Linear(4, 4), timm.layers.LayerScale(4), nn.Linear(4, 3))
+    model.insert(2, nn.Dropout(0.5))  # dropout outside the fallback unit is fine
+    engine = PrivacyEngine(model)
+    F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
+    engine.detach()
+    vit = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                            num_classes=3, attn_drop_rate=0.1)
+    PrivacyEngine(vit)
+    with pytest.raises(CoverageError, match="dropout"):
+        vit(torch.randn(2, 3, 8, 8))
+
+
+def test_inplace_change_of_stored_input_raises():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            y = self.out(h)
+            h.mul_(2)
+            return y
+
+    model = Bad()
+    PrivacyEngine(model)
+    with pytest.raises(CoverageError, match="modified in place"):
+        F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
+
+
+def test_detach_restores_plain_module():
+    model = WithCustom()
+    x = torch.randn(3, 5)
+    before = model(x)
+    engine = PrivacyEngine(model)
+    engine.detach()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    model(x).sum().backward()  # plain autograd again: every parameter gets its ordinary gradient
+    assert all(p.grad is not None for p in model.parameters())
+    assert torch.equal(model(x), before)
+
+
+def test_eval_forward_without_backward_leaves_nothing():
+    model = WithCustom()
+    engine = PrivacyEngine(model)
+    model(torch.randn(7, 5))  # e.g. an evaluation with grad enabled
+    F.cross_entropy(model(torch.randn(3, 5)), torch.tensor([0, 1, 2]), reduction="sum").backward()
+    assert engine.per_sample_norms.shape == (3,)
