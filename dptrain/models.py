@@ -1,12 +1,50 @@
-"""create_model: timm.create_model + BatchNorm→GroupNorm + head/img_size + checkpoint loading."""
+"""create_model: timm.create_model (or the small CNN) + BatchNorm→GroupNorm + head + checkpoint loading."""
 
 from __future__ import annotations
 
 import logging
+import os
 
+import torch
 from torch import nn
 
+from .errors import UserError
+
 log = logging.getLogger("dptrain.models")
+
+# conf/model names → timm names (any other timm name works through model.name too)
+CONF_MODELS = {
+    "cnn": "cnn", "resnet18": "resnet18", "resnet50": "resnet50", "vgg11": "vgg11_bn", "vgg19": "vgg19_bn",
+    "vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
+    "beit_base": "beit_base_patch16_224.in22k_ft_in22k_in1k", "beit_large": "beit_large_patch16_224.in22k_ft_in22k_in1k",
+}
+
+
+class CNN(nn.Module):
+    """The end-to-end CNN of Papernot et al. 2021 / Tramèr & Boneh 2021 (59.2% on CIFAR-10 at ε=3):
+    per stage two 3×3 convs then 2×2 max-pool; then a hidden fc layer and the classifier. tanh, as those
+    papers found best under DP. Adaptive pooling lets it take 8×8 digits and 32×32 CIFAR alike."""
+
+    def __init__(self, num_classes=10, in_chans=3, channels=(32, 64, 128), hidden=128, act="tanh", norm="none"):
+        super().__init__()
+        acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+        if act not in acts:
+            raise UserError(f"unknown model.kwargs.act '{act}'; valid: {', '.join(acts)}")
+        layers, c = [], in_chans
+        for out in channels:
+            for _ in range(2):
+                layers.append(nn.Conv2d(c, out, 3, padding=1))
+                if norm == "group":
+                    layers.append(nn.GroupNorm(min(16, out), out))
+                layers.append(acts[act]())
+                c = out
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * c, hidden), acts[act](), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
 
 
 def fix_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
@@ -18,3 +56,91 @@ def fix_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
         model = ModuleValidator.fix(model)
     return model, n
+
+
+def timm_name(name: str) -> str:
+    return CONF_MODELS.get(name, name)
+
+
+def data_config(name: str, pretrained: bool) -> dict:
+    """The input size and normalisation a pretrained timm model expects ({} for from-scratch models)."""
+    if not pretrained or timm_name(name) == "cnn":
+        return {}
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name(name))
+    if cfg is None:
+        return {}
+    return {"image_size": cfg.input_size[-1], "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int | None = None,
+                 pretrained: bool = False, checkpoint: str | None = None, fix_bn: bool = True, **kwargs) -> nn.Module:
+    name = timm_name(name)
+    if name == "cnn":
+        model = CNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    else:
+        model = _timm(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, pretrained=pretrained,
+                      **kwargs)
+    if not fix_bn:
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return model
+    fixed, n = fix_batchnorm(model)
+    if n:
+        log.info("converted %d BatchNorm layers to GroupNorm (per-example gradients need it)", n)
+    if checkpoint:
+        try:  # a checkpoint of a dptrain run (GroupNorm) ...
+            load_checkpoint(fixed, checkpoint)
+        except UserError:  # ... or of the original architecture (BatchNorm), converted after loading
+            load_checkpoint(model, checkpoint)
+            fixed, _ = fix_batchnorm(model)
+    return fixed
+
+
+def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown model '{name}'; conf names: {', '.join(CONF_MODELS)}; or any timm name "
+                        "(python -c 'import timm; print(timm.list_models())')")
+    kw = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    try:
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kw, **({"img_size": img_size} if img_size else {}))
+        except TypeError:  # a model that takes no img_size (CNNs are size-agnostic)
+            return timm.create_model(name, pretrained=pretrained, **kw)
+    except TypeError as e:
+        raise UserError(f"model '{name}' rejected model.kwargs {dict(kwargs)}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise UserError(f"cannot load pretrained weights for '{name}' (offline? {type(e).__name__}); use "
+                            "model.checkpoint=<file> or model.pretrained=false") from None
+        raise
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a local weights file: a state_dict, or a dict holding one under 'state_dict', 'model' or
+    'model_state_dict'. Keys whose shapes differ (a classifier head for another number of classes) are
+    skipped and logged; every other key must match."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint '{path}' (corrupt or not a torch file): {type(e).__name__}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"checkpoint '{path}' holds no state_dict")
+    obj = {k.removeprefix("module.").removeprefix("_module."): v for k, v in obj.items()}
+    own = model.state_dict()
+    skipped = [k for k, v in obj.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in obj.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{path}' does not match the model: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    log.info("loaded checkpoint %s%s", path, f" (skipped shape-mismatched {skipped})" if skipped else "")

@@ -90,7 +90,7 @@ class PrivacyEngine:
         self._records: list[tuple[Entry, Record]] = []
         self._forward_id = 0
         self._queued = False
-        self._audited = False
+        self._audited = self._logged = False
         self._handles: list = []
         self._leaf = torch.zeros((), requires_grad=True)  # puts raw-data layers' outputs in the graph
         self._saved_forward: list[tuple[nn.Module, object]] = []
@@ -193,6 +193,9 @@ class PrivacyEngine:
                 e.rule.accumulate(e, rs, c, state)
         assert norms.shape[0] == B
         self.per_sample_norms = norms
+        if not self._logged:
+            self._logged = True
+            log.info("privacy engine (%s), per-layer rules chosen:\n%s", self.mode, describe(self.entries))
 
     def _audit(self) -> None:
         self._audited = True
@@ -203,7 +206,6 @@ class PrivacyEngine:
                 f"{' …' if len(unused) > 8 else ''}. If a parent module uses them functionally, "
                 "pass fallback=['<parent module name>']; if they are unused, freeze them (requires_grad=False)"
             )
-        log.info("privacy engine (%s) per-layer rules:\n%s", self.mode, describe(self.entries))
 
     # ---------------------------------------------------------------- public
     def describe(self) -> str:

@@ -1,0 +1,38 @@
+# dptrain — `make help` lists the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all lint bench report clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install dptrain (editable) with its dev extras
+
+demo: $(STAMP) ## train privately on the embedded default (digits, small CNN, eps=3) and print the summary
+	$(BIN)/dptrain
+
+test: $(STAMP) ## the fast test suite (CPU, no network, < 10 min)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP) ## every test, slow ones included
+	$(BIN)/python -m pytest -m ''
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check dptrain tests
+
+bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
+	$(BIN)/dptrain-bench
+
+clean: ## remove run outputs
+	rm -rf outputs multirun

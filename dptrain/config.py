@@ -1,0 +1,91 @@
+"""Typed config: dataclass schemas in Hydra's ConfigStore, so a misspelled key fails at compose time.
+YAML files under conf/ only fill in values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # a conf/model name's timm model, any timm name, or "cnn"
+    pretrained: bool = False  # timm's weights (needs network or a warm cache)
+    checkpoint: Optional[str] = None  # a local weights file (state_dict, or {"state_dict"|"model": ...})
+    img_size: Optional[int] = None  # for models that take it (ViT, BEiT); default: the data's image size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model / the CNN
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"  # digits, cifar10, cifar100, folder, fake
+    root: Optional[str] = None  # cifar download dir / folder with train/ and test/
+    image_size: Optional[int] = None  # resize to; default: native, or the pretrained model's input size
+    download: bool = True  # cifar: download when absent (needs network)
+    num_workers: int = 0  # DataLoader workers for datasets decoded on the fly
+    cache: bool = True  # decode small image datasets once into memory
+    val_fraction: float = 0.0  # >0: hold out part of train as "test" (tune on it, not on the test split)
+    augment: bool = False  # random crop (pad 4) + horizontal flip on each physical batch
+    size: int = 512  # fake: training examples (test: a quarter)
+    num_classes: int = 10  # fake
+    channels: int = 3  # fake
+
+
+@dataclass
+class EngineConfig:
+    name: str = "mixed_ghost"  # mixed_ghost, ghost, per_sample, opacus, opacus_ghost, nonprivate
+    clipping: str = "abadi"  # abadi: min(1, R/‖g‖); automatic: R/(‖g‖+γ)
+    gamma: float = 0.01  # automatic clipping's stability constant
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd (momentum), adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class PrivacyConfig:
+    accountant: str = "prv"  # prv, rdp, gdp
+    sampling: str = "poisson"  # poisson (accounted), shuffle (NOT DP-accounted; ε reported as not guaranteed)
+    noise_multiplier: Optional[float] = None  # σ; derived from (eps, delta, q, steps) unless given
+    secure_noise: bool = False  # seed the noise from OS entropy instead of `seed`
+    augmult: int = 1  # augmentation multiplicity K: K augmented copies of each example, one clipped gradient
+    ema: Optional[float] = None  # exponential moving average of the weights for evaluation (e.g. 0.999)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none, wandb
+    project: str = "dptrain"
+    mode: str = "offline"  # wandb mode unless WANDB_MODE is set: offline, online, disabled
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eps: Optional[float] = 3.0  # target ε
+    delta: Optional[float] = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
+    epochs: float = 10.0
+    batch_size: int = 256  # logical (expected) batch size L; q = L / n
+    physical_batch_size: int = 128  # memory chunk; never changes the privacy or the update
+    max_grad_norm: float = 1.0  # per-example clipping bound R
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    progress: bool = True
+    data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
+    name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,205 @@
+"""create_dataset: digits (scikit-learn), cifar10/cifar100 (torchvision), folder (ImageFolder), fake.
+
+Small image sets are decoded once into memory as normalised float tensors (TensorDataset, indexed a
+whole physical batch at a time); large inputs (e.g. 224×224 for pretrained ViT/BEiT) are decoded and
+resized per example by a DataLoader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from .errors import UserError
+
+log = logging.getLogger("dptrain.data")
+
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "fake")
+STATS = {  # per-channel mean/std of the training split, for from-scratch models
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CACHE_MAX_SIZE = 64  # decode into memory up to this image size
+
+
+@dataclass
+class Data:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+    name: str
+
+
+def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
+                   download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
+                   size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data") -> Data:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+    if name == "digits":
+        data = _digits(image_size)
+    elif name == "fake":
+        data = _fake(size, num_classes, channels, image_size or 32, seed)
+    else:
+        data = _images(name, root or os.path.join(data_dir, name), image_size, mean, std, download, cache)
+    if val_fraction > 0:
+        data = _validation_split(data, val_fraction, seed)
+    return data
+
+
+def _digits(image_size: int | None) -> Data:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8), values 0..16
+    y = torch.tensor(d.target)
+    idx_tr, idx_te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=d.target)
+    mean, std = x[idx_tr].mean(), x[idx_tr].std()
+    x = (x - mean) / std
+    if image_size and image_size != 8:
+        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    return Data(TensorDataset(x[idx_tr], y[idx_tr]), TensorDataset(x[idx_te], y[idx_te]), 10, 1, x.shape[-1],
+                "digits")
+
+
+def _fake(size: int, num_classes: int, channels: int, image_size: int, seed: int) -> Data:
+    g = torch.Generator().manual_seed(seed)
+    n_test = max(1, size // 4)
+    x = torch.randn(size + n_test, channels, image_size, image_size, generator=g)
+    y = torch.randint(0, num_classes, (size + n_test,), generator=g)
+    return Data(TensorDataset(x[:size], y[:size]), TensorDataset(x[size:], y[size:]), num_classes, channels,
+                image_size, "fake")
+
+
+def _transform(image_size: int | None, mean, std):
+    from torchvision import transforms as T
+
+    steps = [T.Resize(image_size)] if image_size else []
+    steps += [T.CenterCrop(image_size)] if image_size else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _images(name, root, image_size, mean, std, download, cache) -> Data:
+    mean, std = mean or STATS.get(name, ((0.5,) * 3, (0.5,) * 3))[0], std or STATS.get(name, ((0.5,) * 3,) * 2)[1]
+    tf = _transform(image_size, mean, std)
+    if name == "folder":
+        train, test = _folder(root, tf)
+        classes = train.classes
+    else:
+        train, test = (_cifar(name, root, s, tf, download) for s in (True, False))
+        classes = train.classes
+    x0 = train[0][0]
+    data = Data(train, test, len(classes), x0.shape[0], x0.shape[-1], name)
+    if cache and data.image_size <= CACHE_MAX_SIZE:
+        log.info("decoding %s into memory (%d + %d images)", name, len(train), len(test))
+        data.train, data.test = _materialise(train), _materialise(test)
+    return data
+
+
+def _materialise(ds: Dataset) -> TensorDataset:
+    from torch.utils.data import DataLoader
+
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=512, num_workers=min(4, os.cpu_count() or 1)):
+        xs.append(x)
+        ys.append(y)
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _folder(root: str, tf):
+    from torchvision.datasets import ImageFolder
+
+    dirs = [os.path.join(root, s) for s in ("train", "test")]
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise UserError(f"dataset folder '{d}' not found: dataset.root must hold train/<class>/* and "
+                            "test/<class>/* image folders")
+    try:
+        train, test = ImageFolder(dirs[0], transform=tf), ImageFolder(dirs[1], transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read image folder under '{root}': {e}") from None
+    if train.classes != test.classes:
+        raise UserError(f"train/ and test/ under '{root}' have different classes: {train.classes} vs {test.classes}")
+    return train, test
+
+
+def _cifar(name: str, root: str, train: bool, tf, download: bool):
+    from torchvision import datasets
+
+    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+    class Local(base):
+        """torchvision's loader; integrity = the batch files are present (a partial or foreign copy fails
+        at load with a clear message instead of a checksum error)."""
+
+        def _check_integrity(self) -> bool:
+            folder = os.path.join(self.root, self.base_folder)
+            return all(os.path.isfile(os.path.join(folder, f)) for f, _ in self.train_list + self.test_list)
+
+    present = Local.__new__(Local)
+    present.root = os.path.expanduser(root)
+    if not present._check_integrity():
+        if not download:
+            raise UserError(f"{name} not found under '{root}' and dataset.download=false")
+        try:
+            base(root, train=train, download=True)
+        except Exception as e:  # URLError, socket errors, …
+            raise UserError(f"{name} not found under '{root}' and the download failed ({type(e).__name__}); "
+                            f"put {base.base_folder}/ there or set data_dir") from None
+    try:
+        return Local(root, train=train, transform=tf, download=False)
+    except Exception as e:
+        raise UserError(f"corrupt {name} files under '{root}': {type(e).__name__}: {e}") from None
+
+
+def _validation_split(data: Data, fraction: float, seed: int) -> Data:
+    """Hold out part of the training set as the evaluation split, so hyperparameters are never tuned on
+    the test split. The private training set shrinks accordingly (n, q and δ follow)."""
+    n = len(data.train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    k = max(1, int(n * fraction))
+    data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
+    data.name += "-val"
+    return data
+
+
+def _subset(ds: Dataset, idx: list[int]) -> Dataset:
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    from torch.utils.data import Subset
+
+    return Subset(ds, idx)
+
+
+def batches(ds: Dataset, index_batches, *, num_workers: int = 0):
+    """Yield (x, y) for each index tensor in `index_batches`: whole-batch indexing for in-memory data,
+    a DataLoader with workers otherwise."""
+    if isinstance(ds, TensorDataset):
+        for idx in index_batches:
+            yield tuple(t[idx] for t in ds.tensors)
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers)
+    yield from loader
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding `pad` and random horizontal flip, per example, on a batch."""
+    B, _, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    rows = (dy.view(B, 1) + torch.arange(H)).to(x.device)  # (B, H)
+    cols = (dx.view(B, 1) + torch.arange(W)).to(x.device)  # (B, W)
+    out = xp[torch.arange(B, device=x.device).view(B, 1, 1, 1), torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
+             rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(B, 1, 1, 1), out.flip(-1), out)

@@ -1,0 +1,52 @@
+"""train_one_epoch and evaluate: they take objects, never the config."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import augment, batches
+from .privacy.sampling import physical
+
+
+def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
+                    augment_gen=None, on_step=None) -> dict:
+    """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
+    batch goes through forward + engine.backward, then engine.step() once (noise-only if empty)."""
+    model = engine.model
+    model.train()
+    chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
+    stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers)
+    loss_sum, seen, times = 0.0, 0, []
+    for cs in chunks:
+        t0 = time.perf_counter()
+        for j, _ in enumerate(cs):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augment_gen is not None:
+                x = augment(x, augment_gen)
+            loss_sum += engine.backward(model(x), y, last=j == len(cs) - 1)
+            seen += len(y)
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(loss_sum / max(seen, 1), seen, sum(times))
+    return {"loss": loss_sum / max(seen, 1), "examples": seen, "step_times": times}
+
+
+@torch.no_grad()
+def evaluate(model, test_set, *, device, batch_size=512, num_workers=0) -> dict:
+    model.eval()
+    n, correct, loss = 0, 0, 0.0
+    idx = torch.arange(len(test_set))
+    for x, y in batches(test_set, list(torch.split(idx, batch_size)), num_workers=num_workers):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}

@@ -1,0 +1,53 @@
+"""σ ↔ ε with Opacus' accountants: prv (default), rdp, gdp. No hand-written accountant.
+
+Steps: a run of `epochs` epochs at sample rate q = L/n takes round(epochs / q) steps (at least one);
+training takes exactly that many, so the ε reported is the ε spent.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+
+def steps_for(epochs: float, sample_rate: float) -> int:
+    return max(1, round(epochs / sample_rate))
+
+
+def _accountant(name: str):
+    from opacus.accountants import create_accountant
+
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant '{name}'; valid: {', '.join(ACCOUNTANTS)}")
+    return create_accountant(mechanism=name)
+
+
+def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+    """ε spent by `steps` Poisson-subsampled Gaussian steps (σ, q) at δ."""
+    if steps == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    acc = _accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # opacus' "largest alpha" / "GDP is experimental" notes
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+    """The smallest σ (to 0.5% of ε) whose ε after `steps` is ≤ eps, by Opacus' bisection."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _accountant(accountant)  # validates the name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.005 * eps))
+
+
+def default_delta(n: int) -> float:
+    """1e-5 where that is below 1/n (CIFAR's 50,000), else 1/(10 n)."""
+    return 1e-5 if 1e-5 < 1.0 / n else 0.1 / n

@@ -1,0 +1,84 @@
+"""What a run leaves behind: summary.json, metrics.jsonl, optional wandb, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU x{os.cpu_count()}, {platform.system()}, torch {torch.__version__}"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """metrics.jsonl (one line per epoch) and, with logger=wandb, the same metrics to Weights & Biases —
+    offline unless WANDB_MODE or logger.mode says otherwise (no account needed)."""
+
+    def __init__(self, run_dir: str, *, logger: str = "none", project: str = "dptrain", mode: str = "offline",
+                 config: dict | None = None, name: str | None = None):
+        self.run_dir = run_dir
+        self.metrics = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        if logger == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", mode)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=project, name=name, config=config, dir=run_dir, reinit="finish_previous")
+        elif logger != "none":
+            from .errors import UserError
+
+            raise UserError(f"unknown logger '{logger}'; valid: none, wandb")
+
+    def log(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def finish(self, summary: dict) -> None:
+        write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        if self.wandb is not None:
+            for k, v in summary.items():
+                if isinstance(v, (int, float, str)) or v is None:
+                    self.wandb.summary[k] = v
+            self.wandb.finish()
