@@ -1,0 +1,44 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+@pytest.fixture
+def compose():
+    """Compose the real conf/ tree with overrides, as `dptrain <overrides>` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dptrain.config import register
+
+    register()
+
+    def make(*overrides, return_hydra_config=False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return hydra_compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def quick(compose, tmp_path):
+    """Run a tiny training in-process and return its summary."""
+    from dptrain.run import run
+
+    def go(*overrides):
+        cfg = compose("progress=false", "dataset=fake", "dataset.size=64", "dataset.image_size=8",
+                      "model.kwargs.channels=[4,8]", "model.kwargs.hidden=8", "epochs=1", "batch_size=16",
+                      "physical_batch_size=8", *overrides)
+        return run(cfg, str(tmp_path / "run")), tmp_path / "run"
+
+    return go

@@ -1,0 +1,111 @@
+"""End to end: real runs on fake and digits, summary.json, metrics.jsonl, bad input, multirun, wandb."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dptrain.errors import UserError
+
+KEYS = ["test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/eps_spent", "privacy/noise_multiplier",
+        "privacy/sample_rate", "privacy/steps", "privacy/accountant", "privacy/sampling", "perf/samples_per_s",
+        "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset", "wall_s", "config", "commit"]
+
+
+@pytest.mark.parametrize("engine", ["mixed_ghost", "ghost", "per_sample", "opacus", "opacus_ghost", "nonprivate"])
+def test_every_engine_runs_and_writes_summary(quick, engine):
+    s, run_dir = quick(f"engine={engine}")
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert set(KEYS) <= set(on_disk)
+    assert 0 <= s["test/acc"] <= 1
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == s["epochs"] >= 1
+    if engine == "nonprivate":
+        assert s["privacy/eps_spent"] is None and s["privacy/noise_multiplier"] is None
+        assert s["privacy/sampling"] is None
+    else:
+        assert 0 < s["privacy/eps_spent"] <= 3.0
+        assert s["privacy/sampling"] == "poisson"
+        assert json.loads(lines[-1])["privacy/eps_spent"] == pytest.approx(s["privacy/eps_spent"])
+
+
+def test_builtin_and_opacus_give_identical_models(quick):
+    """Same Poisson batches, same clipping, same seeded noise: the two engines must agree."""
+    import torch
+
+    a, dir_a = quick("engine=mixed_ghost", "name=a")
+    state_a = torch.load(dir_a / "model.pt")
+    b, dir_b = quick("engine=opacus", "name=b")
+    state_b = torch.load(dir_b / "model.pt")
+    for k in state_a:
+        assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+
+
+def test_digits_learns(quick, compose, tmp_path):
+    from dptrain.run import run
+
+    cfg = compose("progress=false")  # the embedded default, as `make demo` runs it
+    s = run(cfg, str(tmp_path / "d"))
+    assert s["dataset"] == "digits" and s["test/acc"] >= 0.6
+    assert s["privacy/eps_spent"] <= 3.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eps=0", "eps must be > 0"),
+    ("eps=-1", "eps must be > 0"),
+    ("delta=0.5", "delta=0.5 must be in"),
+    ("batch_size=100000", "batch_size=100000 must be between"),
+    ("model.name=resnet_does_not_exist", "unknown model 'resnet_does_not_exist'; conf names: cnn"),
+    ("dataset.name=imagenet", "unknown dataset 'imagenet'; valid: digits"),
+    ("engine.name=fast", "unknown engine 'fast'; valid: mixed_ghost"),
+    ("optimizer.name=lamb", "unknown optimizer 'lamb'"),
+])
+def test_bad_input_is_one_clear_error(quick, override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        quick(override)
+
+
+def test_missing_folder(quick, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        quick("dataset=folder", f"dataset.root={tmp_path}/nope")
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model.kwargs.channels=[4]",
+        "model.kwargs.hidden=4", "epochs=1", "batch_size=16"]
+
+
+def test_cli_error_exit_code_and_no_summary(tmp_path):
+    r = cli(*TINY, "eps=-1", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "dptrain: error: eps must be > 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_cli_unknown_group_option_lists_choices(tmp_path):
+    r = cli("model=nope", cwd=tmp_path)
+    assert r.returncode != 0 and "resnet18" in r.stderr
+
+
+def test_multirun_four_jobs(tmp_path):
+    r = cli("-m", *TINY, "eps=1,8", "engine=opacus,nonprivate", f"hydra.sweep.dir={tmp_path}/m", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summaries = sorted((tmp_path / "m").glob("*/summary.json"))
+    assert len(summaries) == 4
+    got = {(json.loads(p.read_text())["engine"], json.loads(p.read_text())["config"]["eps"]) for p in summaries}
+    assert got == {("opacus", 1.0), ("opacus", 8.0), ("nonprivate", 1.0), ("nonprivate", 8.0)}
+
+
+def test_wandb_offline(quick):
+    s, run_dir = quick("logger=wandb")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"
+    assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
