@@ -4,7 +4,7 @@ YAML files under conf/ only fill in values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -13,16 +13,16 @@ from hydra.core.config_store import ConfigStore
 class ModelConfig:
     name: str = "cnn"  # a conf/model name's timm model, any timm name, or "cnn"
     pretrained: bool = False  # timm's weights (needs network or a warm cache)
-    checkpoint: Optional[str] = None  # a local weights file (state_dict, or {"state_dict"|"model": ...})
-    img_size: Optional[int] = None  # for models that take it (ViT, BEiT); default: the data's image size
+    checkpoint: str | None = None  # a local weights file (state_dict, or {"state_dict"|"model": ...})
+    img_size: int | None = None  # for models that take it (ViT, BEiT); default: the data's image size
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model / the CNN
 
 
 @dataclass
 class DatasetConfig:
     name: str = "digits"  # digits, cifar10, cifar100, folder, fake
-    root: Optional[str] = None  # cifar download dir / folder with train/ and test/
-    image_size: Optional[int] = None  # resize to; default: native, or the pretrained model's input size
+    root: str | None = None  # cifar download dir / folder with train/ and test/
+    image_size: int | None = None  # resize to; default: native, or the pretrained model's input size
     download: bool = True  # cifar: download when absent (needs network)
     num_workers: int = 0  # DataLoader workers for datasets decoded on the fly
     cache: bool = True  # decode small image datasets once into memory
@@ -52,10 +52,10 @@ class OptimizerConfig:
 class PrivacyConfig:
     accountant: str = "prv"  # prv, rdp, gdp
     sampling: str = "poisson"  # poisson (accounted), shuffle (NOT DP-accounted; ε reported as not guaranteed)
-    noise_multiplier: Optional[float] = None  # σ; derived from (eps, delta, q, steps) unless given
+    noise_multiplier: float | None = None  # σ; derived from (eps, delta, q, steps) unless given
     secure_noise: bool = False  # seed the noise from OS entropy instead of `seed`
     augmult: int = 1  # augmentation multiplicity K: K augmented copies of each example, one clipped gradient
-    ema: Optional[float] = None  # exponential moving average of the weights for evaluation (e.g. 0.999)
+    ema: float | None = None  # exponential moving average of the weights for evaluation (e.g. 0.999)
 
 
 @dataclass
@@ -73,8 +73,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    eps: Optional[float] = 3.0  # target ε
-    delta: Optional[float] = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
+    eps: float | None = 3.0  # target ε
+    delta: float | None = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
     epochs: float = 10.0
     batch_size: int = 256  # logical (expected) batch size L; q = L / n
     physical_batch_size: int = 128  # memory chunk; never changes the privacy or the update

@@ -141,7 +141,15 @@ def _cifar(name: str, root: str, train: bool, tf, download: bool):
 
         def _check_integrity(self) -> bool:
             folder = os.path.join(self.root, self.base_folder)
-            return all(os.path.isfile(os.path.join(folder, f)) for f, _ in self.train_list + self.test_list)
+            files = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            return all(os.path.isfile(os.path.join(folder, f)) for f in files)
+
+        def _load_meta(self) -> None:
+            import pickle
+
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     present = Local.__new__(Local)
     present.root = os.path.expanduser(root)
@@ -199,7 +207,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
     rows = (dy.view(B, 1) + torch.arange(H)).to(x.device)  # (B, H)
     cols = (dx.view(B, 1) + torch.arange(W)).to(x.device)  # (B, W)
-    out = xp[torch.arange(B, device=x.device).view(B, 1, 1, 1), torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
-             rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    out = xp[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]  # (B, C, H, W)
     flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
     return torch.where(flip.view(B, 1, 1, 1), out.flip(-1), out)

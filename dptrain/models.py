@@ -16,7 +16,8 @@ log = logging.getLogger("dptrain.models")
 CONF_MODELS = {
     "cnn": "cnn", "resnet18": "resnet18", "resnet50": "resnet50", "vgg11": "vgg11_bn", "vgg19": "vgg19_bn",
     "vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-    "beit_base": "beit_base_patch16_224.in22k_ft_in22k_in1k", "beit_large": "beit_large_patch16_224.in22k_ft_in22k_in1k",
+    "beit_base": "beit_base_patch16_224.in22k_ft_in22k_in1k",
+    "beit_large": "beit_large_patch16_224.in22k_ft_in22k_in1k",
 }
 
 

@@ -53,7 +53,8 @@ def run(cfg, run_dir: str) -> dict:
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = _optimizer(cfg.optimizer, model)
-    engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget["privacy/noise_multiplier"] or 0.0,
+    sigma = budget["privacy/noise_multiplier"]
+    engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, seed=cfg.seed,
                            secure=cfg.privacy.secure_noise)
@@ -74,10 +75,11 @@ def run(cfg, run_dir: str) -> dict:
     while done < steps:
         epoch += 1
         logical = [next(it) for _ in range(min(per_epoch, steps - done))]
+        eps_so_far = row.get("privacy/eps_spent")
 
-        def on_step(loss, ex, secs, base=seen):
+        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far):
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=row.get("privacy/eps_spent"),
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
 
         stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
@@ -92,7 +94,8 @@ def run(cfg, run_dir: str) -> dict:
         row = {"epoch": epoch, "step": done, "train/loss": stats["loss"], "test/acc": test["acc"],
                "test/loss": test["loss"], "privacy/eps_spent": _spent(budget, done)}
         tracker.log(row)
-        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row["privacy/eps_spent"], acc=f"{test['acc']:.3f}")
+        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row["privacy/eps_spent"],
+                        acc=f"{test['acc']:.3f}")
     bar.close()
     train_s = time.perf_counter() - t_train
     if epoch == 0:

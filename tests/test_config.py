@@ -3,9 +3,8 @@
 import os
 
 import pytest
-from hydra.errors import ConfigCompositionException
-
 from conftest import CONF
+from hydra.errors import ConfigCompositionException
 
 
 def test_default_config(compose):

@@ -1,0 +1,117 @@
+"""Privacy accounting matches what happens: Poisson sampling, σ from ε, exact step counts, noise."""
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant
+
+from dptrain.privacy import DPOptimizer
+from dptrain.privacy.accounting import default_delta, epsilon, noise_multiplier_for, steps_for
+from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler, physical
+
+
+@pytest.mark.parametrize("accountant,golden", [("prv", 1.8384), ("rdp", 2.1014), ("gdp", 1.6177)])
+def test_golden_epsilon(accountant, golden):
+    eps = epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5, accountant=accountant)
+    assert eps == pytest.approx(golden, abs=2e-3)
+
+
+def test_gdp_calibration_under_reports_against_prv():
+    """The pitfall: a GDP-calibrated 'ε = 1' spends ≈ 1.27 under PRV (q = 0.02, δ = 1e-5, 150 steps)."""
+    sigma = noise_multiplier_for(eps=1, delta=1e-5, sample_rate=0.02, steps=150, accountant="gdp")
+    assert epsilon(noise_multiplier=sigma, sample_rate=0.02, steps=150, delta=1e-5) > 1.2
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("eps", [1.0, 3.0, 8.0])
+def test_sigma_search_round_trip(eps, accountant):
+    q, steps = 0.05, steps_for(3, 0.05)
+    sigma = noise_multiplier_for(eps=eps, delta=1e-5, sample_rate=q, steps=steps, accountant=accountant)
+    spent = epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant=accountant)
+    assert 0.99 * eps <= spent <= eps
+
+
+def test_steps_and_default_delta():
+    assert steps_for(3, 0.02) == 150 and steps_for(0.001, 0.5) == 1
+    assert default_delta(50_000) == 1e-5 and default_delta(1437) == 1e-5
+    assert default_delta(1_000_000) == pytest.approx(1e-7)
+
+
+def test_poisson_batch_sizes_have_binomial_mean_and_variance():
+    n, q, steps = 1000, 0.05, 4000
+    sizes = torch.tensor([len(b) for b in PoissonSampler(n, sample_rate=q, steps=steps, seed=0)], dtype=torch.float)
+    assert sizes.mean().item() == pytest.approx(n * q, rel=0.02)
+    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.1)
+    some = next(iter(PoissonSampler(n, sample_rate=q, steps=1, seed=1)))
+    assert len(set(some.tolist())) == len(some)  # without replacement
+
+
+def test_shuffle_sampler_fixed_size_and_physical_split():
+    assert {len(b) for b in ShuffleSampler(10, batch_size=4, steps=7)} == {4}
+    assert [len(c) for c in physical(torch.arange(10), 4)] == [4, 4, 2]
+    assert physical(torch.arange(0), 4) == []
+
+
+def test_noise_standard_deviation_and_averaging():
+    p = torch.nn.Parameter(torch.zeros(200_000))
+    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4,
+                      seed=0)
+    opt.add_noise()  # no gradient at all (an empty Poisson batch): noise only
+    assert p.grad.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.01)
+    assert abs(p.grad.mean().item()) < 0.01
+
+
+def test_seeded_noise_reproduces_and_secure_noise_differs():
+    def draw(**kw):
+        p = torch.nn.Parameter(torch.zeros(5))
+        DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                    **kw).add_noise()
+        return p.grad
+
+    assert torch.equal(draw(seed=3), draw(seed=3))
+    assert not torch.equal(draw(seed=3, secure=True), draw(seed=3, secure=True))
+
+
+def test_physical_batch_size_changes_memory_only(quick):
+    _, a = quick("physical_batch_size=16", "name=a")
+    sa = torch.load(a / "model.pt")
+    _, b = quick("physical_batch_size=3", "name=b")
+    sb = torch.load(b / "model.pt")
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
+
+
+def test_training_takes_exactly_the_calibrated_steps(quick):
+    s, run_dir = quick("epochs=2.5", "batch_size=10")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == s["privacy/steps"] == steps_for(2.5, 10 / 64)
+
+
+@pytest.mark.parametrize("engine", ["mixed_ghost", "opacus", "opacus_ghost"])
+def test_empty_poisson_batches_are_noise_only_steps(quick, engine):
+    s, _ = quick(f"engine={engine}", "batch_size=1", "epochs=0.5")  # q = 1/64: many empty logical batches
+    assert s["privacy/steps"] == 32 and s["privacy/eps_spent"] <= 3.0
+
+
+def test_shuffle_is_labelled_not_guaranteed(quick):
+    s, _ = quick("privacy.sampling=shuffle")
+    assert s["privacy/sampling"] == "shuffle" and s["privacy/eps_guaranteed"] is False
+
+
+def test_given_noise_multiplier_reports_epsilon(quick):
+    s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure_noise=true")
+    assert s["privacy/noise_multiplier"] == 1.5 and s["privacy/eps"] is None
+    assert s["privacy/eps_spent"] > 0 and s["privacy/secure_noise"] is True
+
+
+def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
+    """`dptrain eps=1`: its (σ, q, steps, δ) recomputed with Opacus' PRV accountant gives 0.9 ≤ ε ≤ 1."""
+    from dptrain.run import run
+
+    s = run(compose("progress=false", "eps=1"), str(tmp_path / "r"))
+    acc = PRVAccountant()
+    acc.history = [(s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"])]
+    eps = acc.get_epsilon(delta=s["privacy/delta"])
+    assert 0.9 <= eps <= 1.0
+    assert s["privacy/sampling"] == "poisson" and s["privacy/accountant"] == "prv"

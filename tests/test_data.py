@@ -1,0 +1,103 @@
+"""Loaders on data the tests write: a CIFAR-format pickle batch and an image folder."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dptrain.data import augment, create_dataset
+from dptrain.errors import UserError
+
+
+def write_cifar(root, n=20, classes=10):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                 "labels": [int(i % classes) for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(classes)]}, f)
+    return names
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cifar_loader_reads_cifar_format(tmp_path, cache):
+    write_cifar(tmp_path)
+    data = create_dataset("cifar10", root=str(tmp_path), download=False, cache=cache)
+    assert len(data.train) == 100 and len(data.test) == 20
+    assert (data.num_classes, data.in_chans, data.image_size) == (10, 3, 32)
+    x, y = data.train[3]
+    assert x.shape == (3, 32, 32) and int(y) == 3
+    assert abs(float(x.mean())) < 1.0  # normalised with CIFAR statistics
+
+
+def test_cifar_resized_for_pretrained_models(tmp_path):
+    write_cifar(tmp_path, n=4)
+    data = create_dataset("cifar10", root=str(tmp_path), download=False, image_size=64, mean=(0.5,) * 3,
+                          std=(0.5,) * 3)
+    assert data.image_size == 64 and data.train[0][0].shape == (3, 64, 64)
+
+
+def test_cifar_missing_is_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="cifar10 not found under"):
+        create_dataset("cifar10", root=str(tmp_path / "none"), download=False)
+
+
+def test_cifar_corrupt_is_one_line_error(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="corrupt cifar10"):
+        create_dataset("cifar10", root=str(tmp_path), download=False)
+
+
+def write_folder(root, classes=("cat", "dog", "eel"), per_class=4, size=12):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+
+
+def test_folder_loader(tmp_path):
+    write_folder(tmp_path)
+    data = create_dataset("folder", root=str(tmp_path), image_size=16)
+    assert data.num_classes == 3 and len(data.train) == 12 and len(data.test) == 12
+    assert data.train[0][0].shape == (3, 16, 16)
+
+
+def test_folder_missing_split(tmp_path):
+    write_folder(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "test")
+    with pytest.raises(UserError, match="test.*not found"):
+        create_dataset("folder", root=str(tmp_path))
+
+
+def test_validation_split_holds_out_training_data():
+    data = create_dataset("digits", val_fraction=0.2)
+    assert len(data.train) + len(data.test) == 1437 and len(data.test) == 287
+    assert data.name == "digits-val"
+
+
+def test_augment_is_a_crop_and_flip():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = augment(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    assert augment(x, torch.Generator().manual_seed(1), pad=2).shape == x.shape
+
+
+def test_run_on_folder_with_builtin_engine(quick, tmp_path):
+    write_folder(tmp_path / "imgs", per_class=6)
+    s, _ = quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8", "batch_size=6",
+                 "engine=mixed_ghost")
+    assert s["dataset"] == "folder" and s["privacy/sampling"] == "poisson"

@@ -1,0 +1,59 @@
+"""create_model: names, BatchNorm → GroupNorm, heads, checkpoints the tests save."""
+
+import pytest
+import torch
+from torch import nn
+
+from dptrain.errors import UserError
+from dptrain.models import CONF_MODELS, create_model
+
+
+def test_cnn_on_digits_and_cifar_sizes():
+    m = create_model("cnn", num_classes=10, in_chans=1)
+    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    m = create_model("cnn", num_classes=100, in_chans=3)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_timm_batchnorm_converted_and_head_matches():
+    m = create_model("resnet18", num_classes=7)
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert any(isinstance(x, nn.GroupNorm) for x in m.modules())
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_vit_takes_the_data_size():
+    m = create_model("vit_tiny", num_classes=10, img_size=32, patch_size=4, depth=1)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(UserError, match="unknown model 'nonet'; conf names: " + ", ".join(CONF_MODELS)):
+        create_model("nonet", num_classes=10)
+
+
+def test_checkpoint_round_trip_and_head_swap(tmp_path):
+    src = create_model("resnet18", num_classes=10)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "ck.pt")
+    same = create_model("resnet18", num_classes=10, checkpoint=str(tmp_path / "ck.pt"))
+    for (k, a), b in zip(src.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), k
+    other = create_model("resnet18", num_classes=3, checkpoint=str(tmp_path / "ck.pt"))  # head skipped
+    assert torch.equal(other.conv1.weight, src.conv1.weight) and other.fc.out_features == 3
+
+
+def test_checkpoint_of_the_batchnorm_architecture(tmp_path):
+    import timm
+
+    bn = timm.create_model("resnet18", num_classes=5)
+    torch.save(bn.state_dict(), tmp_path / "bn.pt")
+    m = create_model("resnet18", num_classes=5, checkpoint=str(tmp_path / "bn.pt"))
+    assert torch.equal(m.conv1.weight, bn.conv1.weight)
+
+
+def test_corrupt_and_missing_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        create_model("cnn", num_classes=10, checkpoint=str(tmp_path / "bad.pt"))
+    with pytest.raises(UserError, match="not found"):
+        create_model("cnn", num_classes=10, checkpoint=str(tmp_path / "none.pt"))
