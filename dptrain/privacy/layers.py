@@ -49,6 +49,10 @@ def _grad(rec: Record, k: int, like: torch.Tensor) -> torch.Tensor:
     return like.zero_() if g is None else g
 
 
+def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
 def _gram_norm2(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Σ_{t,s} (a_t·a_s)(g_t·g_s) per leading batch index; a: (N, T, d), g: (N, T, p) → (N,).
     Chunked so that at most GRAM_BUDGET Gram entries live at once."""
@@ -93,9 +97,7 @@ class LinearRule(Rule):
         a = [r.args[0].reshape(r.batch, -1, m.in_features) for r in recs]
         g = [_grad(r, 0, x.new_empty(*x.shape[:2], m.out_features)).reshape(x.shape[0], -1, m.out_features)
              for r, x in zip(recs, a)]
-        if len(recs) == 1:
-            return a[0], g[0]
-        return torch.cat(a, 1), torch.cat(g, 1)  # reuse: concatenate calls along T
+        return _cat(a, 1), _cat(g, 1)  # reuse: concatenate calls along T
 
     def norms(self, entry, recs, mode):
         from .plan import choose
@@ -164,6 +166,18 @@ def _unfold(x: torch.Tensor, m: nn.modules.conv._ConvNd, padding: tuple[int, ...
     return x.reshape(B, C * math.prod(k), -1)
 
 
+def _per_example_conv_weight(m, x: torch.Tensor, pad: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
+    """(B, C_out, C_in/G, *k): example i's weight gradient, by convolution_backward vmapped over i."""
+    n = len(pad)
+
+    def one(xi, gi):
+        return torch.ops.aten.convolution_backward(
+            gi.unsqueeze(0), xi.unsqueeze(0), m.weight, None, m.stride, pad, m.dilation, False, [0] * n, m.groups,
+            [False, True, False])[1]
+
+    return torch.vmap(one)(x, g)
+
+
 class ConvRule(Rule):
     """nn.Conv1d/2d/3d with stride, dilation, groups (grouped and depthwise), every padding_mode and
     string padding. Groups make the weight gradient block diagonal: norm = Σ over groups."""
@@ -181,37 +195,32 @@ class ConvRule(Rule):
         from .plan import choose
 
         m = entry.module
-        G = m.groups
-        B = recs[0].batch
-        us, gs, xs = [], [], []
-        for r in recs:
-            x, pad = _conv_input(m, r.args[0])
-            g = r.grads[0]
-            if g is None:
-                continue
-            xs.append((x, pad, g))
-            us.append(_unfold(x, m, pad).reshape(B, G, -1, g[0, 0].numel()))  # (B, G, d_g, T)
-            gs.append(g.reshape(B, G, m.out_channels // G, -1))  # (B, G, p_g, T)
+        G, B = m.groups, recs[0].batch
+        xs = [(*_conv_input(m, r.args[0]), r.grads[0]) for r in recs if r.grads[0] is not None]
         state: dict[str, Any] = {"xs": xs}
         n2 = recs[0].args[0].new_zeros(B)
         if not xs:
             return n2, state
-        u = us[0] if len(us) == 1 else torch.cat(us, -1)
-        g = gs[0] if len(gs) == 1 else torch.cat(gs, -1)
-        d_g, p_g, T = u.shape[2], g.shape[2], u.shape[3]
+        T = sum(g[0, 0].numel() for _, _, g in xs)  # output positions, all calls together
+        p_g, d_g = m.out_channels // G, m.weight[0].numel()
         if _owned(entry, "weight") is not None:
             entry.choice = choose(mode, T, p_g, d_g)
             if entry.choice == "ghost":
+                # im2col: (B, G, d_g, T) against the output gradients (B, G, p_g, T), Gram over T per group
+                u = _cat([_unfold(x, m, pad).reshape(B, G, d_g, -1) for x, pad, _ in xs], -1)
+                g = _cat([g.reshape(B, G, p_g, -1) for _, _, g in xs], -1)
                 ut = u.reshape(B * G, d_g, T).transpose(1, 2)
                 gt = g.reshape(B * G, p_g, T).transpose(1, 2)
                 n2 = n2 + _gram_norm2(ut, gt).view(B, G).sum(1)
+                del u, ut
             else:
-                pw = torch.einsum("bgpt,bgdt->bgpd", g, u)  # (B, G, p_g, d_g)
-                n2 = n2 + pw.pow(2).sum((1, 2, 3))
+                # per-example weight gradients by the weight-gradient convolution vmapped over the batch:
+                # about the cost of one ordinary weight gradient, and no im2col buffer
+                pw = sum(_per_example_conv_weight(m, x, pad, g) for x, pad, g in xs)  # (B, *weight.shape)
+                n2 = n2 + pw.reshape(B, -1).pow(2).sum(1)
                 state["pw"] = pw
-        del u
         if _owned(entry, "bias") is not None:
-            gb = g.sum(-1).reshape(B, -1)  # (B, C_out)
+            gb = sum(g.reshape(B, m.out_channels, -1).sum(-1) for _, _, g in xs)  # (B, C_out)
             n2 = n2 + gb.pow(2).sum(1)
             state["gb"] = gb
         return n2, state
@@ -221,7 +230,7 @@ class ConvRule(Rule):
         w, b = _owned(entry, "weight"), _owned(entry, "bias")
         if w is not None and state["xs"]:
             if "pw" in state:
-                _add_grad(w, torch.einsum("bgpd,b->gpd", state["pw"], c.to(state["pw"].dtype)))
+                _add_grad(w, torch.einsum("b...,b->...", state["pw"], c.to(state["pw"].dtype)))
             else:
                 # the weight-gradient convolution on c-scaled output gradients: no second unfold
                 for x, pad, g in state["xs"]:

@@ -1,0 +1,199 @@
+"""dptrain-bench: step time and peak memory per engine × model × input size × batch size.
+
+Time: all engines of one (model, size, batch) live in one process and their steps are interleaved
+(round-robin), so machine noise hits them alike; the median step is reported, and ratios against
+`nonprivate` (and `opacus`) come from the same run. A step is forward + backward + clip + noise +
+optimizer step. Memory: each engine runs alone in a fresh subprocess (peak RSS on CPU is per process;
+on CUDA max_memory_allocated), and the peak above the model-and-data baseline is reported.
+Max batch: bisection on the batch size under --memory-budget (MB), one subprocess per probe.
+
+    dptrain-bench                                  # the committed CPU table
+    dptrain-bench --models resnet18 --sizes 224 --batches 32 --device cuda --out results/bench-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT = [  # (model, input size, batch): the issue's goals
+    ("cnn", 32, 64), ("resnet18", 32, 32), ("vit_tiny", 32, 32), ("vit_small", 32, 32), ("vgg11", 32, 16),
+]
+ENGINES = ["nonprivate", "mixed_ghost", "ghost", "per_sample", "opacus", "opacus_ghost"]
+
+
+def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0):
+    from .baselines import create_engine
+    from .models import create_model
+
+    torch.manual_seed(seed)
+    kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
+    if model_name.startswith("vgg"):
+        kw["pre_logits_dim"] = None
+        kw = {}
+    model = create_model(model_name, num_classes=10, img_size=size, **kw).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    eng = create_engine(engine, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return eng, x, y
+
+
+def one_step(eng, x, y, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    eng.backward(eng.model(x), y, last=True)
+    eng.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2) -> dict[str, float]:
+    """Median step time (s) per engine, steps interleaved round-robin in this process."""
+    built = {}
+    for e in engines:
+        try:
+            built[e] = build(model_name, size, e, batch, device)
+        except Exception as err:  # e.g. Opacus cannot run the model: recorded, not fatal
+            print(f"  {e}: cannot build ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
+    times = {e: [] for e in built}
+    for i in range(warmup + steps):
+        for e, (eng, x, y) in list(built.items()):
+            try:
+                t = one_step(eng, x, y, device)
+            except Exception as err:
+                print(f"  {e}: step failed ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
+                del built[e]
+                times.pop(e)
+                continue
+            if i >= warmup:
+                times[e].append(t)
+    return {e: statistics.median(ts) for e, ts in times.items() if ts}
+
+
+def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> float | None:
+    """Peak memory (MB) of `steps` steps in a fresh process, minus that process's peak before the first
+    step (model, data, imports). None if it failed (e.g. out of memory)."""
+    code = (f"from dptrain.bench import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
+            f"{engine!r}, {device_name!r}, {steps})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])["extra_mb"]
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
+def _rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory_child(model_name, size, batch, engine, device_name, steps):
+    device = torch.device(device_name)
+    eng, x, y = build(model_name, size, engine, batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_peak_mb()
+    for _ in range(steps):
+        one_step(eng, x, y, device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_peak_mb()
+    print(json.dumps({"extra_mb": peak - base}))
+
+
+def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:
+    """Largest batch whose step fits `budget_mb` of extra memory, by bisection."""
+    lo, best = 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mem = peak_memory(model_name, size, mid, engine, device_name, steps=1)
+        if mem is not None and mem <= budget_mb:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="dptrain-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", help="model names (default: the issue's set)")
+    ap.add_argument("--sizes", nargs="*", type=int, help="input sizes (default: 32)")
+    ap.add_argument("--batches", nargs="*", type=int, help="batch sizes (default: per model)")
+    ap.add_argument("--engines", nargs="*", default=ENGINES)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
+    ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.set_num_threads(torch.get_num_threads())
+    if args.models:
+        configs = [(m, s, b) for m in args.models for s in (args.sizes or [32]) for b in (args.batches or [32])]
+    else:
+        configs = [(m, s, b) for m, s0, b0 in DEFAULT for s in (args.sizes or [s0]) for b in (args.batches or [b0])]
+    out = args.out or os.path.join("results", f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    rows = []
+    for model_name, size, batch in configs:
+        print(f"== {model_name} {size}x{size} batch {batch}", file=sys.stderr)
+        times = time_engines(model_name, size, batch, args.engines, device, steps=args.steps)
+        for e in args.engines:
+            row = {"model": model_name, "size": size, "batch": batch, "engine": e, "step_ms": None,
+                   "extra_mem_mb": None, "max_batch": None}
+            if e in times:
+                row["step_ms"] = 1000 * times[e]
+                if args.memory:
+                    row["extra_mem_mb"] = peak_memory(model_name, size, batch, e, args.device)
+                if args.memory_budget:
+                    row["max_batch"] = max_batch(model_name, size, e, args.device, args.memory_budget)
+            rows.append(row)
+            print(f"   {e:<13} {row['step_ms'] or float('nan'):9.1f} ms  {row['extra_mem_mb'] or float('nan'):8.0f} MB",
+                  file=sys.stderr)
+    write(rows, out, device=args.device, argv=sys.argv if argv is None else ["dptrain-bench", *argv])
+
+
+def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
+    import pandas as pd
+
+    from .report import plot_bench
+    from .tracking import git_commit, machine
+
+    df = pd.DataFrame(rows)
+    for ref in ("nonprivate", "opacus"):
+        base = df[df.engine == ref].set_index(["model", "size", "batch"])
+        for col, name in (("step_ms", "time"), ("extra_mem_mb", "mem")):
+            key = df.set_index(["model", "size", "batch"]).index
+            ref_vals = base[col].reindex(key).to_numpy() if len(base) else None
+            df[f"{name}_vs_{ref}"] = df[col].to_numpy() / ref_vals if ref_vals is not None else None
+    df["commit"], df["machine"] = git_commit(), machine()
+    df.to_csv(out + ".csv", index=False)
+    cols = ["model", "size", "batch", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus", "extra_mem_mb",
+            "mem_vs_nonprivate", "max_batch"]
+    with open(out + ".md", "w") as f:
+        f.write(f"# dptrain-bench ({device})\n\ncommand: `{' '.join(argv)}`  \ncommit: {git_commit()}  \n"
+                f"machine: {machine()}\n\n")
+        f.write("step_ms: median of interleaved steps (forward+backward+clip+noise+optimizer step); "
+                "extra_mem_mb: peak memory above the model+data baseline in a fresh process; "
+                "ratios are against the same run's nonprivate / opacus.\n\n")
+        f.write(df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".2f") + "\n")
+    plot_bench(df, out + ".png")
+    print(f"wrote {out}.csv, {out}.md, {out}.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
