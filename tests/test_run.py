@@ -32,12 +32,14 @@ def test_every_engine_runs_and_writes_summary(quick, engine):
 
 
 def test_builtin_and_opacus_give_identical_models(quick):
-    """Same Poisson batches, same clipping, same seeded noise: the two engines must agree."""
+    """Same Poisson batches, same clipping, same averaging: with (nearly) no noise the two engines must
+    train the same model (their noise streams differ)."""
     import torch
 
-    a, dir_a = quick("engine=mixed_ghost", "name=a")
+    tiny_noise = ("eps=null", "privacy.noise_multiplier=1e-9")
+    a, dir_a = quick("engine=mixed_ghost", "name=a", *tiny_noise)
     state_a = torch.load(dir_a / "model.pt")
-    b, dir_b = quick("engine=opacus", "name=b")
+    b, dir_b = quick("engine=opacus", "name=b", *tiny_noise)
     state_b = torch.load(dir_b / "model.pt")
     for k in state_a:
         assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k

@@ -34,7 +34,10 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     acc.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():  # opacus' "largest alpha" / "GDP is experimental" notes
         warnings.simplefilter("ignore", UserWarning)
-        return float(acc.get_epsilon(delta=delta))
+        try:
+            return float(acc.get_epsilon(delta=delta))
+        except (ValueError, OverflowError, MemoryError):  # σ so small that the accountant's grid explodes
+            return math.inf
 
 
 def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
