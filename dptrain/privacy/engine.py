@@ -110,6 +110,8 @@ class PrivacyEngine:
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
 
     def _wrap(self, entry: Entry) -> None:
+        if entry.rule.kind == "token":
+            return self._wrap_tokens(entry)
         m = entry.module
         self._saved_forward.append((m, m.__dict__.get("forward")))
         orig = m.forward
@@ -145,6 +147,33 @@ class PrivacyEngine:
             self._records.append((entry, rec))
             entry.calls += 1
             return tree_unflatten(flat, spec)
+
+        m.forward = forward
+
+    def _wrap_tokens(self, entry: Entry) -> None:
+        """The forward sees each token parameter expanded to (B, N, d); the expansion's gradient is the
+        per-example gradient (layers.TokenRule)."""
+        m = entry.module
+        self._saved_forward.append((m, m.__dict__.get("forward")))
+        orig = m.forward
+
+        def forward(*args, **kwargs):
+            if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+                return orig(*args, **kwargs)
+            batch = next(a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim())
+            rec = Record((), {}, batch, self._forward_id, len(entry.params))
+            for k, (name, p) in enumerate(entry.params):
+                e = _Anchor.apply(p.detach().expand(batch, *p.shape[1:]), self._leaf)  # (B, N, d)
+                e.register_hook(partial(self._on_grad, rec, k))
+                m._parameters[name] = e
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                for name, p in entry.params:
+                    m._parameters[name] = p
+            self._records.append((entry, rec))
+            entry.calls += 1
+            return out
 
         m.forward = forward
 

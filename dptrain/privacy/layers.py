@@ -407,13 +407,89 @@ class FallbackRule(Rule):
 FALLBACK = FallbackRule()
 
 
-def _timm_norms() -> dict[type, Rule]:
+class ScaleRule(Rule):
+    """timm LayerScale (x · γ over the last dim) and LayerScale2d (over channels): γ_i = Σ g ⊙ x."""
+
+    kind = "scale"
+
+    def __init__(self, channel_dim: int):
+        self.channel_dim = channel_dim
+
+    def check(self, module, name):
+        from .plan import CoverageError
+
+        if getattr(module, "inplace", False):
+            raise CoverageError(f"LayerScale '{name}' is in-place (overwrites its input); use inplace=False")
+
+    def norms(self, entry, recs, mode):
+        entry.choice = "instantiate"
+        B = recs[0].batch
+        pw = None
+        for r in recs:
+            if r.grads[0] is not None:
+                prod = (r.grads[0] * r.args[0]).movedim(self.channel_dim, -1)
+                w = prod.reshape(B, -1, prod.shape[-1]).sum(1)  # (B, d)
+                pw = w if pw is None else pw + w
+        if pw is None:
+            return recs[0].args[0].new_zeros(B), None
+        return pw.pow(2).sum(1), pw
+
+    def accumulate(self, entry, recs, c, state):
+        if state is not None:
+            _add_grad(entry.params[0][1], c.to(state.dtype) @ state)
+
+
+class TokenRule(Rule):
+    """Parameters a vision transformer adds to its token sequence (cls/reg/dist tokens, absolute
+    position embeddings), each of shape (1, N, d) and used only through broadcasting over the batch.
+    The engine hands the forward an expanded (B, N, d) copy whose gradient is exactly the per-example
+    gradient; the module's other code runs unchanged. Only for known classes (TOKEN_CLASSES)."""
+
+    kind = "token"
+    NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
+
+    def norms(self, entry, recs, mode):
+        entry.choice = "instantiate"
+        B = recs[0].batch
+        per = [None] * len(entry.params)
+        for r in recs:
+            for k, g in enumerate(r.grads):
+                if g is not None:
+                    per[k] = g if per[k] is None else per[k] + g
+        n2 = recs[0].args[0].new_zeros(B) if recs[0].args else torch.zeros(B)
+        for t in per:
+            if t is not None:
+                n2 = n2 + t.reshape(B, -1).pow(2).sum(1).to(n2.dtype)
+        return n2, per
+
+    def accumulate(self, entry, recs, c, state):
+        for (_, p), t in zip(entry.params, state):
+            if t is not None:
+                _add_grad(p, torch.einsum("b...,b->...", t, c.to(t.dtype)).unsqueeze(0))
+
+
+TOKEN = TokenRule()
+
+
+def token_rule_applies(module: nn.Module, own: list) -> bool:
+    try:
+        from timm.models.beit import Beit
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        return False
+    return (type(module) in (VisionTransformer, Beit) and not getattr(module, "dynamic_img_size", False)
+            and all(n in TokenRule.NAMES and p.dim() == 3 and p.shape[0] == 1 for n, p in own))
+
+
+def _timm_rules() -> dict[type, Rule]:
     try:
         from timm.layers import LayerNorm as TimmLN
         from timm.layers import LayerNorm2d as TimmLN2d
+        from timm.layers import LayerScale, LayerScale2d
     except ImportError:  # pragma: no cover - timm is a dependency
         return {}
-    return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True)}
+    return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True), LayerScale: ScaleRule(-1),
+            LayerScale2d: ScaleRule(1)}
 
 
 # Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:
@@ -426,7 +502,7 @@ RULES: dict[type, Rule] = {
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.Embedding: EmbeddingRule(),
-    **_timm_norms(),
+    **_timm_rules(),
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import FALLBACK, RULES, Rule, rule_for
+from .layers import FALLBACK, RULES, TOKEN, Rule, rule_for, token_rule_applies
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
 
@@ -94,6 +94,11 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
                 visit(f"{name}.{child_name}" if name else child_name, child)
             return
         forced = isinstance(module, forced_types) or name in forced_names
+        if own and not forced and token_rule_applies(module, own):
+            entries.append(Entry(name, module, TOKEN, own))
+            for child_name, child in module.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+            return
         if own or (forced and any(p.requires_grad for p in module.parameters())):
             sub = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             for bn_name, m in module.named_modules():
