@@ -1,0 +1,151 @@
+"""dptrain-report: run directories → results/<table>.csv (tidy), .md (pivot, mean ± std over seeds), .png.
+
+    dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep
+    dptrain-report outputs/a outputs/b --table mine              # some runs
+
+Every directory below the given paths that holds a summary.json is a finished run; one that holds a
+Hydra config (.hydra/) but no summary.json is listed as failed or unfinished, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+COLUMNS = {  # csv column → summary key
+    "model": "model", "dataset": "dataset", "engine": "engine", "eps": "privacy/eps",
+    "eps_spent": "privacy/eps_spent", "delta": "privacy/delta", "noise_multiplier": "privacy/noise_multiplier",
+    "sample_rate": "privacy/sample_rate", "steps": "privacy/steps", "accountant": "privacy/accountant",
+    "sampling": "privacy/sampling", "test_acc": "test/acc", "train_loss": "train/loss",
+    "samples_per_s": "perf/samples_per_s", "step_ms": "perf/step_ms", "peak_mem_mb": "perf/peak_mem_mb",
+    "wall_s": "wall_s", "commit": "commit", "machine": "machine",
+}
+
+
+def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
+    rows, failed = [], []
+    for root in paths:
+        if not os.path.isdir(root):
+            failed.append(f"{root} (not a directory)")
+            continue
+        for d, dirs, files in os.walk(root):
+            dirs[:] = [x for x in dirs if x not in ("wandb", ".hydra")]
+            if "summary.json" in files:
+                try:
+                    s = json.load(open(os.path.join(d, "summary.json")))
+                except (OSError, ValueError) as e:
+                    failed.append(f"{d} (unreadable summary.json: {type(e).__name__})")
+                    continue
+                row = {k: s.get(v) for k, v in COLUMNS.items()}
+                cfg = s.get("config") or {}
+                row.update(name=s.get("name"), seed=cfg.get("seed"), batch_size=cfg.get("batch_size"),
+                           epochs=cfg.get("epochs"), eps=row["eps"] if row["eps"] is not None else cfg.get("eps"),
+                           run_dir=d)
+                rows.append(row)
+            elif os.path.isdir(os.path.join(d, ".hydra")):
+                failed.append(f"{d} (no summary.json: failed or unfinished)")
+    return rows, failed
+
+
+def pivot_md(df, value="test_acc") -> str:
+    import pandas as pd
+
+    g = df.groupby(["model", "engine", "eps"], dropna=False)[value]
+    cell = g.mean().map(lambda m: f"{m:.4f}").astype(str)
+    std, n = g.std(), g.count()
+    cell = cell.where(n < 2, cell + " ± " + std.map(lambda s: f"{s:.4f}"))
+    table = cell.unstack("eps")
+    table.columns = [f"eps={c}" if not pd.isna(c) else "non-private" for c in table.columns]
+    return table.reset_index().to_markdown(index=False)
+
+
+def plot_runs(df, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    private = df[df.eps.notna()]
+    for (model, engine), part in private.groupby(["model", "engine"]):
+        m = part.groupby("eps").test_acc.agg(["mean", "std"]).reset_index()
+        axes[0].errorbar(m["eps"], m["mean"], yerr=m["std"].fillna(0), marker="o", label=f"{model} / {engine}")
+    axes[0].set(xlabel="ε (target)", ylabel="test accuracy", title="accuracy vs ε")
+    if len(private):
+        axes[0].set_xscale("log")
+        axes[0].legend(fontsize=7)
+    per = df.groupby("engine")[["step_ms", "peak_mem_mb"]].mean()
+    axes[1].bar(per.index, per["step_ms"])
+    axes[1].set(ylabel="median step (ms)", title="time and memory per engine")
+    ax2 = axes[1].twinx()
+    ax2.plot(per.index, per["peak_mem_mb"], "o-", color="tab:red")
+    ax2.set_ylabel("peak memory (MB)", color="tab:red")
+    axes[1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bench(df, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = df.assign(config=df.model + " " + df["size"].astype(str) + "px b" + df.batch.astype(str))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, col, label in ((axes[0], "time_vs_nonprivate", "step time / non-private"),
+                           (axes[1], "mem_vs_nonprivate", "extra memory / non-private")):
+        if col not in df:
+            continue
+        piv = df.pivot_table(index="config", columns="engine", values=col)
+        piv.plot.bar(ax=ax, logy=True, rot=20)
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set(ylabel=label, xlabel="")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(paths: list[str], *, table: str | None = None, out: str = "results") -> dict:
+    import pandas as pd
+
+    rows, failed = collect(paths)
+    if not rows:
+        raise SystemExit(f"dptrain-report: no summary.json under {', '.join(paths)}"
+                         + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
+    df = pd.DataFrame(rows)
+    table = table or df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, table)
+    df.to_csv(base + ".csv", index=False)
+    with open(base + ".md", "w") as f:
+        f.write(f"# {table}\n\n{len(df)} runs; commit(s) {', '.join(sorted(set(map(str, df.commit))))}; "
+                f"machine(s) {', '.join(sorted(set(map(str, df.machine))))}\n\n")
+        f.write("## test accuracy (mean ± std over seeds)\n\n" + pivot_md(df) + "\n\n")
+        f.write("## ε spent\n\n" + pivot_md(df, "eps_spent") + "\n\n")
+        f.write("## runs\n\n" + df.drop(columns=["machine", "run_dir"]).to_markdown(index=False, floatfmt=".4g")
+                + "\n")
+        if failed:
+            f.write("\n## failed or unfinished\n\n" + "\n".join(f"- {x}" for x in failed) + "\n")
+    plot_runs(df, base + ".png")
+    return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="run or sweep directories")
+    ap.add_argument("--table", help="output name (default: the runs' `name`)")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    r = report(args.paths, table=args.table, out=args.out)
+    print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
+    for f in r["failed"]:
+        print(f"  failed/unfinished: {f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

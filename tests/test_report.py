@@ -1,0 +1,38 @@
+"""A table is one sweep; dptrain-report turns its runs into csv, md and png, tolerating failures."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+from dptrain.report import report
+
+TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model.kwargs.channels=[4]",
+        "model.kwargs.hidden=4", "epochs=1", "batch_size=16"]
+
+
+def test_table_sweep_narrowed_then_report(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "table=acc_vs_eps", *TINY,
+                        "hydra.sweeper.params.eps='1,8'", "hydra.sweeper.params.model=cnn",
+                        "hydra.sweeper.params.engine=mixed_ghost", f"hydra.sweep.dir={tmp_path}/sweep"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "sweep" / "9" / ".hydra").mkdir(parents=True)  # a job that died before its summary
+    out = report([str(tmp_path / "sweep")], out=str(tmp_path / "results"))
+    assert out["runs"] == 2 and len(out["failed"]) == 1
+    df = pd.read_csv(tmp_path / "results" / "acc_vs_eps.csv")
+    assert sorted(df.eps) == [1.0, 8.0] and set(df.engine) == {"mixed_ghost"}
+    assert {"commit", "machine", "test_acc", "eps_spent"} <= set(df.columns)
+    md = (tmp_path / "results" / "acc_vs_eps.md").read_text()
+    assert "eps=1.0" in md and "failed or unfinished" in md
+    assert (tmp_path / "results" / "acc_vs_eps.png").stat().st_size > 1000
+
+
+def test_experiments_compose(compose):
+    for f in sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "conf", "experiment"))):
+        cfg = compose(f"experiment={f[:-5]}")
+        assert cfg.name == f[:-5]
+    cfg = compose("experiment=beit_cifar10_eps1")
+    assert cfg.model.pretrained and cfg.eps == 1.0 and cfg.dataset.name == "cifar10"
