@@ -27,7 +27,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def run(cfg, run_dir: str) -> dict:
-    t_start = time.time()
+    t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
@@ -110,7 +110,7 @@ def run(cfg, run_dir: str) -> dict:
         "perf/peak_mem_mb": peak_memory_mb(device),
         "perf/step_ms": 1000 * statistics.median(times) if times else None,
         "engine": cfg.engine.name, "model": cfg.model.name, "dataset": data.name, "epochs": epoch,
-        "wall_s": time.time() - t_start, "device": str(device), "machine": machine(), "commit": git_commit(),
+        "wall_s": time.time() - t_start, "device": str(device), "machine": machine(), "commit": commit,
         "name": cfg.name, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     tracker.finish(summary)

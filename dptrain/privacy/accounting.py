@@ -34,6 +34,7 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     acc.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():  # opacus' "largest alpha" / "GDP is experimental" notes
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow inside PRV for tiny σ
         try:
             return float(acc.get_epsilon(delta=delta))
         except (ValueError, OverflowError, MemoryError):  # σ so small that the accountant's grid explodes
