@@ -18,16 +18,24 @@ from .privacy import MODES, DPOptimizer, PrivacyEngine
 ENGINES = (*MODES, "opacus", "opacus_ghost", "nonprivate")
 
 
+def _loss(out, y, augmult: int):
+    """Summed cross-entropy; with K augmented rows per example, each example's loss is the mean of its K."""
+    if augmult == 1:
+        return F.cross_entropy(out, y, reduction="sum")
+    return F.cross_entropy(out, y.repeat_interleave(augmult), reduction="sum") / augmult
+
+
 class BuiltIn:
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, seed=0, secure=False):
-        self.model = model
-        self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma)
+                 clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1):
+        self.model, self.augmult = model, augmult
+        self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
+                                    augmult=augmult)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                      expected_batch_size=expected_batch_size, seed=seed, secure=secure)
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = F.cross_entropy(out, y, reduction="sum")
+        loss = _loss(out, y, self.augmult)
         loss.backward()  # clipped per-example gradients summed into .grad (book-keeping, one pass)
         return loss.item()
 
@@ -42,11 +50,11 @@ class BuiltIn:
 
 
 class NonPrivate:
-    def __init__(self, model, optimizer, *, expected_batch_size, **_):
-        self.model, self.optimizer, self.L = model, optimizer, expected_batch_size
+    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, **_):
+        self.model, self.optimizer, self.L, self.augmult = model, optimizer, expected_batch_size, augmult
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = F.cross_entropy(out, y, reduction="sum")
+        loss = _loss(out, y, self.augmult)
         loss.backward()
         return loss.item()
 
@@ -158,15 +166,16 @@ def _unclone(model: nn.Module) -> nn.Module:
 
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False):
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1):
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}'; valid: {', '.join(ENGINES)}")
     kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
               seed=seed, secure=secure)
     if name in MODES:
-        return BuiltIn(model, optimizer, mode=name, clipping=clipping, gamma=gamma, **kw)
-    if clipping != "abadi":
-        raise UserError(f"engine.clipping={clipping} is only implemented by the built-in engines ({', '.join(MODES)})")
+        return BuiltIn(model, optimizer, mode=name, clipping=clipping, gamma=gamma, augmult=augmult, **kw)
     if name == "nonprivate":
-        return NonPrivate(model, optimizer, **kw)
+        return NonPrivate(model, optimizer, augmult=augmult, **kw)
+    if clipping != "abadi" or augmult != 1:
+        raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
+                        f"({', '.join(MODES)}) or nonprivate")
     return Opacus(model, optimizer, ghost=name == "opacus_ghost", **kw)

@@ -12,9 +12,10 @@ from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, on_step=None) -> dict:
+                    augment_gen=None, augmult=1, on_step=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
-    batch goes through forward + engine.backward, then engine.step() once (noise-only if empty)."""
+    batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
+    augmult K: each example enters as K independently augmented rows, clipped as one example."""
     model = engine.model
     model.train()
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
@@ -25,6 +26,8 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         for j, _ in enumerate(cs):
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augmult > 1:
+                x = x.repeat_interleave(augmult, dim=0)  # (B·K, ...): an example's copies are consecutive
             if augment_gen is not None:
                 x = augment(x, augment_gen)
             loss_sum += engine.backward(model(x), y, last=j == len(cs) - 1)

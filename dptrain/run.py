@@ -57,7 +57,7 @@ def run(cfg, run_dir: str) -> dict:
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, seed=cfg.seed,
-                           secure=cfg.privacy.secure_noise)
+                           secure=cfg.privacy.secure_noise, augmult=cfg.privacy.augmult)
     sampling = budget["privacy/sampling"] or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, seed=cfg.seed) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed))
@@ -83,7 +83,8 @@ def run(cfg, run_dir: str) -> dict:
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
 
         stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                device=device, num_workers=ds.num_workers, augment_gen=aug, on_step=on_step)
+                                device=device, num_workers=ds.num_workers, augment_gen=aug,
+                                augmult=cfg.privacy.augmult, on_step=on_step)
         if ema is not None:
             ema.update_parameters(model)
         done += len(logical)
@@ -128,6 +129,9 @@ def _budget(cfg, n: int, private: bool) -> dict:
         raise UserError(f"epochs must be > 0, got {cfg.epochs}")
     if not cfg.max_grad_norm > 0:
         raise UserError(f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
+    if cfg.privacy.augmult < 1 or (cfg.privacy.augmult > 1 and not cfg.dataset.augment):
+        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs an integer >= 1, and dataset.augment=true "
+                        "when > 1 (identical copies add nothing)")
     q = L / n
     steps = steps_for(cfg.epochs, q)
     keys = ["privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant", "privacy/sampling",

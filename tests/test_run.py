@@ -111,3 +111,12 @@ def test_wandb_offline(quick):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_augmult_and_ema_run(quick):
+    s, _ = quick("privacy.augmult=2", "dataset.augment=true", "privacy.ema=0.9")
+    assert s["config"]["privacy"]["augmult"] == 2 and 0 <= s["test/acc"] <= 1
+    with pytest.raises(UserError, match="augmult"):
+        quick("privacy.augmult=2")
+    with pytest.raises(UserError, match="augmult=2 need a built-in engine"):
+        quick("privacy.augmult=2", "dataset.augment=true", "engine=opacus")

@@ -65,6 +65,9 @@ class PrivacyEngine:
     mode: "mixed_ghost" (per-layer cheaper of ghost norm / instantiation), "ghost", "per_sample".
     fallback: extra module types or names to treat as fallback units (their whole subtree is replayed
     with torch.func), e.g. for a module that uses a child's weight functionally.
+    augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
+    gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
+    as one (De et al. 2022, augmentation multiplicity).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class PrivacyEngine:
         clipping: str = "abadi",
         gamma: float = 0.01,
         fallback: tuple = (),
+        augmult: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
@@ -85,6 +89,9 @@ class PrivacyEngine:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model, self.mode, self.max_grad_norm = model, mode, float(max_grad_norm)
         self.clipping, self.gamma = clipping, float(gamma)
+        if int(augmult) < 1:
+            raise ValueError(f"augmult must be >= 1, got {augmult}")
+        self.augmult = int(augmult)
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
@@ -201,10 +208,16 @@ class PrivacyEngine:
                 groups.setdefault(id(e), (e, []))[1].append(r)
         if not groups:
             return
-        sizes = {r.batch for _, rs in groups.values() for r in rs}
+        sizes = {r.rows for _, rs in groups.values() for r in rs}
         if len(sizes) != 1:
             raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
-        B = sizes.pop()
+        rows = sizes.pop()
+        if rows % self.augmult:
+            raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
+        B = rows // self.augmult
+        for _, rs in groups.values():
+            for r in rs:
+                r.batch = B
         n2 = None
         states = []
         with torch.no_grad():

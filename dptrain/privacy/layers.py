@@ -4,7 +4,9 @@ Notation (Bu, Mao & Xu 2022): a layer sees activations a_i ∈ R^{T×d} and outp
 g_i ∈ R^{T×p} for example i; its per-example weight gradient is g_iᵀ a_i. The ghost norm is
 ‖g_iᵀa_i‖² = ⟨a_i a_iᵀ, g_i g_iᵀ⟩ (two T×T Gram matrices); instantiation builds g_iᵀ a_i (p×d).
 A module called several times in one forward contributes Σ_calls g_cᵀ a_c, which is the same as
-concatenating the calls along T, so reuse is exact.
+concatenating the calls along T, so reuse is exact. Augmentation multiplicity is the same idea: with K
+consecutive rows per example (its augmented copies), example i's gradient is the sum over its rows,
+so rows are folded into T (or summed, for instantiated per-row gradients).
 
 Each rule gets the module's records (one per call: the inputs and the gradients of the outputs) and
 returns the squared per-example norm of the parameters it owns, then builds Σ_i c_i·g_i[p] into .grad.
@@ -26,10 +28,11 @@ GRAM_BUDGET = 2**25
 class Record:
     """One call of a hooked module: detached inputs and, after backward, output gradients."""
 
-    __slots__ = ("args", "kwargs", "grads", "batch", "versions", "forward_id", "n_out")
+    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out")
 
-    def __init__(self, args: tuple, kwargs: dict, batch: int, forward_id: int, n_out: int):
-        self.args, self.kwargs, self.batch, self.forward_id = args, kwargs, batch, forward_id
+    def __init__(self, args: tuple, kwargs: dict, rows: int, forward_id: int, n_out: int):
+        self.args, self.kwargs, self.forward_id = args, kwargs, forward_id
+        self.rows = self.batch = rows  # rows of the input; examples (rows / K), set before the rules run
         self.grads: list[torch.Tensor | None] = [None] * n_out
         self.n_out = n_out
         self.versions = [a._version if torch.is_tensor(a) else None for a in args]
@@ -47,6 +50,11 @@ def _grad(rec: Record, k: int, like: torch.Tensor) -> torch.Tensor:
     """Output gradient k of a call, zeros where that output did not reach the loss."""
     g = rec.grads[k]
     return like.zero_() if g is None else g
+
+
+def _fold(t: torch.Tensor, B: int) -> torch.Tensor:
+    """(B·K, ...) per-row quantities → (B, ...) per-example sums (K = 1: unchanged)."""
+    return t if t.shape[0] == B else t.reshape(B, -1, *t.shape[1:]).sum(1)
 
 
 def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -166,6 +174,13 @@ def _unfold(x: torch.Tensor, m: nn.modules.conv._ConvNd, padding: tuple[int, ...
     return x.reshape(B, C * math.prod(k), -1)
 
 
+def _rows_to_t(t: torch.Tensor, B: int, G: int, k: int) -> torch.Tensor:
+    """(B·K, G·k, T) → (B, G, k, K·T): an example's K copies become more positions."""
+    BK, _, T = t.shape
+    t = t.reshape(B, BK // B, G, k, T)
+    return t.reshape(B, G, k, T) if BK == B else t.permute(0, 2, 3, 1, 4).reshape(B, G, k, -1)
+
+
 def _per_example_conv_weight(m, x: torch.Tensor, pad: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
     """(B, C_out, C_in/G, *k): example i's weight gradient, by convolution_backward vmapped over i."""
     n = len(pad)
@@ -201,14 +216,15 @@ class ConvRule(Rule):
         n2 = recs[0].args[0].new_zeros(B)
         if not xs:
             return n2, state
-        T = sum(g[0, 0].numel() for _, _, g in xs)  # output positions, all calls together
+        K = recs[0].rows // B  # rows per example (augmentation multiplicity)
+        T = K * sum(g[0, 0].numel() for _, _, g in xs)  # output positions, all calls and copies together
         p_g, d_g = m.out_channels // G, m.weight[0].numel()
         if _owned(entry, "weight") is not None:
             entry.choice = choose(mode, T, p_g, d_g)
             if entry.choice == "ghost":
                 # im2col: (B, G, d_g, T) against the output gradients (B, G, p_g, T), Gram over T per group
-                u = _cat([_unfold(x, m, pad).reshape(B, G, d_g, -1) for x, pad, _ in xs], -1)
-                g = _cat([g.reshape(B, G, p_g, -1) for _, _, g in xs], -1)
+                u = _cat([_rows_to_t(_unfold(x, m, pad), B, G, d_g) for x, pad, _ in xs], -1)
+                g = _cat([_rows_to_t(g.reshape(g.shape[0], m.out_channels, -1), B, G, p_g) for _, _, g in xs], -1)
                 ut = u.reshape(B * G, d_g, T).transpose(1, 2)
                 gt = g.reshape(B * G, p_g, T).transpose(1, 2)
                 n2 = n2 + _gram_norm2(ut, gt).view(B, G).sum(1)
@@ -216,11 +232,11 @@ class ConvRule(Rule):
             else:
                 # per-example weight gradients by the weight-gradient convolution vmapped over the batch:
                 # about the cost of one ordinary weight gradient, and no im2col buffer
-                pw = sum(_per_example_conv_weight(m, x, pad, g) for x, pad, g in xs)  # (B, *weight.shape)
+                pw = _fold(sum(_per_example_conv_weight(m, x, pad, g) for x, pad, g in xs), B)  # (B, *w.shape)
                 n2 = n2 + pw.reshape(B, -1).pow(2).sum(1)
                 state["pw"] = pw
         if _owned(entry, "bias") is not None:
-            gb = sum(g.reshape(B, m.out_channels, -1).sum(-1) for _, _, g in xs)  # (B, C_out)
+            gb = _fold(sum(g.reshape(g.shape[0], m.out_channels, -1).sum(-1) for _, _, g in xs), B)  # (B, C_out)
             n2 = n2 + gb.pow(2).sum(1)
             state["gb"] = gb
         return n2, state
@@ -233,8 +249,9 @@ class ConvRule(Rule):
                 _add_grad(w, torch.einsum("b...,b->...", state["pw"], c.to(state["pw"].dtype)))
             else:
                 # the weight-gradient convolution on c-scaled output gradients: no second unfold
+                c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
                 for x, pad, g in state["xs"]:
-                    gc = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                    gc = g * c_rows.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
                     gw = torch.ops.aten.convolution_backward(
                         gc, x, m.weight, None, m.stride, pad, m.dilation, False,
                         [0] * len(pad), m.groups, [False, True, False])[1]
@@ -259,8 +276,8 @@ class _AffineNormRule(Rule):
         for r in recs:
             if r.grads[0] is None:
                 continue
-            xh, g = self.normalized(m, r.args[0], r.grads[0])  # both (B, N, *shape)
-            w_i, b_i = (g * xh).sum(1), g.sum(1)
+            xh, g = self.normalized(m, r.args[0], r.grads[0])  # both (rows, N, *shape)
+            w_i, b_i = _fold((g * xh).sum(1), r.batch), _fold(g.sum(1), r.batch)
             pw = w_i if pw is None else pw + w_i
             pb = b_i if pb is None else pb + b_i
         B = recs[0].batch
@@ -326,7 +343,7 @@ class EmbeddingRule(Rule):
             gs.append(g)
         entry.choice = "ghost"
         if not ids:
-            return recs[0].grads[0].new_zeros(B) if recs[0].grads[0] is not None else torch.zeros(B), {}
+            return entry.params[0][1].new_zeros(B), {}
         idx, g = torch.cat(ids, 1), torch.cat(gs, 1)
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # (B, T, T)
         n2 = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
@@ -360,7 +377,7 @@ class FallbackRule(Rule):
         for r in recs:
             if all(g is None for g in r.grads):
                 continue
-            per = self._per_example(m, names, params, r, B, _replaying)
+            per = tuple(_fold(t, B) for t in self._per_example(m, names, params, r, r.rows, _replaying))
             total = per if total is None else tuple(t + q for t, q in zip(total, per))
         n2 = params[0].new_zeros(B)
         if total is None:
@@ -455,8 +472,9 @@ class TokenRule(Rule):
         for r in recs:
             for k, g in enumerate(r.grads):
                 if g is not None:
+                    g = _fold(g, B)
                     per[k] = g if per[k] is None else per[k] + g
-        n2 = recs[0].args[0].new_zeros(B) if recs[0].args else torch.zeros(B)
+        n2 = entry.params[0][1].new_zeros(B)  # in the parameters' dtype (float64 stays float64)
         for t in per:
             if t is not None:
                 n2 = n2 + t.reshape(B, -1).pow(2).sum(1).to(n2.dtype)
