@@ -26,7 +26,7 @@ import torch
 DEFAULT = [  # (model, input size, batch): the goals
     ("cnn", 32, 64), ("resnet18", 32, 32), ("vit_tiny", 32, 32), ("vit_small", 32, 32), ("vgg11", 32, 16),
 ]
-ENGINES = ["nonprivate", "mixed_ghost", "ghost", "per_sample", "opacus", "opacus_ghost"]
+ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + per_sample on request
 
 
 def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0):
@@ -35,9 +35,6 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
 
     torch.manual_seed(seed)
     kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
-    if model_name.startswith("vgg"):
-        kw["pre_logits_dim"] = None
-        kw = {}
     model = create_model(model_name, num_classes=10, img_size=size, **kw).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     eng = create_engine(engine, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
