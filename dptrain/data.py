@@ -81,14 +81,13 @@ def _fake(size: int, num_classes: int, channels: int, image_size: int, seed: int
 def _transform(image_size: int | None, mean, std):
     from torchvision import transforms as T
 
-    steps = [T.Resize(image_size)] if image_size else []
-    steps += [T.CenterCrop(image_size)] if image_size else []
+    steps = [T.Resize(image_size), T.CenterCrop(image_size)] if image_size else []
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _images(name, root, image_size, mean, std, download, cache) -> Data:
-    mean, std = mean or STATS.get(name, ((0.5,) * 3, (0.5,) * 3))[0], std or STATS.get(name, ((0.5,) * 3,) * 2)[1]
-    tf = _transform(image_size, mean, std)
+    default_mean, default_std = STATS.get(name, ((0.5,) * 3, (0.5,) * 3))
+    tf = _transform(image_size, mean or default_mean, std or default_std)
     if name == "folder":
         train, test = _folder(root, tf)
         classes = train.classes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import statistics
 import time
@@ -203,5 +202,3 @@ def _ema(model, decay):
 
     return AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-
-__all__ = ["run", "math"]

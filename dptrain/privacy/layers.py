@@ -199,13 +199,6 @@ class ConvRule(Rule):
 
     kind = "conv"
 
-    def check(self, module, name):
-        from .plan import CoverageError
-
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            raise CoverageError(f"transposed convolution '{name}' has no per-example rule; freeze it "
-                                "(requires_grad=False) or replace it")
-
     def norms(self, entry, recs, mode):
         from .plan import choose
 

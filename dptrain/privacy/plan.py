@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from .layers import FALLBACK, RULES, TOKEN, Rule, rule_for, token_rule_applies
+from .layers import FALLBACK, TOKEN, Rule, rule_for, token_rule_applies
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
 
@@ -143,5 +142,3 @@ def describe(entries: list[Entry]) -> str:
         lines.append(f"  {e.label():<48} {e.rule.kind:<10} {e.choice or '-':<12} [{names}]")
     return "\n".join(lines)
 
-
-__all__ = ["MODES", "CoverageError", "Entry", "build_plan", "choose", "describe", "RULES", "torch"]
