@@ -89,10 +89,29 @@ def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> float 
         return None
 
 
-def _rss_peak_mb() -> float:
-    import resource
+class _RSSPeak:
+    """Samples the process's resident set size every ms in a thread: the peak of the steps themselves
+    (ru_maxrss would also hold the import- and build-time high-water mark)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.base = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def _memory_child(model_name, size, batch, engine, device_name, steps):
@@ -101,13 +120,16 @@ def _memory_child(model_name, size, batch, engine, device_name, steps):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            one_step(eng, x, y, device)
+        extra = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_peak_mb()
-    for _ in range(steps):
-        one_step(eng, x, y, device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_peak_mb()
-    print(json.dumps({"extra_mb": peak - base}))
+        with _RSSPeak() as m:
+            for _ in range(steps):
+                one_step(eng, x, y, device)
+        extra = m.peak - m.base
+    print(json.dumps({"extra_mb": extra / 2**20}))
 
 
 def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:

@@ -101,6 +101,8 @@ def plot_bench(df, path: str) -> None:
         if col not in df:
             continue
         piv = df.pivot_table(index="config", columns="engine", values=col)
+        if piv.empty:
+            continue
         piv.plot.bar(ax=ax, logy=True, rot=20)
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set(ylabel=label, xlabel="")
