@@ -192,6 +192,7 @@ def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
     from .tracking import git_commit, machine
 
     df = pd.DataFrame(rows)
+    df[["step_ms", "extra_mem_mb"]] = df[["step_ms", "extra_mem_mb"]].astype(float)  # None (not measured) → NaN
     for ref in ("nonprivate", "opacus"):
         base = df[df.engine == ref].set_index(["model", "size", "batch"])
         for col, name in (("step_ms", "time"), ("extra_mem_mb", "mem")):
