@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -42,3 +43,15 @@ def quick(compose, tmp_path):
         return run(cfg, str(tmp_path / "run")), tmp_path / "run"
 
     return go
+
+
+# a run that takes a second: random 8×8 images, a one-stage CNN
+TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model.kwargs.channels=[4]",
+        "model.kwargs.hidden=4", "epochs=1", "batch_size=16"]
+
+
+def cli(*args, cwd):
+    """`dptrain <args>` in a subprocess, as a user runs it."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)

@@ -1,23 +1,16 @@
 """A table is one sweep; dptrain-report turns its runs into csv, md and png, tolerating failures."""
 
 import os
-import subprocess
-import sys
 
 import pandas as pd
+from conftest import TINY, cli
 
 from dptrain.report import report
 
-TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model.kwargs.channels=[4]",
-        "model.kwargs.hidden=4", "epochs=1", "batch_size=16"]
-
 
 def test_table_sweep_narrowed_then_report(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "table=acc_vs_eps", *TINY,
-                        "hydra.sweeper.params.eps='1,8'", "hydra.sweeper.params.model=cnn",
-                        "hydra.sweeper.params.engine=mixed_ghost", f"hydra.sweep.dir={tmp_path}/sweep"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline"})
+    r = cli("table=acc_vs_eps", *TINY, "hydra.sweeper.params.eps='1,8'", "hydra.sweeper.params.model=cnn",
+            "hydra.sweeper.params.engine=mixed_ghost", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (tmp_path / "sweep" / "9" / ".hydra").mkdir(parents=True)  # a job that died before its summary
     out = report([str(tmp_path / "sweep")], out=str(tmp_path / "results"))

@@ -1,11 +1,9 @@
 """End to end: real runs on fake and digits, summary.json, metrics.jsonl, bad input, multirun, wandb."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import TINY, cli
 
 from dptrain.errors import UserError
 
@@ -72,16 +70,6 @@ def test_bad_input_is_one_clear_error(quick, override, message):
 def test_missing_folder(quick, tmp_path):
     with pytest.raises(UserError, match="not found"):
         quick("dataset=folder", f"dataset.root={tmp_path}/nope")
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
-TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model.kwargs.channels=[4]",
-        "model.kwargs.hidden=4", "epochs=1", "batch_size=16"]
 
 
 def test_cli_error_exit_code_and_no_summary(tmp_path):
