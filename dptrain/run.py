@@ -98,8 +98,6 @@ def run(cfg, run_dir: str) -> dict:
                         acc=f"{test['acc']:.3f}")
     bar.close()
     train_s = time.perf_counter() - t_train
-    if epoch == 0:
-        row = {"test/acc": evaluate(model, data.test, device=device)["acc"], "train/loss": None}
     plain = engine.detach()
     torch.save(plain.state_dict(), os.path.join(run_dir, "model.pt"))
 
