@@ -105,6 +105,9 @@ def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
     if not timm.is_model(name):
         raise UserError(f"unknown model '{name}'; conf names: {', '.join(CONF_MODELS)}; or any timm name "
                         "(python -c 'import timm; print(timm.list_models())')")
+    if kwargs and set(kwargs) <= {"channels", "hidden", "act", "norm"}:
+        raise UserError(f"model.kwargs {dict(kwargs)} are the small CNN's settings (conf/model/cnn.yaml); for a timm "
+                        f"model pick its group: dptrain model=timm model.name={name}")
     kw = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     try:
         try:

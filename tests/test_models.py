@@ -57,3 +57,8 @@ def test_corrupt_and_missing_checkpoint(tmp_path):
         create_model("cnn", num_classes=10, checkpoint=str(tmp_path / "bad.pt"))
     with pytest.raises(UserError, match="not found"):
         create_model("cnn", num_classes=10, checkpoint=str(tmp_path / "none.pt"))
+
+
+def test_cnn_settings_on_a_timm_name_get_a_hint():
+    with pytest.raises(UserError, match="model=timm model.name=resnet18"):
+        create_model("resnet18", num_classes=3, channels=[4], hidden=4, act="tanh", norm="none")
