@@ -141,10 +141,9 @@ class PrivacyEngine:
                     owner._parameters[name] = p
             flat, spec = tree_flatten(out)
             idx = [i for i, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
-            batch = next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()),
-                         None)
-            if batch is None or not idx:
-                raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input and output")
+            batch = _batch(entry, args, kwargs)
+            if not idx:
+                raise CoverageError(f"{entry.label()}: the engine needs a floating-point tensor output")
             rec = Record(tree_map(_detach, args), tree_map(_detach, kwargs), batch, self._forward_id, len(idx))
             for k, i in enumerate(idx):
                 o = flat[i]
@@ -167,7 +166,7 @@ class PrivacyEngine:
         def forward(*args, **kwargs):
             if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
                 return orig(*args, **kwargs)
-            batch = next(a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim())
+            batch = _batch(entry, args, kwargs)
             rec = Record((), {}, batch, self._forward_id, len(entry.params))
             for k, (name, p) in enumerate(entry.params):
                 e = _Anchor.apply(p.detach().expand(batch, *p.shape[1:]), self._leaf)  # (B, N, d)
@@ -264,6 +263,14 @@ class PrivacyEngine:
                 m.forward = saved
         self._handles, self._saved_forward, self._records = [], [], []
         return self.model
+
+
+def _batch(entry: Entry, args, kwargs) -> int:
+    """The batch size: the leading dimension of the call's first batched tensor argument."""
+    for a in tree_flatten((args, kwargs))[0]:
+        if torch.is_tensor(a) and a.dim():
+            return a.shape[0]
+    raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input")
 
 
 def _detach(x):

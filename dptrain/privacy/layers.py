@@ -46,11 +46,6 @@ def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
         p.grad.add_(g)
 
 
-def _grad(rec: Record, k: int, like: torch.Tensor) -> torch.Tensor:
-    """Output gradient k of a call, zeros where that output did not reach the loss."""
-    g = rec.grads[k]
-    return like.zero_() if g is None else g
-
 
 def _fold(t: torch.Tensor, B: int) -> torch.Tensor:
     """(B·K, ...) per-row quantities → (B, ...) per-example sums (K = 1: unchanged)."""
@@ -103,8 +98,9 @@ class LinearRule(Rule):
 
     def _flat(self, m: nn.Linear, recs: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
         a = [r.args[0].reshape(r.batch, -1, m.in_features) for r in recs]
-        g = [_grad(r, 0, x.new_empty(*x.shape[:2], m.out_features)).reshape(x.shape[0], -1, m.out_features)
-             for r, x in zip(recs, a)]
+        # an output that did not reach the loss has zero gradient
+        g = [x.new_zeros(*x.shape[:2], m.out_features) if r.grads[0] is None
+             else r.grads[0].reshape(x.shape[0], -1, m.out_features) for r, x in zip(recs, a)]
         return _cat(a, 1), _cat(g, 1)  # reuse: concatenate calls along T
 
     def norms(self, entry, recs, mode):
