@@ -16,6 +16,7 @@ class ModelConfig:
     checkpoint: str | None = None  # a local weights file (state_dict, or {"state_dict"|"model": ...})
     img_size: int | None = None  # for models that take it (ViT, BEiT); default: the data's image size
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model / the CNN
+    channels_last: bool = False  # NHWC weights and inputs: ~10-20% faster conv steps on CPU (bench), same values
 
 
 @dataclass

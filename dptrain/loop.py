@@ -12,10 +12,11 @@ from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, augmult=1, on_step=None) -> dict:
+                    augment_gen=None, augmult=1, ema=None, memory_format=None, on_step=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
-    augmult K: each example enters as K independently augmented rows, clipped as one example."""
+    augmult K: each example enters as K independently augmented rows, clipped as one example.
+    ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates)."""
     model = engine.model
     model.train()
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
@@ -30,9 +31,13 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                 x = x.repeat_interleave(augmult, dim=0)  # (B·K, ...): an example's copies are consecutive
             if augment_gen is not None:
                 x = augment(x, augment_gen)
+            if memory_format is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             loss_sum += engine.backward(model(x), y, last=j == len(cs) - 1)
             seen += len(y)
         engine.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)

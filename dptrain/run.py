@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from .allocator import keep_freed_memory
 from .baselines import ENGINES, create_engine
 from .data import create_dataset
 from .errors import UserError
@@ -28,6 +29,7 @@ OPTIMIZERS = ("sgd", "adam")
 def run(cfg, run_dir: str) -> dict:
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
     os.makedirs(run_dir, exist_ok=True)
+    keep_freed_memory()  # ~1.6× faster CPU steps at large batches (allocator.py)
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     private = cfg.engine.name != "nonprivate"
@@ -50,6 +52,9 @@ def run(cfg, run_dir: str) -> dict:
     model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
                          img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    fmt = torch.channels_last if cfg.model.channels_last else None  # NHWC: faster CPU convs, same values
+    if fmt is not None:
+        model = model.to(memory_format=fmt)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = _optimizer(cfg.optimizer, model)
     sigma = budget["privacy/noise_multiplier"]
@@ -83,9 +88,7 @@ def run(cfg, run_dir: str) -> dict:
 
         stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
                                 device=device, num_workers=ds.num_workers, augment_gen=aug,
-                                augmult=cfg.privacy.augmult, on_step=on_step)
-        if ema is not None:
-            ema.update_parameters(model)
+                                augmult=cfg.privacy.augmult, ema=ema, memory_format=fmt, on_step=on_step)
         done += len(logical)
         seen += stats["examples"]
         times += stats["step_times"]

@@ -108,3 +108,41 @@ def test_augmult_and_ema_run(quick):
         quick("privacy.augmult=2")
     with pytest.raises(UserError, match="augmult=2 need a built-in engine"):
         quick("privacy.augmult=2", "dataset.augment=true", "engine=opacus")
+
+
+def test_channels_last_trains_the_same_model(quick):
+    """NHWC is a layout, not a different computation: same seed, same batches, same noise → same weights."""
+    import torch
+
+    _, dir_a = quick("name=a")
+    state_a = torch.load(dir_a / "model.pt")
+    _, dir_b = quick("name=b", "model.channels_last=true")
+    state_b = torch.load(dir_b / "model.pt")
+    for k in state_a:
+        assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+
+
+def test_ema_averages_every_optimizer_step():
+    """The EMA must follow the private iterates step by step (an EMA updated once per epoch with decay
+    0.999 would stay at the initial weights)."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from dptrain.baselines import create_engine
+    from dptrain.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    eng = create_engine("mixed_ghost", model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                        max_grad_norm=1.0, expected_batch_size=4)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 2, 2), torch.randint(0, 3, (16,)))
+    logical = list(torch.arange(16).split(4))
+    w = [model[1].weight.detach().clone()]
+    train_one_epoch(eng, data, logical, physical_batch_size=4, device=torch.device("cpu"), ema=ema,
+                    on_step=lambda *_: w.append(model[1].weight.detach().clone()))
+    expect = w[1]  # the first update copies; then e ← 0.5 e + 0.5 w after each step
+    for wt in w[2:]:
+        expect = 0.5 * expect + 0.5 * wt
+    assert int(ema.n_averaged) == 4
+    assert torch.allclose(ema.module[1].weight, expect, atol=1e-6)
