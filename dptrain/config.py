@@ -47,6 +47,7 @@ class OptimizerConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
+    schedule: str = "constant"  # constant, cosine (lr → 0 over the run's steps; post-processing, free under DP)
 
 
 @dataclass

@@ -12,11 +12,12 @@ from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, augmult=1, ema=None, memory_format=None, on_step=None) -> dict:
+                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
     augmult K: each example enters as K independently augmented rows, clipped as one example.
-    ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates)."""
+    ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates);
+    scheduler: a learning-rate scheduler stepped after every optimizer step."""
     model = engine.model
     model.train()
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
@@ -38,6 +39,8 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         engine.step()
         if ema is not None:
             ema.update_parameters(model)
+        if scheduler is not None:
+            scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)

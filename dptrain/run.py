@@ -57,6 +57,7 @@ def run(cfg, run_dir: str) -> dict:
         model = model.to(memory_format=fmt)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = _optimizer(cfg.optimizer, model)
+    scheduler = _schedule(cfg.optimizer.schedule, optimizer, steps)
     sigma = budget["privacy/noise_multiplier"]
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
@@ -88,7 +89,8 @@ def run(cfg, run_dir: str) -> dict:
 
         stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
                                 device=device, num_workers=ds.num_workers, augment_gen=aug,
-                                augmult=cfg.privacy.augmult, ema=ema, memory_format=fmt, on_step=on_step)
+                                augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler, memory_format=fmt,
+                                on_step=on_step)
         done += len(logical)
         seen += stats["examples"]
         times += stats["step_times"]
@@ -190,6 +192,15 @@ def _optimizer(o, model):
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     raise UserError(f"unknown optimizer '{o.name}'; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _schedule(name: str, optimizer, steps: int):
+    """Learning-rate schedule over the run's optimizer steps (one per logical batch)."""
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    raise UserError(f"unknown optimizer.schedule '{name}'; valid: constant, cosine")
 
 
 def _ema(model, decay):

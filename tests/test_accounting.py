@@ -115,3 +115,23 @@ def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
     eps = acc.get_epsilon(delta=s["privacy/delta"])
     assert 0.9 <= eps <= 1.0
     assert s["privacy/sampling"] == "poisson" and s["privacy/accountant"] == "prv"
+
+
+def test_noise_reaches_every_parameter_including_non_contiguous_gradients():
+    """Noise is streamed range by range into the gradients (no noise buffer): every element of every
+    parameter gets its own N(0, σ²R²) draw, also where the gradient is channels-last (non-contiguous)."""
+    shapes = [(64, 32, 3, 3), (300_000,), (7,), (128, 64)]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    ps[0].grad = torch.zeros(shapes[0]).contiguous(memory_format=torch.channels_last)
+    opt = DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                      seed=5)
+    opt.add_noise()
+    for p in ps[:2] + ps[3:]:
+        assert p.grad.std().item() == pytest.approx(1.0, rel=0.03)
+    assert (ps[2].grad != 0).all()
+    blocks = ps[1].grad.split(1 << 14)  # no range or scratch piece repeats another's draw
+    assert all(not torch.equal(a[:100], b[:100]) for a in blocks for b in blocks if a is not b)
+    again = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    DPOptimizer(torch.optim.SGD(again, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                seed=5).add_noise()
+    assert all(torch.equal(a.grad.contiguous(), b.grad.contiguous()) for a, b in zip(ps, again))

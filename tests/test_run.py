@@ -146,3 +146,24 @@ def test_ema_averages_every_optimizer_step():
         expect = 0.5 * expect + 0.5 * wt
     assert int(ema.n_averaged) == 4
     assert torch.allclose(ema.module[1].weight, expect, atol=1e-6)
+
+
+def test_cosine_schedule_decays_to_zero_over_the_run(quick):
+    import torch
+
+    _, d = quick("name=a", "optimizer.lr=0.5", "epochs=3")
+    a = torch.load(d / "model.pt")
+    _, d = quick("name=b", "optimizer.lr=0.5", "epochs=3", "optimizer.schedule=cosine")
+    b = torch.load(d / "model.pt")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # a different, decaying lr was used
+    from dptrain.run import _schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched, lrs = _schedule("cosine", opt, 10), []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(UserError, match="optimizer.schedule 'linear'; valid: constant, cosine"):
+        quick("optimizer.schedule=linear")

@@ -95,6 +95,7 @@ class PrivacyEngine:
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
+        self._calls: dict[int, int] = {}
         self._forward_id = 0
         self._queued = False
         self._audited = self._logged = False
@@ -115,6 +116,7 @@ class PrivacyEngine:
             return
         self._forward_id += 1
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
+        self._calls = {}  # id(entry) → its calls in this forward
 
     def _wrap(self, entry: Entry) -> None:
         if entry.rule.kind == "token":
@@ -149,9 +151,8 @@ class PrivacyEngine:
                 o = flat[i]
                 if not o.requires_grad:
                     o = flat[i] = _Anchor.apply(o, self._leaf)
-                o.register_hook(partial(self._on_grad, rec, k))
-            self._records.append((entry, rec))
-            entry.calls += 1
+                o.register_hook(partial(self._on_grad, entry, rec, k))
+            self._add(entry, rec)
             return tree_unflatten(flat, spec)
 
         m.forward = forward
@@ -170,21 +171,25 @@ class PrivacyEngine:
             rec = Record((), {}, batch, self._forward_id, len(entry.params))
             for k, (name, p) in enumerate(entry.params):
                 e = _Anchor.apply(p.detach().expand(batch, *p.shape[1:]), self._leaf)  # (B, N, d)
-                e.register_hook(partial(self._on_grad, rec, k))
+                e.register_hook(partial(self._on_grad, entry, rec, k))
                 m._parameters[name] = e
             try:
                 out = orig(*args, **kwargs)
             finally:
                 for name, p in entry.params:
                     m._parameters[name] = p
-            self._records.append((entry, rec))
-            entry.calls += 1
+            self._add(entry, rec)
             return out
 
         m.forward = forward
 
+    def _add(self, entry: Entry, rec: Record) -> None:
+        self._records.append((entry, rec))
+        self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
+        entry.calls += 1
+
     # --------------------------------------------------------------- backward
-    def _on_grad(self, rec: Record, k: int, g: torch.Tensor) -> None:
+    def _on_grad(self, entry: Entry, rec: Record, k: int, g: torch.Tensor) -> None:
         if rec.forward_id != self._forward_id or not any(r is rec for _, r in self._records):
             raise CoverageError(
                 "backward reached a forward whose records were discarded: call backward once after each "
@@ -194,44 +199,61 @@ class PrivacyEngine:
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
+        # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
+        # of holding every layer's until the end of the backward. Fallback units replay autograd, which
+        # waits for _finish (outside the engine's hooks).
+        if (self._calls.get(id(entry)) == 1 and entry.rule.kind != "fallback" and rec.rows % self.augmult == 0
+                and all(x is not None for x in rec.grads)):
+            self._run_rule(entry, [rec], rec.rows // self.augmult)
+
+    def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
+        for r in recs:
+            _check_versions(entry, r)
+            r.batch = B
+        with torch.no_grad():
+            n2, state = entry.rule.norms(entry, recs, self.mode)
+        n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
+        for r in recs:
+            r.release()
+        recs[0].result = (n2, state)
 
     def _finish(self) -> None:
         self._queued = False
         records, self._records = self._records, []
         if not self._audited:
             self._audit()
-        groups: dict[int, tuple[Entry, list[Record]]] = {}
+        groups: dict[int, tuple[Entry, list[Record]]] = {}  # records whose rule runs now, per layer
+        done: list[tuple[Entry, Record]] = []  # records whose rule already ran during the backward
         for e, r in records:
-            if any(g is not None for g in r.grads):
-                _check_versions(e, r)
+            if r.result is not None:
+                done.append((e, r))
+            elif any(g is not None for g in r.grads):
                 groups.setdefault(id(e), (e, []))[1].append(r)
-        if not groups:
+        if not groups and not done:
             return
-        sizes = {r.rows for _, rs in groups.values() for r in rs}
+        sizes = {r.rows for _, rs in groups.values() for r in rs} | {r.rows for _, r in done}
         if len(sizes) != 1:
             raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
         rows = sizes.pop()
         if rows % self.augmult:
             raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
         B = rows // self.augmult
-        for _, rs in groups.values():
-            for r in rs:
-                r.batch = B
+        for e, rs in groups.values():
+            self._run_rule(e, rs, B)
+            done.append((e, rs[0]))
         n2 = None
-        states = []
         with torch.no_grad():
-            for e, rs in groups.values():
-                part, state = e.rule.norms(e, rs, self.mode)
-                part = part.to(torch.float64 if part.dtype == torch.float64 else torch.float32)
-                n2 = part if n2 is None else n2 + part
-                states.append(state)
+            for _, r in done:
+                n2 = r.result[0] if n2 is None else n2 + r.result[0]
             norms = n2.clamp_min(0).sqrt()
             if self.clipping == "abadi":
                 c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
             else:
                 c = self.max_grad_norm / (norms + self.gamma)
-            for (e, rs), state in zip(groups.values(), states):
-                e.rule.accumulate(e, rs, c, state)
+            for e, r in done:
+                e.rule.accumulate(e, [r], c, r.result[1])
+                r.result = None
         assert norms.shape[0] == B
         self.per_sample_norms = norms
         if not self._logged:

@@ -28,7 +28,7 @@ GRAM_BUDGET = 2**25
 class Record:
     """One call of a hooked module: detached inputs and, after backward, output gradients."""
 
-    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out")
+    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out", "result")
 
     def __init__(self, args: tuple, kwargs: dict, rows: int, forward_id: int, n_out: int):
         self.args, self.kwargs, self.forward_id = args, kwargs, forward_id
@@ -36,6 +36,11 @@ class Record:
         self.grads: list[torch.Tensor | None] = [None] * n_out
         self.n_out = n_out
         self.versions = [a._version if torch.is_tensor(a) else None for a in args]
+        self.result: tuple | None = None  # (squared norms, state) once the rule has run on this record
+
+    def release(self) -> None:
+        """Drop the inputs and output gradients: a rule's state keeps what its accumulate needs."""
+        self.args, self.kwargs, self.grads = (), {}, [None] * self.n_out
 
 
 def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
@@ -118,7 +123,7 @@ class LinearRule(Rule):
             else:
                 pw = torch.einsum("btp,btd->bpd", g, a)  # (B, p, d)
                 n2 = n2 + pw.pow(2).sum((1, 2))
-                state["pw"] = pw
+                state = {"pw": pw}  # a and g are no longer needed: free them with the record
         if _owned(entry, "bias") is not None:
             gb = g.sum(1)  # (B, p)
             n2 = n2 + gb.pow(2).sum(1)
@@ -228,23 +233,24 @@ class ConvRule(Rule):
             gb = _fold(sum(g.reshape(g.shape[0], m.out_channels, -1).sum(-1) for _, _, g in xs), B)  # (B, C_out)
             n2 = n2 + gb.pow(2).sum(1)
             state["gb"] = gb
+        if "pw" in state or _owned(entry, "weight") is None:
+            del state["xs"]  # inputs and output gradients are no longer needed: free them with the record
         return n2, state
 
     def accumulate(self, entry, recs, c, state):
         m = entry.module
         w, b = _owned(entry, "weight"), _owned(entry, "bias")
-        if w is not None and state["xs"]:
-            if "pw" in state:
-                _add_grad(w, torch.einsum("b...,b->...", state["pw"], c.to(state["pw"].dtype)))
-            else:
-                # the weight-gradient convolution on c-scaled output gradients: no second unfold
-                c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
-                for x, pad, g in state["xs"]:
-                    gc = g * c_rows.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-                    gw = torch.ops.aten.convolution_backward(
-                        gc, x, m.weight, None, m.stride, pad, m.dilation, False,
-                        [0] * len(pad), m.groups, [False, True, False])[1]
-                    _add_grad(w, gw)
+        if w is not None and "pw" in state:
+            _add_grad(w, torch.einsum("b...,b->...", state["pw"], c.to(state["pw"].dtype)))
+        elif w is not None and state.get("xs"):
+            # the weight-gradient convolution on c-scaled output gradients: no second unfold
+            c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
+            for x, pad, g in state["xs"]:
+                gc = g * c_rows.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                gw = torch.ops.aten.convolution_backward(
+                    gc, x, m.weight, None, m.stride, pad, m.dilation, False,
+                    [0] * len(pad), m.groups, [False, True, False])[1]
+                _add_grad(w, gw)
         if b is not None and "gb" in state:
             _add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
 
