@@ -79,14 +79,16 @@ def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2) -
     return {e: statistics.median(ts) for e, ts in times.items() if ts}
 
 
-def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> float | None:
-    """Peak memory (MB) of `steps` steps in a fresh process, minus that process's peak before the first
-    step (model, data, imports). None if it failed (e.g. out of memory)."""
+def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> dict | None:
+    """{"peak_mb": the process's peak memory during `steps` steps in a fresh process (CPU: RSS, libraries
+    included; CUDA: max allocated), "extra_mb": that peak minus the memory held before the first step (model,
+    data, imports)}. None if it failed (e.g. out of memory)."""
     code = (f"from dptrain.bench import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
             f"{engine!r}, {device_name!r}, {steps})")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     try:
-        return json.loads(r.stdout.strip().splitlines()[-1])["extra_mb"]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        return {"peak_mb": out["peak_mb"], "extra_mb": out["extra_mb"]}
     except (IndexError, ValueError, KeyError):
         return None
 
@@ -126,22 +128,23 @@ def _memory_child(model_name, size, batch, engine, device_name, steps):
         base = torch.cuda.memory_allocated()
         for _ in range(steps):
             one_step(eng, x, y, device)
-        extra = torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
+        extra = peak - base
     else:
         with _RSSPeak() as m:
             for _ in range(steps):
                 one_step(eng, x, y, device)
-        extra = m.peak - m.base
-    print(json.dumps({"extra_mb": extra / 2**20}))
+        peak, extra = m.peak, m.peak - m.base
+    print(json.dumps({"peak_mb": peak / 2**20, "extra_mb": extra / 2**20}))
 
 
 def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:
-    """Largest batch whose step fits `budget_mb` of extra memory, by bisection."""
+    """Largest batch whose step's peak memory fits `budget_mb`, by bisection."""
     lo, best = 1, 0
     while lo <= hi:
         mid = (lo + hi) // 2
         mem = peak_memory(model_name, size, mid, engine, device_name, steps=1)
-        if mem is not None and mem <= budget_mb:
+        if mem is not None and mem["peak_mb"] <= budget_mb:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
@@ -176,16 +179,18 @@ def main(argv=None) -> None:
         times = time_engines(model_name, size, batch, args.engines, device, steps=args.steps)
         for e in args.engines:
             row = {"model": model_name, "size": size, "batch": batch, "engine": e, "step_ms": None,
-                   "extra_mem_mb": None, "max_batch": None}
+                   "peak_mem_mb": None, "extra_mem_mb": None, "max_batch": None}
             if e in times:
                 row["step_ms"] = 1000 * times[e]
                 if args.memory:
-                    row["extra_mem_mb"] = peak_memory(model_name, size, batch, e, args.device)
+                    mem = peak_memory(model_name, size, batch, e, args.device) or {}
+                    row["peak_mem_mb"], row["extra_mem_mb"] = mem.get("peak_mb"), mem.get("extra_mb")
                 if args.memory_budget:
                     row["max_batch"] = max_batch(model_name, size, e, args.device, args.memory_budget)
             rows.append(row)
-            print(f"   {e:<13} {row['step_ms'] or float('nan'):9.1f} ms  {row['extra_mem_mb'] or float('nan'):8.0f} MB",
-                  file=sys.stderr)
+            nan = float("nan")
+            print(f"   {e:<13} {row['step_ms'] or nan:9.1f} ms  peak {row['peak_mem_mb'] or nan:8.0f} MB"
+                  f"  extra {row['extra_mem_mb'] or nan:8.0f} MB", file=sys.stderr)
     write(rows, out, device=args.device, argv=sys.argv if argv is None else ["dptrain-bench", *argv])
 
 
@@ -196,22 +201,26 @@ def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
     from .tracking import git_commit, machine
 
     df = pd.DataFrame(rows)
-    df[["step_ms", "extra_mem_mb"]] = df[["step_ms", "extra_mem_mb"]].astype(float)  # None (not measured) → NaN
+    num = ["step_ms", "peak_mem_mb", "extra_mem_mb"]
+    df[num] = df[num].astype(float)  # None (not measured) → NaN
     for ref in ("nonprivate", "opacus"):
         base = df[df.engine == ref].set_index(["model", "size", "batch"])
-        for col, name in (("step_ms", "time"), ("extra_mem_mb", "mem")):
+        for col, name in (("step_ms", "time"), ("peak_mem_mb", "peak"), ("extra_mem_mb", "extra")):
             key = df.set_index(["model", "size", "batch"]).index
             ref_vals = base[col].reindex(key).to_numpy() if len(base) else None
             df[f"{name}_vs_{ref}"] = df[col].to_numpy() / ref_vals if ref_vals is not None else None
     df["commit"], df["machine"] = git_commit(), machine()
     df.to_csv(out + ".csv", index=False)
-    cols = ["model", "size", "batch", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus", "extra_mem_mb",
-            "mem_vs_nonprivate", "max_batch"]
+    cols = ["model", "size", "batch", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus", "peak_mem_mb",
+            "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch"]
     with open(out + ".md", "w") as f:
         f.write(f"# dptrain-bench ({device})\n\ncommand: `{' '.join(argv)}`  \ncommit: {git_commit()}  \n"
                 f"machine: {machine()}\n\n")
         f.write("step_ms: median of interleaved steps (forward+backward+clip+noise+optimizer step); "
-                "extra_mem_mb: peak memory above the model+data baseline in a fresh process; "
+                "peak_mem_mb: the process's peak memory during the steps, in a fresh process per engine (CPU: RSS "
+                "including torch's libraries; CUDA: max allocated); extra_mem_mb: that peak above the memory held "
+                "before the first step (model, data, imports); max_batch: largest batch whose peak fits "
+                "--memory-budget; "
                 "ratios are against the same run's nonprivate / opacus.\n\n")
         f.write(df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".2f") + "\n")
     plot_bench(df, out + ".png")

@@ -95,9 +95,10 @@ def plot_bench(df, path: str) -> None:
     import matplotlib.pyplot as plt
 
     df = df.assign(config=df.model + " " + df["size"].astype(str) + "px b" + df.batch.astype(str))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4))
     for ax, col, label in ((axes[0], "time_vs_nonprivate", "step time / non-private"),
-                           (axes[1], "mem_vs_nonprivate", "extra memory / non-private")):
+                           (axes[1], "peak_vs_nonprivate", "peak memory / non-private"),
+                           (axes[2], "extra_vs_nonprivate", "extra memory / non-private")):
         if col not in df:
             continue
         piv = df.pivot_table(index="config", columns="engine", values=col)

@@ -52,6 +52,7 @@ def run(cfg, run_dir: str) -> dict:
     model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
                          img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    _check_input(model, data, cfg.model.name, device)
     fmt = torch.channels_last if cfg.model.channels_last else None  # NHWC: faster CPU convs, same values
     if fmt is not None:
         model = model.to(memory_format=fmt)
@@ -192,6 +193,23 @@ def _optimizer(o, model):
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     raise UserError(f"unknown optimizer '{o.name}'; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _check_input(model, data, name: str, device) -> None:
+    """One example through the model before training, so that a model/input mismatch (a timm model whose
+    downsampling needs a larger image, a fixed img_size) is a one-line error rather than a traceback."""
+    x = data.train[0][0].unsqueeze(0).to(device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"model '{name}' cannot take the {tuple(x.shape[1:])} images of dataset '{data.name}' "
+                        f"({first}); set dataset.image_size to a size the model accepts") from None
+    finally:
+        model.train(was)
 
 
 def _schedule(name: str, optimizer, steps: int):

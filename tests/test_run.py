@@ -167,3 +167,12 @@ def test_cosine_schedule_decays_to_zero_over_the_run(quick):
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(UserError, match="optimizer.schedule 'linear'; valid: constant, cosine"):
         quick("optimizer.schedule=linear")
+
+
+def test_model_input_size_mismatch_is_one_line(compose, tmp_path):
+    from dptrain.run import run
+
+    cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=timm",
+                  "model.name=convnext_atto", "epochs=1", "batch_size=8")
+    with pytest.raises(UserError, match=r"model 'convnext_atto' cannot take the \(3, 16, 16\) images .*image_size"):
+        run(cfg, str(tmp_path / "r"))
