@@ -29,3 +29,22 @@ def test_experiments_compose(compose):
         assert cfg.name == f[:-5]
     cfg = compose("experiment=beit_cifar10_eps1")
     assert cfg.model.pretrained and cfg.eps == 1.0 and cfg.dataset.name == "cifar10"
+
+
+def test_optuna_search_runs_when_the_extra_is_installed(tmp_path):
+    """The optional extra (pip install 'dptrain[optuna]'); skipped where it is not installed."""
+    import importlib.util
+
+    import pytest
+
+    try:
+        found = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        found = False
+    if not found:
+        pytest.skip("hydra-optuna-sweeper not installed (optional extra)")
+    r = cli("hparams_search=optuna_lr_clip", *TINY, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/opt",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = (tmp_path / "opt" / "optimization_results.yaml").read_text()
+    assert "optimizer.lr" in best and "max_grad_norm" in best and "best_value" in best
