@@ -79,6 +79,30 @@ def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2) -
     return {e: statistics.median(ts) for e, ts in times.items() if ts}
 
 
+def profile(model_name, size, batch, engines, device, steps=3) -> str:
+    """Where one engine's step goes: the engine's own phases (dptrain::norms, dptrain::clipped_sum,
+    dptrain::noise; labelled in the engine) and the top kernels by self time, per engine, from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines = []
+    for e in engines:
+        eng, x, y = build(model_name, size, e, batch, device)
+        for _ in range(2):
+            one_step(eng, x, y, device)
+        with torch_profile(activities=acts) as prof:
+            for _ in range(steps):
+                one_step(eng, x, y, device)
+        avg = prof.key_averages()
+        total = sum(a.self_cpu_time_total for a in avg) / steps / 1000
+        phases = {a.key: a.cpu_time_total / steps / 1000 for a in avg if a.key.startswith("dptrain::")}
+        lines.append(f"## {model_name} {size}x{size} batch {batch}, {e}: {total:.1f} ms CPU per step")
+        lines += [f"  {k:<22} {v:8.1f} ms" for k, v in sorted(phases.items())]
+        lines.append(avg.table(sort_by="self_cpu_time_total", row_limit=12))
+    return "\n".join(lines)
+
+
 def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> dict | None:
     """{"peak_mb": the process's peak memory during `steps` steps in a fresh process (CPU: RSS, libraries
     included; CUDA: max allocated), "extra_mb": that peak minus the memory held before the first step (model,
@@ -161,6 +185,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown per engine, no table")
     ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
     args = ap.parse_args(argv)
 
@@ -173,6 +198,10 @@ def main(argv=None) -> None:
         configs = [(m, s, b) for m, s0, b0 in DEFAULT for s in (args.sizes or [s0]) for b in (args.batches or [b0])]
     out = args.out or os.path.join("results", f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if args.profile:
+        for model_name, size, batch in configs:
+            print(profile(model_name, size, batch, args.engines, device, steps=args.steps))
+        return
     rows = []
     for model_name, size, batch in configs:
         print(f"== {model_name} {size}x{size} batch {batch}", file=sys.stderr)

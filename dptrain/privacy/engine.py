@@ -21,6 +21,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .layers import Record
@@ -211,7 +212,7 @@ class PrivacyEngine:
         for r in recs:
             _check_versions(entry, r)
             r.batch = B
-        with torch.no_grad():
+        with torch.no_grad(), record_function("dptrain::norms"):
             n2, state = entry.rule.norms(entry, recs, self.mode)
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
         for r in recs:
@@ -251,9 +252,10 @@ class PrivacyEngine:
                 c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
             else:
                 c = self.max_grad_norm / (norms + self.gamma)
-            for e, r in done:
-                e.rule.accumulate(e, [r], c, r.result[1])
-                r.result = None
+            with record_function("dptrain::clipped_sum"):
+                for e, r in done:
+                    e.rule.accumulate(e, [r], c, r.result[1])
+                    r.result = None
         assert norms.shape[0] == B
         self.per_sample_norms = norms
         if not self._logged:

@@ -6,6 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch.autograd.profiler import record_function
 
 # The noise for the flat vector of all gradients is split into CHUNKS fixed ranges, each with its own
 # generator (seed, chunk), so the draw does not depend on the thread count. On CPU the ranges fill in parallel
@@ -92,7 +93,8 @@ class DPOptimizer:
                     groups.setdefault((p.device, p.dtype), []).append(p.grad)
         for grads in groups.values():
             if std > 0:
-                self._add_noise(grads, std)
+                with record_function("dptrain::noise"):
+                    self._add_noise(grads, std)
             torch._foreach_div_(grads, float(self.expected_batch_size))
 
     def step(self) -> None:
