@@ -23,8 +23,6 @@ import time
 
 import torch
 
-from .allocator import keep_freed_memory
-
 DEFAULT = [  # (model, input size, batch): the goals
     ("cnn", 32, 64), ("resnet18", 32, 32), ("vit_tiny", 32, 32), ("vit_small", 32, 32), ("vgg11", 32, 16),
 ]
@@ -143,7 +141,6 @@ class _RSSPeak:
 
 
 def _memory_child(model_name, size, batch, engine, device_name, steps):
-    keep_freed_memory()
     device = torch.device(device_name)
     eng, x, y = build(model_name, size, engine, batch, device)
     if device.type == "cuda":
@@ -189,7 +186,6 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
     args = ap.parse_args(argv)
 
-    keep_freed_memory()  # as `dptrain` does
     device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())
     if args.models:
