@@ -51,7 +51,6 @@ def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
         p.grad.add_(g)
 
 
-
 def _fold(t: torch.Tensor, B: int) -> torch.Tensor:
     """(B·K, ...) per-row quantities → (B, ...) per-example sums (K = 1: unchanged)."""
     return t if t.shape[0] == B else t.reshape(B, -1, *t.shape[1:]).sum(1)
