@@ -24,9 +24,12 @@ CONF_MODELS = {
 class CNN(nn.Module):
     """The end-to-end CNN of Papernot et al. 2021 / Tramèr & Boneh 2021 (59.2% on CIFAR-10 at ε=3):
     per stage two 3×3 convs then 2×2 max-pool; then a hidden fc layer and the classifier. tanh, as those
-    papers found best under DP. Adaptive pooling lets it take 8×8 digits and 32×32 CIFAR alike."""
+    papers found best under DP. The last feature map is average-pooled to `pool`×`pool` and flattened: at 32×32
+    input with pool 4 that is the identity (the papers flatten 128×4×4 = 2048 features into the hidden layer);
+    adaptive pooling lets the same model take 8×8 digits."""
 
-    def __init__(self, num_classes=10, in_chans=3, channels=(32, 64, 128), hidden=128, act="tanh", norm="none"):
+    def __init__(self, num_classes=10, in_chans=3, channels=(32, 64, 128), hidden=128, act="tanh", norm="none",
+                 pool=4):
         super().__init__()
         acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
         if act not in acts:
@@ -41,8 +44,9 @@ class CNN(nn.Module):
                 c = out
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * c, hidden), acts[act](), nn.Linear(hidden, num_classes))
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(pool * pool * c, hidden), acts[act](),
+                                  nn.Linear(hidden, num_classes))
 
     def forward(self, x):
         return self.head(self.pool(self.features(x)))
@@ -105,7 +109,7 @@ def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
     if not timm.is_model(name):
         raise UserError(f"unknown model '{name}'; conf names: {', '.join(CONF_MODELS)}; or any timm name "
                         "(python -c 'import timm; print(timm.list_models())')")
-    if kwargs and set(kwargs) <= {"channels", "hidden", "act", "norm"}:
+    if kwargs and set(kwargs) <= {"channels", "hidden", "act", "norm", "pool"}:
         raise UserError(f"model.kwargs {dict(kwargs)} are the small CNN's settings (conf/model/cnn.yaml); for a timm "
                         f"model pick its group: dptrain model=timm model.name={name}")
     kw = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
