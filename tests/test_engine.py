@@ -366,3 +366,44 @@ def test_augmentation_multiplicity_clips_each_example_once(name, mode):
     assert engine.per_sample_norms.shape == (3,)
     for (n, p), r in zip(model.named_parameters(), ref):
         assert torch.allclose(p.grad, r, rtol=1e-9, atol=1e-12), n
+
+
+CONVS = sorted(k for k in LAYERS if k.startswith("conv"))
+
+
+@pytest.mark.parametrize("route", [True, False], ids=["input_gram", "im2col"])
+@pytest.mark.parametrize("layer", CONVS)
+def test_conv_ghost_norm_routes_match_reference(layer, route, monkeypatch):
+    """Both ways to the conv ghost norm — the padded input's Gram summed over kernel offsets, and im2col —
+    on every conv variant, whichever the cost check would pick."""
+    from dptrain.privacy import layers
+
+    monkeypatch.setattr(layers, "_input_gram_pays", lambda m, xs, K: route)
+    torch.manual_seed(0)
+    make, shape, feat = LAYERS[layer]
+    err, _ = check(seq_model(make(), feat), batches(shape), mode="ghost", max_grad_norm=0.3)
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("route", [True, False], ids=["input_gram", "im2col"])
+def test_conv_input_gram_with_copies_and_reuse(route, monkeypatch):
+    """K copies per example and a conv called twice: positions of all copies and calls enter one Gram."""
+    from dptrain.privacy import layers
+
+    monkeypatch.setattr(layers, "_input_gram_pays", lambda m, xs, K: route)
+    test_augmentation_multiplicity_clips_each_example_once("convmix", "ghost")
+    test_module_reuse_is_exact("ghost")  # two resolutions: im2col either way
+    torch.manual_seed(0)
+    twice = Head(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()), 3)
+    twice.forward = lambda x: twice.fc(twice.body(twice.body(x)).mean((2, 3)))  # one conv, two calls, one shape
+    err, _ = check(twice, batches((3, 6, 6)), mode="ghost", max_grad_norm=0.5)
+    assert err < 1e-12
+
+
+def test_input_gram_cost_check():
+    """Stride 1 at 8×8 (ResNet-18's layer3 at 32×32 input) takes the input Gram; 3×3 stride 2 does not."""
+    from dptrain.privacy.layers import _input_gram_pays
+
+    x, g = torch.zeros(2, 64, 8, 8), torch.zeros(2, 64, 8, 8)
+    assert _input_gram_pays(nn.Conv2d(64, 64, 3, padding=1), [(x, (1, 1), g)], 1)
+    assert not _input_gram_pays(nn.Conv2d(64, 64, 3, stride=2, padding=1), [(x, (1, 1), g[..., :4, :4])], 1)

@@ -172,6 +172,51 @@ def _unfold(x: torch.Tensor, m: nn.modules.conv._ConvNd, padding: tuple[int, ...
     return x.reshape(B, C * math.prod(k), -1)
 
 
+def _input_gram_pays(m: nn.modules.conv._ConvNd, xs: list, K: int) -> bool:
+    """Whether the ghost norm's activation Gram is cheaper from the padded input than from im2col.
+    The im2col Gram costs T²·d_g per example (d_g = C_in/G·∏k), the input Gram P²·C_in/G plus ∏k shifted
+    T×T adds (P = padded input positions; all calls and copies together). Stride 1 gives P ≈ T, so about ∏k
+    times fewer FLOPs and no im2col buffer; at stride 2, P ≈ 4T and im2col stays cheaper for 3×3 kernels."""
+    S, pad, O = xs[0][0].shape[2:], xs[0][1], xs[0][2].shape[2:]
+    P = K * len(xs) * math.prod(s + 2 * q for s, q in zip(S, pad))
+    T = K * len(xs) * math.prod(O)
+    kk, c = math.prod(m.kernel_size), m.in_channels // m.groups
+    return P * P * c + kk * T * T < T * T * c * kk
+
+
+def _input_gram_norm2(m: nn.modules.conv._ConvNd, xs: list, B: int, K: int) -> torch.Tensor:
+    """Ghost norm of a convolution's weight gradient without im2col; (B,) summed over groups.
+    The activation Gram of output positions t, t' is a sum over kernel offsets δ of input Grams:
+    a_t·a_t' = Σ_δ Σ_c x_p[c, s·t + dil·δ] x_p[c, s·t' + dil·δ] (x_p the zero-padded input), so one
+    (P, P) Gram of the padded input per example and group, then ∏k strided (T, T) slices of it, summed.
+    Calls and copies are positions too: (B, G, C/G, L·∏S) with L = K·calls; output gradients likewise."""
+    G, n = m.groups, len(m.kernel_size)
+    k, s, dil = m.kernel_size, m.stride, m.dilation
+    pad = xs[0][1]
+    L = K * len(xs)
+    xp = torch.stack([F.pad(x, [q for v in reversed(pad) for q in (v, v)]) if any(pad) else x for x, _, _ in xs], 1)
+    Sp = xp.shape[3:]
+    xp = xp.reshape(B, L, G, -1, math.prod(Sp)).permute(0, 2, 3, 1, 4).reshape(B * G, -1, L * math.prod(Sp))
+    g = torch.stack([g for _, _, g in xs], 1)
+    O = g.shape[3:]
+    T = L * math.prod(O)
+    g = g.reshape(B, L, G, -1, math.prod(O)).permute(0, 2, 3, 1, 4).reshape(B * G, -1, T)
+    P = xp.shape[-1]
+    offsets = torch.cartesian_prod(*[torch.arange(v) for v in k]).reshape(-1, n).tolist()
+    step = max(1, GRAM_BUDGET // (P * P))
+    out = []
+    for a in range(0, B * G, step):
+        gx = torch.bmm(xp[a : a + step].transpose(1, 2), xp[a : a + step]).view(-1, L, *Sp, L, *Sp)
+        aa = 0
+        for off in offsets:  # the (L, *O) positions that kernel offset `off` reads, on both sides
+            idx = tuple(slice(dil[i] * off[i], dil[i] * off[i] + s[i] * (O[i] - 1) + 1, s[i]) for i in range(n))
+            aa = aa + gx[(slice(None), slice(None), *idx, slice(None), *idx)]
+        del gx
+        gg = torch.bmm(g[a : a + step].transpose(1, 2), g[a : a + step])
+        out.append((aa.reshape(-1, T, T) * gg).sum((1, 2)))
+    return torch.cat(out).view(B, G).sum(1)
+
+
 def _rows_to_t(t: torch.Tensor, B: int, G: int, k: int) -> torch.Tensor:
     """(B·K, G·k, T) → (B, G, k, K·T): an example's K copies become more positions."""
     BK, _, T = t.shape
@@ -212,7 +257,10 @@ class ConvRule(Rule):
         p_g, d_g = m.out_channels // G, m.weight[0].numel()
         if _owned(entry, "weight") is not None:
             entry.choice = choose(mode, T, p_g, d_g)
-            if entry.choice == "ghost":
+            one_shape = len({(x.shape[2:], pad) for x, pad, _ in xs}) == 1  # calls stack as more positions
+            if entry.choice == "ghost" and one_shape and _input_gram_pays(m, xs, K):
+                n2 = n2 + _input_gram_norm2(m, xs, B, K)
+            elif entry.choice == "ghost":
                 # im2col: (B, G, d_g, T) against the output gradients (B, G, p_g, T), Gram over T per group
                 u = _cat([_rows_to_t(_unfold(x, m, pad), B, G, d_g) for x, pad, _ in xs], -1)
                 g = _cat([_rows_to_t(g.reshape(g.shape[0], m.out_channels, -1), B, G, p_g) for _, _, g in xs], -1)
