@@ -29,6 +29,7 @@ class DatasetConfig:
     cache: bool = True  # decode small image datasets once into memory
     val_fraction: float = 0.0  # >0: hold out part of train as "test" (tune on it, not on the test split)
     augment: bool = False  # random crop (pad 4) + horizontal flip on each physical batch
+    features: str = "none"  # none | scattering: a fixed ScatterNet transform, computed once (Tramèr & Boneh 2021)
     size: int = 512  # fake: training examples (test: a quarter)
     num_classes: int = 10  # fake
     channels: int = 3  # fake

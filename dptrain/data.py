@@ -39,7 +39,8 @@ class Data:
 
 def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
-                   size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data") -> Data:
+                   size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
+                   features: str = "none") -> Data:
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     if name == "digits":
@@ -48,8 +49,43 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
         data = _fake(size, num_classes, channels, image_size or 32, seed)
     else:
         data = _images(name, root or os.path.join(data_dir, name), image_size, mean, std, download, cache)
+    if features != "none":
+        data = _features(data, features)
     if val_fraction > 0:
         data = _validation_split(data, val_fraction, seed)
+    return data
+
+
+FEATURES = ("none", "scattering")
+
+
+def _features(data: Data, features: str) -> Data:
+    """Replace the images by a fixed, data-independent feature map, computed once for both splits.
+    scattering: the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
+    (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
+    and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation."""
+    if features not in FEATURES:
+        raise UserError(f"unknown dataset.features '{features}'; valid: {', '.join(FEATURES)}")
+    if not isinstance(data.train, TensorDataset):
+        raise UserError(f"dataset.features={features} needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
+                        "and dataset.cache=true")
+    if data.image_size % 4:
+        raise UserError(f"dataset.features=scattering needs an image size divisible by 4, got {data.image_size}")
+    # kymatio.torch also imports its 3-D frontend, which needs scipy.special.sph_harm (gone from recent SciPy)
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    scatter = ScatteringTorch2D(J=2, shape=(data.image_size, data.image_size))
+    log.info("scattering features for %d + %d images", len(data.train), len(data.test))
+
+    def apply(ds: TensorDataset) -> TensorDataset:
+        x, y = ds.tensors
+        out = torch.cat([scatter(x[i : i + 1024]).flatten(1, 2) for i in range(0, len(x), 1024)])  # (N, 81·C, ...)
+        return TensorDataset(out, y)
+
+    with torch.no_grad():
+        data.train, data.test = apply(data.train), apply(data.test)
+    data.in_chans, data.image_size = data.train.tensors[0].shape[1], data.train.tensors[0].shape[-1]
+    data.name += "-scattering"
     return data
 
 

@@ -40,10 +40,13 @@ def run(cfg, run_dir: str) -> dict:
     # data, at the input size and normalisation the model wants
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
+    if ds.features != "none" and (ds.augment or cfg.privacy.augmult > 1):
+        raise UserError(f"dataset.features={ds.features} is computed once, before training: it cannot be combined "
+                        "with dataset.augment or privacy.augmult (set them to false / 1)")
     data = create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
                           mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
-                          channels=ds.channels, data_dir=cfg.data_dir)
+                          channels=ds.channels, data_dir=cfg.data_dir, features=ds.features)
     n = len(data.train)
 
     # the privacy budget: q, steps and σ, fixed before training; training takes exactly `steps`
