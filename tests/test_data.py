@@ -101,3 +101,20 @@ def test_run_on_folder_with_builtin_engine(quick, tmp_path):
     s, _ = quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8", "batch_size=6",
                  "engine=mixed_ghost")
     assert s["dataset"] == "folder" and s["privacy/sampling"] == "poisson"
+
+
+def test_scattering_features_replace_images_per_example():
+    """ScatterNet features: (C, H, W) → (81·C, H/4, W/4), each example's from its own image only."""
+    data = create_dataset("fake", size=8, image_size=16, features="scattering")
+    x = data.train.tensors[0]
+    assert x.shape == (8, 243, 4, 4) and (data.in_chans, data.image_size) == (243, 4)
+    assert data.name == "fake-scattering" and len(data.test) == 2
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    raw = create_dataset("fake", size=8, image_size=16).train.tensors[0]
+    one = ScatteringTorch2D(J=2, shape=(16, 16))(raw[3:4]).flatten(1, 2)
+    assert torch.allclose(x[3:4], one, atol=1e-6)
+    with pytest.raises(UserError, match="unknown dataset.features 'sift'; valid: none, scattering"):
+        create_dataset("fake", size=8, image_size=16, features="sift")
+    with pytest.raises(UserError, match="divisible by 4, got 10"):
+        create_dataset("fake", size=8, image_size=10, features="scattering")

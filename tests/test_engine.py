@@ -407,3 +407,14 @@ def test_input_gram_cost_check():
     x, g = torch.zeros(2, 64, 8, 8), torch.zeros(2, 64, 8, 8)
     assert _input_gram_pays(nn.Conv2d(64, 64, 3, padding=1), [(x, (1, 1), g)], 1)
     assert not _input_gram_pays(nn.Conv2d(64, 64, 3, stride=2, padding=1), [(x, (1, 1), g[..., :4, :4])], 1)
+
+
+def test_scatter_cnn_matches_reference():
+    """The ScatterNet CNN's head (parameter-free GroupNorm, conv-pool-conv, linear) on 27-channel features."""
+    from dptrain.models import ScatterCNN
+
+    torch.manual_seed(0)
+    for mode in MODES:
+        err, _ = check(ScatterCNN(num_classes=3, in_chans=27, img_size=4, width=4, groups=9), batches((27, 4, 4)),
+                       mode=mode, max_grad_norm=0.3)
+        assert err < 1e-12

@@ -176,3 +176,16 @@ def test_model_input_size_mismatch_is_one_line(compose, tmp_path):
                   "model.name=convnext_atto", "epochs=1", "batch_size=8")
     with pytest.raises(UserError, match=r"model 'convnext_atto' cannot take the \(3, 16, 16\) images .*image_size"):
         run(cfg, str(tmp_path / "r"))
+
+
+def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
+    from dptrain.run import run
+
+    base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=scatter_cnn",
+            "model.kwargs.width=4", "epochs=1", "batch_size=16"]
+    s = run(compose(*base, "dataset.features=scattering"), str(tmp_path / "a"))
+    assert s["model"] == "scatter_cnn" and s["dataset"] == "fake-scattering" and s["privacy/eps_spent"] <= 3.0
+    with pytest.raises(UserError, match="dataset.features=scattering is computed once"):
+        run(compose(*base, "dataset.features=scattering", "dataset.augment=true"), str(tmp_path / "b"))
+    with pytest.raises(UserError, match="scatter_cnn takes ScatterNet features"):
+        run(compose(*base), str(tmp_path / "c"))
