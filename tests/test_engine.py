@@ -401,12 +401,14 @@ def test_conv_input_gram_with_copies_and_reuse(route, monkeypatch):
 
 
 def test_input_gram_cost_check():
-    """Stride 1 at 8×8 (ResNet-18's layer3 at 32×32 input) takes the input Gram; 3×3 stride 2 does not."""
+    """Stride 1 at 8×8 takes the input Gram; 3×3 stride 2 and 32×32 maps do not."""
     from dptrain.privacy.layers import _input_gram_pays
 
     x, g = torch.zeros(2, 64, 8, 8), torch.zeros(2, 64, 8, 8)
     assert _input_gram_pays(nn.Conv2d(64, 64, 3, padding=1), [(x, (1, 1), g)], 1)
     assert not _input_gram_pays(nn.Conv2d(64, 64, 3, stride=2, padding=1), [(x, (1, 1), g[..., :4, :4])], 1)
+    big = torch.zeros(2, 64, 32, 32)  # 32×32 maps: memory-bound shifted adds, im2col measured faster
+    assert not _input_gram_pays(nn.Conv2d(64, 64, 3, padding=1), [(big, (1, 1), big)], 1)
 
 
 def test_scatter_cnn_matches_reference():

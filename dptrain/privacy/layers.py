@@ -23,6 +23,7 @@ from torch import nn
 
 # Bound on the B·T² elements a ghost Gram matrix may hold at once (chunked over the batch).
 GRAM_BUDGET = 2**25
+INPUT_GRAM_MAX_P = 512  # padded input positions up to which the conv ghost norm may skip im2col (measured)
 
 
 class Record:
@@ -176,12 +177,16 @@ def _input_gram_pays(m: nn.modules.conv._ConvNd, xs: list, K: int) -> bool:
     """Whether the ghost norm's activation Gram is cheaper from the padded input than from im2col.
     The im2col Gram costs T²·d_g per example (d_g = C_in/G·∏k), the input Gram P²·C_in/G plus ∏k shifted
     T×T adds (P = padded input positions; all calls and copies together). Stride 1 gives P ≈ T, so about ∏k
-    times fewer FLOPs and no im2col buffer; at stride 2, P ≈ 4T and im2col stays cheaper for 3×3 kernels."""
+    times fewer FLOPs and no im2col buffer; at stride 2, P ≈ 4T and im2col stays cheaper for 3×3 kernels.
+    FLOPs are not the whole cost: the ∏k strided adds over (T, T) slices are memory-bound, and measured (one
+    core, 3×3, stride 1) the input Gram was ≈ 2× faster up to 16×16 maps (P = 324: 17 vs 36 ms at batch 16,
+    128 channels) but 2–4× slower from 32×32 maps on (P = 1156: 327 vs 176 ms at batch 8, 64 channels) — hence
+    also the cap on P."""
     S, pad, O = xs[0][0].shape[2:], xs[0][1], xs[0][2].shape[2:]
     P = K * len(xs) * math.prod(s + 2 * q for s, q in zip(S, pad))
     T = K * len(xs) * math.prod(O)
     kk, c = math.prod(m.kernel_size), m.in_channels // m.groups
-    return P * P * c + kk * T * T < T * T * c * kk
+    return P <= INPUT_GRAM_MAX_P and P * P * c + kk * T * T < T * T * c * kk
 
 
 def _input_gram_norm2(m: nn.modules.conv._ConvNd, xs: list, B: int, K: int) -> torch.Tensor:
