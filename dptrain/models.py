@@ -64,7 +64,10 @@ class ScatterCNN(nn.Module):
         if in_chans % groups:
             raise UserError(f"scatter_cnn takes ScatterNet features (dataset.features=scattering): {in_chans} input "
                             f"channels do not split into model.kwargs.groups={groups} groups")
-        a = {"tanh": nn.Tanh, "relu": nn.ReLU}[act]
+        acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
+        if act not in acts:
+            raise UserError(f"unknown model.kwargs.act '{act}'; valid: {', '.join(acts)}")
+        a = acts[act]
         self.norm = nn.GroupNorm(groups, in_chans, affine=False)
         self.features = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), a(), nn.MaxPool2d(2),
                                       nn.Conv2d(width, width, 3, padding=1), a())

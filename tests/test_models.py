@@ -62,3 +62,8 @@ def test_corrupt_and_missing_checkpoint(tmp_path):
 def test_cnn_settings_on_a_timm_name_get_a_hint():
     with pytest.raises(UserError, match="model=timm model.name=resnet18"):
         create_model("resnet18", num_classes=3, channels=[4], hidden=4, act="tanh", norm="none")
+
+
+def test_scatter_cnn_bad_activation_is_one_line():
+    with pytest.raises(UserError, match="unknown model.kwargs.act 'elu'; valid: tanh, relu"):
+        create_model("scatter_cnn", num_classes=10, in_chans=243, img_size=8, act="elu")
