@@ -27,16 +27,16 @@ def _loss(out, y, augmult: int):
 
 class BuiltIn:
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1):
+                 clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1):
         self.model, self.augmult = model, augmult
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
-                                    augmult=augmult)
+                                    augmult=augmult, passes=passes)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                      expected_batch_size=expected_batch_size, seed=seed, secure=secure)
 
     def backward(self, out, y, *, last: bool) -> float:
         loss = _loss(out, y, self.augmult)
-        loss.backward()  # clipped per-example gradients summed into .grad (book-keeping, one pass)
+        loss.backward()  # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside)
         return loss.item()
 
     def step(self) -> None:
@@ -166,13 +166,16 @@ def _unclone(model: nn.Module) -> nn.Module:
 
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1):
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1):
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}'; valid: {', '.join(ENGINES)}")
+    if passes not in (1, 2) or (passes == 2 and name not in MODES):
+        raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
     kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
               seed=seed, secure=secure)
     if name in MODES:
-        return BuiltIn(model, optimizer, mode=name, clipping=clipping, gamma=gamma, augmult=augmult, **kw)
+        return BuiltIn(model, optimizer, mode=name, clipping=clipping, gamma=gamma, augmult=augmult, passes=passes,
+                       **kw)
     if name == "nonprivate":
         return NonPrivate(model, optimizer, augmult=augmult, **kw)
     if clipping != "abadi" or augmult != 1:

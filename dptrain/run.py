@@ -67,7 +67,7 @@ def run(cfg, run_dir: str) -> dict:
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, seed=cfg.seed,
-                           secure=cfg.privacy.secure_noise, augmult=cfg.privacy.augmult)
+                           secure=cfg.privacy.secure_noise, augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
     sampling = budget["privacy/sampling"] or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, seed=cfg.seed) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed))

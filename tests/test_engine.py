@@ -54,9 +54,10 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_layer_matches_reference(layer, mode):
+def test_layer_matches_reference(layer, mode, passes):
     torch.manual_seed(0)
     make, shape, feat = LAYERS[layer]
     body = make()
@@ -64,7 +65,7 @@ def test_layer_matches_reference(layer, mode):
         feat = {"linear3d": 20, "layernorm": 6}[layer]
         if layer == "layernorm":
             body = nn.Sequential(body, Mean1())
-    err, _ = check(seq_model(body, feat), batches(shape), mode=mode, max_grad_norm=0.3)
+    err, _ = check(seq_model(body, feat), batches(shape), mode=mode, max_grad_norm=0.3, passes=passes)
     assert err < 1e-12
 
 
@@ -83,14 +84,15 @@ class Embed(nn.Module):
         return self.fc(self.emb(x).mean(1))
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_embedding_with_padding_idx(mode):
+def test_embedding_with_padding_idx(mode, passes):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randint(0, 10, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g))]
     data[0][0][0, :3] = 0  # padding rows get no gradient
     data[0][0][1, :] = 7  # repeated ids: the ghost norm's cross terms
-    err, _ = check(Embed(), data, mode=mode, max_grad_norm=0.2)
+    err, _ = check(Embed(), data, mode=mode, max_grad_norm=0.2, passes=passes)
     assert err < 1e-12
 
 
@@ -107,10 +109,11 @@ class Reuse(nn.Module):
         return self.fc(torch.tanh(self.fc(h)))
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_module_reuse_is_exact(mode):
+def test_module_reuse_is_exact(mode, passes):
     torch.manual_seed(0)
-    err, _ = check(Reuse(), batches((3, 6, 6)), mode=mode, max_grad_norm=0.5)
+    err, _ = check(Reuse(), batches((3, 6, 6)), mode=mode, max_grad_norm=0.5, passes=passes)
     assert err < 1e-12
 
 
@@ -137,19 +140,22 @@ class WithCustom(nn.Module):
         return self.fc(self.custom(torch.relu(self.pre(x)), shift=1.0))
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_fallback_unit(mode):
+def test_fallback_unit(mode, passes):
     torch.manual_seed(0)
-    err, engine = check(WithCustom(), batches((5,)), mode=mode, max_grad_norm=0.4)
+    err, engine = check(WithCustom(), batches((5,)), mode=mode, max_grad_norm=0.4, passes=passes)
     kinds = {e.name: e.rule.kind for e in engine.entries}
     assert kinds == {"pre": "linear", "custom": "fallback", "fc": "linear"}
     assert err < 1e-12
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("clipping", ["abadi", "automatic"])
-def test_clipping_functions(clipping):
+def test_clipping_functions(clipping, passes):
     torch.manual_seed(0)
-    err, _ = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=0.4, clipping=clipping)
+    err, _ = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=0.4, clipping=clipping,
+                   passes=passes)
     assert err < 1e-12
 
 
@@ -192,14 +198,14 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_timm_models_match_reference(name, mode):
+def test_timm_models_match_reference(name, mode, passes):
     torch.manual_seed(0)
     make, shape = MODELS[name]
     model = make()
     assert all(p.requires_grad for p in model.parameters())
-    err, engine = check(model, batches(shape, sizes=(2, 2)), mode=mode, max_grad_norm=1.0)
+    err, engine = check(model, batches(shape, sizes=(2, 2)), mode=mode, max_grad_norm=1.0, passes=passes)
     assert err < 1e-12  # float64 end to end: rounding only (a float32 step anywhere shows as ~1e-8)
     kinds = {e.rule.kind for e in engine.entries}
     if name == "vit_tiny":  # fast paths, no fallback: the tokens and LayerScale have their own rules
@@ -342,9 +348,9 @@ class ConvMix(nn.Module):
 AUGMULT_MODELS = {"convmix": (ConvMix, (3, 7, 7)), "fallback": (WithCustom, (5,)), "vit_tiny": (tiny_vit, (3, 8, 8))}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])
 @pytest.mark.parametrize("name", sorted(AUGMULT_MODELS))
-def test_augmentation_multiplicity_clips_each_example_once(name, mode):
+def test_augmentation_multiplicity_clips_each_example_once(name, mode, passes):
     """K rows per example (its copies): example i's gradient is the mean over its K rows, clipped as one."""
     torch.manual_seed(0)
     make, shape = AUGMULT_MODELS[name]
@@ -360,7 +366,7 @@ def test_augmentation_multiplicity_clips_each_example_once(name, mode):
             c = min(1.0, 0.3 / torch.sqrt(sum(t.pow(2).sum() for t in gs)).item())
             for r, t in zip(ref, gs):
                 r.add_(t, alpha=c)
-    engine = PrivacyEngine(model, mode=mode, max_grad_norm=0.3, augmult=K)
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=0.3, augmult=K, passes=passes)
     for x, y in data:
         loss(model(x), y).backward()
     assert engine.per_sample_norms.shape == (3,)
@@ -391,13 +397,25 @@ def test_conv_input_gram_with_copies_and_reuse(route, monkeypatch):
     from dptrain.privacy import layers
 
     monkeypatch.setattr(layers, "_input_gram_pays", lambda m, xs, K: route)
-    test_augmentation_multiplicity_clips_each_example_once("convmix", "ghost")
-    test_module_reuse_is_exact("ghost")  # two resolutions: im2col either way
+    test_augmentation_multiplicity_clips_each_example_once("convmix", "ghost", 1)
+    test_module_reuse_is_exact("ghost", 1)  # two resolutions: im2col either way
     torch.manual_seed(0)
     twice = Head(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()), 3)
     twice.forward = lambda x: twice.fc(twice.body(twice.body(x)).mean((2, 3)))  # one conv, two calls, one shape
     err, _ = check(twice, batches((3, 6, 6)), mode="ghost", max_grad_norm=0.5)
     assert err < 1e-12
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_instantiation_in_chunks_of_examples(passes, monkeypatch):
+    """PER_EXAMPLE_BUDGET = 1: every instantiated layer (conv, linear over tokens) works one example at a time,
+    with K copies per example and a conv called twice."""
+    from dptrain.privacy import layers
+
+    monkeypatch.setattr(layers, "PER_EXAMPLE_BUDGET", 1)
+    test_augmentation_multiplicity_clips_each_example_once("convmix", "per_sample", passes)
+    test_module_reuse_is_exact("per_sample", passes)
+    test_layer_matches_reference("linear3d", "per_sample", passes)
 
 
 def test_input_gram_cost_check():
@@ -420,3 +438,46 @@ def test_scatter_cnn_matches_reference():
         err, _ = check(ScatterCNN(num_classes=3, in_chans=27, img_size=4, width=4, groups=9), batches((27, 4, 4)),
                        mode=mode, max_grad_norm=0.3)
         assert err < 1e-12
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.sum(1)
+
+
+def test_two_passes_need_one_tensor_output_and_one_backward_per_forward():
+    engine = PrivacyEngine(TwoOutputs(), passes=2)  # construction is fine; the forward refuses
+    with pytest.raises(CoverageError, match="passes=2 needs the model to return one floating-point tensor"):
+        engine.model(torch.randn(2, 4))
+    model = nn.Sequential(nn.Linear(4, 3))
+    engine = PrivacyEngine(model, passes=2)
+    first = model(torch.randn(2, 4))
+    model(torch.randn(2, 4))
+    with pytest.raises(CoverageError, match="call backward once after each forward"):
+        first.sum().backward()
+    with pytest.raises(ValueError, match="passes must be 1 or 2"):
+        PrivacyEngine(nn.Linear(2, 2), passes=3)
+    with torch.no_grad():  # evaluation: the output is the model's own
+        assert model(torch.randn(2, 4)).grad_fn is None
+
+
+def test_two_passes_hold_no_output_gradient_between_passes():
+    """After the norm pass the records keep their inputs only: the output gradients (what one-pass
+    book-keeping must hold until the clip factors exist) are gone."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    engine = PrivacyEngine(model, mode="ghost", passes=2)
+    seen = []
+    orig = engine._clip_factors
+
+    def spy(records):
+        seen.extend(g for _, r in records for g in r.grads)
+        return orig(records)
+
+    engine._clip_factors = spy
+    F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,)), reduction="sum").backward()
+    assert len(seen) == 2 and all(g is None for g in seen)
+    assert engine.per_sample_norms.shape == (5,) and not engine._records

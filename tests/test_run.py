@@ -61,6 +61,7 @@ def test_digits_learns(quick, compose, tmp_path):
     ("dataset.name=imagenet", "unknown dataset 'imagenet'; valid: digits"),
     ("engine.name=fast", "unknown engine 'fast'; valid: mixed_ghost"),
     ("optimizer.name=lamb", "unknown optimizer 'lamb'"),
+    ("engine.passes=3", "engine.passes=3: 1, or 2 with a built-in engine"),
 ])
 def test_bad_input_is_one_clear_error(quick, override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -120,6 +121,20 @@ def test_channels_last_trains_the_same_model(quick):
     state_b = torch.load(dir_b / "model.pt")
     for k in state_a:
         assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+
+
+def test_two_passes_train_the_same_model(quick):
+    """engine.passes=2 changes memory and time, not the computation: same seed → same weights."""
+    import torch
+
+    _, dir_a = quick("name=a")
+    state_a = torch.load(dir_a / "model.pt")
+    _, dir_b = quick("name=b", "engine.passes=2")
+    state_b = torch.load(dir_b / "model.pt")
+    for k in state_a:
+        assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+    with pytest.raises(UserError, match="engine.passes=2: 1, or 2 with a built-in engine"):
+        quick("engine=opacus", "engine.passes=2")
 
 
 def test_ema_averages_every_optimizer_step():

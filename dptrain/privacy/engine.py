@@ -10,6 +10,15 @@ whole backward has finished — independent of the order modules were registered
 sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i c_i·g_i[p] straight
 into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
 (a functional use, a tied weight) raises instead of being silently unclipped.
+
+passes=2 trades time for memory (the one-pass book-keeping holds every layer's inputs and output
+gradients, or per-example gradients, until the clip factors exist). The model's output is handed to the
+loss cut from the graph; when its gradient G (B, …) arrives inside `loss.backward()`, the engine runs
+two backward passes from the real output: one with G that only computes norms (each layer's output
+gradient is freed as soon as its norm is in, as in a non-private backward), then one with the rows of G
+scaled by c_i. A backward pass is linear in its output gradient and examples do not mix (no BatchNorm),
+so every layer then receives c_i·g_i and its plain weight gradient is exactly Σ_i c_i·g_i[p]. Peak memory
+is a non-private step's plus one layer's norm work; time is one more activation-gradient pass.
 """
 
 from __future__ import annotations
@@ -69,6 +78,8 @@ class PrivacyEngine:
     augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
     gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
     as one (De et al. 2022, augmentation multiplicity).
+    passes: 1 (book-keeping, one backward) or 2 (norms, then the clipped sum: less memory, more time; the
+    model must return one tensor whose rows are the examples, and one backward per forward).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class PrivacyEngine:
         gamma: float = 0.01,
         fallback: tuple = (),
         augmult: int = 1,
+        passes: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
@@ -93,6 +105,10 @@ class PrivacyEngine:
         if int(augmult) < 1:
             raise ValueError(f"augmult must be >= 1, got {augmult}")
         self.augmult = int(augmult)
+        if passes not in (1, 2):
+            raise ValueError(f"passes must be 1 or 2, got {passes}")
+        self.passes = passes
+        self._phase = ""  # passes=2: "norms", then "sum", inside the user's backward
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
@@ -110,6 +126,8 @@ class PrivacyEngine:
                 full = f"{e.name}.{n}" if e.name else n
                 self._handles.append(p.register_hook(partial(_outside_use, full)))
         self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        if passes == 2:
+            self._handles.append(model.register_forward_hook(self._cut_output))
 
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args):
@@ -197,7 +215,7 @@ class PrivacyEngine:
                 "forward of the model (do not sum losses of several forwards, do not retain the graph)"
             )
         rec.grads[k] = g.detach()
-        if not self._queued:
+        if not self._queued and not self._phase:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
@@ -206,61 +224,118 @@ class PrivacyEngine:
         # waits for _finish (outside the engine's hooks).
         if (self._calls.get(id(entry)) == 1 and entry.rule.kind != "fallback" and rec.rows % self.augmult == 0
                 and all(x is not None for x in rec.grads)):
-            self._run_rule(entry, [rec], rec.rows // self.augmult)
+            B = rec.rows // self.augmult
+            self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         for r in recs:
             _check_versions(entry, r)
             r.batch = B
         with torch.no_grad(), record_function("dptrain::norms"):
-            n2, state = entry.rule.norms(entry, recs, self.mode)
+            n2, state = entry.rule.norms(entry, recs, self.mode, keep=self._phase != "norms")
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
         for r in recs:
-            r.release()
-        recs[0].result = (n2, state)
+            if self._phase == "norms":  # the inputs stay for the second pass; the gradients go now
+                r.grads = [None] * r.n_out
+            else:
+                r.release()
+        recs[0].result = (n2, None if self._phase == "norms" else state)
 
-    def _finish(self) -> None:
-        self._queued = False
-        records, self._records = self._records, []
-        if not self._audited:
-            self._audit()
-        groups: dict[int, tuple[Entry, list[Record]]] = {}  # records whose rule runs now, per layer
-        done: list[tuple[Entry, Record]] = []  # records whose rule already ran during the backward
+    def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
+        """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
+        for r in recs:
+            _check_versions(entry, r)
+            r.batch = B
+        with torch.no_grad(), record_function("dptrain::clipped_sum"):
+            entry.rule.accumulate_plain(entry, recs)
+        for r in recs:
+            r.release()
+
+    def _pending(self, records) -> tuple[dict[int, tuple[Entry, list[Record]]], list[tuple[Entry, Record]], int]:
+        """Records whose rule still has to run (per layer: reused layers, fallback units), those done during
+        the backward, and the number of examples B."""
+        groups: dict[int, tuple[Entry, list[Record]]] = {}
+        done: list[tuple[Entry, Record]] = []
         for e, r in records:
             if r.result is not None:
                 done.append((e, r))
             elif any(g is not None for g in r.grads):
                 groups.setdefault(id(e), (e, []))[1].append(r)
-        if not groups and not done:
-            return
         sizes = {r.rows for _, rs in groups.values() for r in rs} | {r.rows for _, r in done}
-        if len(sizes) != 1:
+        if len(sizes) > 1:
             raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
-        rows = sizes.pop()
+        rows = sizes.pop() if sizes else 0
         if rows % self.augmult:
             raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
-        B = rows // self.augmult
+        return groups, done, rows // self.augmult
+
+    def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
+        """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
+        if not self._audited:
+            self._audit()
+        groups, done, B = self._pending(records)
+        if not groups and not done:
+            return None, done
         for e, rs in groups.values():
             self._run_rule(e, rs, B)
             done.append((e, rs[0]))
-        n2 = None
         with torch.no_grad():
-            for _, r in done:
-                n2 = r.result[0] if n2 is None else n2 + r.result[0]
+            n2 = sum(r.result[0] for _, r in done)
             norms = n2.clamp_min(0).sqrt()
             if self.clipping == "abadi":
                 c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
             else:
                 c = self.max_grad_norm / (norms + self.gamma)
-            with record_function("dptrain::clipped_sum"):
-                for e, r in done:
-                    e.rule.accumulate(e, [r], c, r.result[1])
-                    r.result = None
         assert norms.shape[0] == B
         self.per_sample_norms = norms
         if not self._logged:
             self._logged = True
             log.info("privacy engine (%s), per-layer rules chosen:\n%s", self.mode, describe(self.entries))
+        return c, done
+
+    def _finish(self) -> None:
+        self._queued = False
+        records, self._records = self._records, []
+        c, done = self._clip_factors(records)
+        with torch.no_grad(), record_function("dptrain::clipped_sum"):
+            for e, r in done:
+                e.rule.accumulate(e, [r], c, r.result[1])
+                r.result = None
+
+    # ---------------------------------------------------------- two passes
+    def _cut_output(self, module, args, out):
+        if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+            return None
+        if not (torch.is_tensor(out) and out.is_floating_point() and out.dim() and out.requires_grad):
+            raise CoverageError(
+                f"passes=2 needs the model to return one floating-point tensor whose rows are the examples, got "
+                f"{type(out).__name__}; use passes=1 for this model")
+        cut = out.detach().requires_grad_()
+        fid = self._forward_id
+        cut.register_hook(lambda G: self._two_passes(out, G, fid))
+        return cut
+
+    def _two_passes(self, out: torch.Tensor, G: torch.Tensor, fid: int) -> None:
+        if fid != self._forward_id:
+            raise CoverageError("passes=2: call backward once after each forward of the model, before the next one")
+        records = self._records
+        try:
+            self._phase = "norms"
+            torch.autograd.backward(out, G, retain_graph=True)
+            c, _ = self._clip_factors(records)
+            for _, r in records:
+                r.result = None
+            if c is None:
+                return
+            self._phase = "sum"
+            rows = c.repeat_interleave(self.augmult).to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
+            torch.autograd.backward(out, G * rows)
+            groups, _, B = self._pending(records)
+            for e, rs in groups.values():
+                self._run_sum(e, rs, B)
+        finally:
+            self._phase = ""
+            self._records = []
 
     def _audit(self) -> None:
         self._audited = True

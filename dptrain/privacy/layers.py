@@ -23,6 +23,10 @@ from torch import nn
 
 # Bound on the B·T² elements a ghost Gram matrix may hold at once (chunked over the batch).
 GRAM_BUDGET = 2**25
+# Bound on the elements of per-example work at once when instantiating (the vmapped weight-gradient convolution's
+# im2col workspace, or per-example gradients that are not kept): chunked over the batch. Measured (CNN, batch
+# 512): unchunked, one 64-channel 16×16 layer's instantiation took 216 MB above the step's other memory.
+PER_EXAMPLE_BUDGET = 2**22
 INPUT_GRAM_MAX_P = 512  # padded input positions up to which the conv ghost norm may skip im2col (measured)
 
 
@@ -82,11 +86,21 @@ class Rule:
     def check(self, module: nn.Module, name: str) -> None:
         """Raise CoverageError for a variant this rule does not compute exactly."""
 
-    def norms(self, entry, recs: list[Record], mode: str) -> tuple[torch.Tensor, Any]:
+    def norms(self, entry, recs: list[Record], mode: str, keep: bool = True) -> tuple[torch.Tensor, Any]:
+        """(B,) squared norms and the state `accumulate` needs; keep=False: the caller discards the state
+        (the engine's norm pass), so a rule may skip building it (no B·p·d per-example gradients held)."""
         raise NotImplementedError
 
     def accumulate(self, entry, recs: list[Record], c: torch.Tensor, state: Any) -> None:
         raise NotImplementedError
+
+    def accumulate_plain(self, entry, recs: list[Record]) -> None:
+        """Σ over rows of each row's gradient into .grad: the engine's second pass, whose output gradients
+        already carry the clip factors. Default: the per-example route with c = 1 (cheap for small rules)."""
+        choice = entry.choice
+        state = self.norms(entry, recs, "per_sample")[1]
+        entry.choice = choice  # describe() reports the first pass's decision
+        self.accumulate(entry, recs, torch.ones(recs[0].batch, device=entry.params[0][1].device), state)
 
 
 def _owned(entry, name: str) -> nn.Parameter | None:
@@ -108,7 +122,7 @@ class LinearRule(Rule):
              else r.grads[0].reshape(x.shape[0], -1, m.out_features) for r, x in zip(recs, a)]
         return _cat(a, 1), _cat(g, 1)  # reuse: concatenate calls along T
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         from .plan import choose
 
         m = entry.module
@@ -121,14 +135,28 @@ class LinearRule(Rule):
             if entry.choice == "ghost" or T == 1:
                 n2 = n2 + _gram_norm2(a, g)
             else:
-                pw = torch.einsum("btp,btd->bpd", g, a)  # (B, p, d)
-                n2 = n2 + pw.pow(2).sum((1, 2))
-                state = {"pw": pw}  # a and g are no longer needed: free them with the record
+                pw = a.new_empty(B, m.out_features, m.in_features) if keep else None  # (B, p, d)
+                step = max(1, PER_EXAMPLE_BUDGET // (m.out_features * m.in_features))
+                for lo in range(0, B, step):
+                    chunk = torch.einsum("btp,btd->bpd", g[lo : lo + step], a[lo : lo + step])
+                    n2[lo : lo + step] += chunk.pow(2).sum((1, 2))
+                    if keep:
+                        pw[lo : lo + step] = chunk
+                if keep:
+                    state = {"pw": pw}  # a and g are no longer needed: free them with the record
         if _owned(entry, "bias") is not None:
             gb = g.sum(1)  # (B, p)
             n2 = n2 + gb.pow(2).sum(1)
             state["gb"] = gb
         return n2, state
+
+    def accumulate_plain(self, entry, recs):
+        a, g = self._flat(entry.module, recs)
+        w, b = _owned(entry, "weight"), _owned(entry, "bias")
+        if w is not None:
+            _add_grad(w, g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
+        if b is not None:
+            _add_grad(b, g.sum((0, 1)))
 
     def accumulate(self, entry, recs, c, state):
         w, b = _owned(entry, "weight"), _owned(entry, "bias")
@@ -247,7 +275,7 @@ class ConvRule(Rule):
 
     kind = "conv"
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         from .plan import choose
 
         m = entry.module
@@ -276,9 +304,18 @@ class ConvRule(Rule):
             else:
                 # per-example weight gradients by the weight-gradient convolution vmapped over the batch:
                 # about the cost of one ordinary weight gradient, and no im2col buffer
-                pw = _fold(sum(_per_example_conv_weight(m, x, pad, g) for x, pad, g in xs), B)  # (B, *w.shape)
-                n2 = n2 + pw.reshape(B, -1).pow(2).sum(1)
-                state["pw"] = pw
+                pw = n2.new_empty(B, *m.weight.shape) if keep else None  # (B, *w.shape)
+                work = K * sum(x[0].numel() for x, _, _ in xs) * math.prod(m.kernel_size) + m.weight.numel()
+                step = max(1, PER_EXAMPLE_BUDGET // work)  # examples per chunk: bounds the im2col workspace
+                for lo in range(0, B, step):
+                    rows = slice(lo * K, (lo + step) * K)
+                    chunk = sum(_per_example_conv_weight(m, x[rows], pad, g[rows]) for x, pad, g in xs)
+                    chunk = _fold(chunk, chunk.shape[0] // K)
+                    n2[lo : lo + step] += chunk.reshape(chunk.shape[0], -1).pow(2).sum(1)
+                    if keep:
+                        pw[lo : lo + step] = chunk
+                if keep:
+                    state["pw"] = pw
         if _owned(entry, "bias") is not None:
             gb = _fold(sum(g.reshape(g.shape[0], m.out_channels, -1).sum(-1) for _, _, g in xs), B)  # (B, C_out)
             n2 = n2 + gb.pow(2).sum(1)
@@ -286,6 +323,21 @@ class ConvRule(Rule):
         if "pw" in state or _owned(entry, "weight") is None:
             del state["xs"]  # inputs and output gradients are no longer needed: free them with the record
         return n2, state
+
+    def accumulate_plain(self, entry, recs):
+        m = entry.module
+        w, b = _owned(entry, "weight"), _owned(entry, "bias")
+        for r in recs:
+            if r.grads[0] is None:
+                continue
+            x, pad = _conv_input(m, r.args[0])
+            g = r.grads[0]
+            if w is not None:
+                _add_grad(w, torch.ops.aten.convolution_backward(
+                    g, x, m.weight, None, m.stride, pad, m.dilation, False, [0] * len(pad), m.groups,
+                    [False, True, False])[1])
+            if b is not None:
+                _add_grad(b, g.sum([0, *range(2, g.dim())]))
 
     def accumulate(self, entry, recs, c, state):
         m = entry.module
@@ -314,7 +366,7 @@ class _AffineNormRule(Rule):
     def normalized(self, m, x):  # → (x̂, g-layout permutation), channels last: (B, N, C...)
         raise NotImplementedError
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         entry.choice = "instantiate"
         m = entry.module
         pw = pb = None
@@ -373,9 +425,10 @@ class EmbeddingRule(Rule):
         if module.sparse:
             raise CoverageError(f"embedding '{name}' uses sparse gradients; set sparse=False")
 
-    def norms(self, entry, recs, mode):
-        m = entry.module
-        B = recs[0].batch
+    @staticmethod
+    def _gather(entry, recs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All calls' ids (B, T) and output gradients (B, T, d), padding rows zeroed; None if no gradient."""
+        m, B = entry.module, recs[0].batch
         ids, gs = [], []
         for r in recs:
             if r.grads[0] is None:
@@ -386,13 +439,22 @@ class EmbeddingRule(Rule):
                 g = g.masked_fill((idx == m.padding_idx).unsqueeze(-1), 0)
             ids.append(idx)
             gs.append(g)
+        return (torch.cat(ids, 1), torch.cat(gs, 1)) if ids else None
+
+    def norms(self, entry, recs, mode, keep=True):
         entry.choice = "ghost"
-        if not ids:
-            return entry.params[0][1].new_zeros(B), {}
-        idx, g = torch.cat(ids, 1), torch.cat(gs, 1)
+        got = self._gather(entry, recs)
+        if got is None:
+            return entry.params[0][1].new_zeros(recs[0].batch), {}
+        idx, g = got
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # (B, T, T)
         n2 = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return n2, {"idx": idx, "g": g}
+
+    def accumulate_plain(self, entry, recs):
+        got = self._gather(entry, recs)
+        if got is not None:
+            self.accumulate(entry, recs, torch.ones(recs[0].batch, device=got[1].device), {"idx": got[0], "g": got[1]})
 
     def accumulate(self, entry, recs, c, state):
         if not state:
@@ -410,7 +472,7 @@ class FallbackRule(Rule):
 
     kind = "fallback"
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         from .engine import _replaying
 
         entry.choice = "fallback"
@@ -483,7 +545,7 @@ class ScaleRule(Rule):
         if getattr(module, "inplace", False):
             raise CoverageError(f"LayerScale '{name}' is in-place (overwrites its input); use inplace=False")
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         entry.choice = "instantiate"
         B = recs[0].batch
         pw = None
@@ -510,7 +572,7 @@ class TokenRule(Rule):
     kind = "token"
     NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
 
-    def norms(self, entry, recs, mode):
+    def norms(self, entry, recs, mode, keep=True):
         entry.choice = "instantiate"
         B = recs[0].batch
         per = [None] * len(entry.params)
