@@ -111,28 +111,26 @@ def test_augmult_and_ema_run(quick):
         quick("privacy.augmult=2", "dataset.augment=true", "engine=opacus")
 
 
-def test_channels_last_trains_the_same_model(quick):
-    """NHWC is a layout, not a different computation: same seed, same batches, same noise → same weights."""
+def assert_same_model(quick, *overrides):
+    """A default run and one with `overrides` (same seed, batches, noise) end with the same weights."""
     import torch
 
     _, dir_a = quick("name=a")
     state_a = torch.load(dir_a / "model.pt")
-    _, dir_b = quick("name=b", "model.channels_last=true")
+    _, dir_b = quick("name=b", *overrides)
     state_b = torch.load(dir_b / "model.pt")
     for k in state_a:
         assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+
+
+def test_channels_last_trains_the_same_model(quick):
+    """NHWC is a layout, not a different computation."""
+    assert_same_model(quick, "model.channels_last=true")
 
 
 def test_two_passes_train_the_same_model(quick):
-    """engine.passes=2 changes memory and time, not the computation: same seed → same weights."""
-    import torch
-
-    _, dir_a = quick("name=a")
-    state_a = torch.load(dir_a / "model.pt")
-    _, dir_b = quick("name=b", "engine.passes=2")
-    state_b = torch.load(dir_b / "model.pt")
-    for k in state_a:
-        assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
+    """engine.passes=2 changes memory and time, not the computation."""
+    assert_same_model(quick, "engine.passes=2")
     with pytest.raises(UserError, match="engine.passes=2: 1, or 2 with a built-in engine"):
         quick("engine=opacus", "engine.passes=2")
 
