@@ -3,8 +3,9 @@
 Time: all engines of one (model, size, batch) live in one process and their steps are interleaved
 (round-robin), so machine noise hits them alike; the median step is reported, and ratios against
 `nonprivate` (and `opacus`) come from the same run. A step is forward + backward + clip + noise +
-optimizer step. Memory: each engine runs alone in a fresh subprocess (peak RSS on CPU is per process;
-on CUDA max_memory_allocated), and the peak above the model-and-data baseline is reported.
+optimizer step. Memory: each engine runs alone in a fresh subprocess (peak RSS on CPU is per process, with
+glibc's mmap threshold fixed so that RSS follows live tensors; on CUDA max_memory_allocated), and the peak
+above the model-and-data baseline is reported.
 Max batch: bisection on the batch size under --memory-budget (MB), one subprocess per probe.
 
     dptrain-bench                                  # the committed CPU table
@@ -109,7 +110,11 @@ def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> dict |
     data, imports)}. None if it failed (e.g. out of memory)."""
     code = (f"from dptrain.bench import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
             f"{engine!r}, {device_name!r}, {steps})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    # glibc's dynamic mmap threshold keeps freed blocks in the heap, so RSS would depend on allocation order
+    # (measured: the same non-private step's RSS after a step alternated 1.5 and 2.2 GB). A fixed threshold
+    # returns every freed tensor to the OS: RSS then follows live memory, like CUDA's max allocated.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, env=env)
     try:
         out = json.loads(r.stdout.strip().splitlines()[-1])
         return {"peak_mb": out["peak_mb"], "extra_mb": out["extra_mb"]}

@@ -465,19 +465,66 @@ def test_two_passes_need_one_tensor_output_and_one_backward_per_forward():
         assert model(torch.randn(2, 4)).grad_fn is None
 
 
-def test_two_passes_hold_no_output_gradient_between_passes():
-    """After the norm pass the records keep their inputs only: the output gradients (what one-pass
-    book-keeping must hold until the clip factors exist) are gone."""
+def test_two_passes_hold_nothing_between_passes():
+    """After the norm pass the records are released: no input, no output gradient (what one-pass book-keeping
+    must hold until the clip factors exist); the second pass works on a recomputed forward."""
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     engine = PrivacyEngine(model, mode="ghost", passes=2)
     seen = []
     orig = engine._clip_factors
 
     def spy(records):
-        seen.extend(g for _, r in records for g in r.grads)
+        seen.extend((r.args, *r.grads) for _, r in records)
         return orig(records)
 
     engine._clip_factors = spy
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,)), reduction="sum").backward()
-    assert len(seen) == 2 and all(g is None for g in seen)
+    assert seen == [((), None), ((), None)]
     assert engine.per_sample_norms.shape == (5,) and not engine._records
+
+
+class Noisy(nn.Module):
+    """Dropout between hooked layers: the recomputed forward must draw the same mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x))))
+
+
+def test_two_passes_replay_dropout():
+    """Same seed, passes=1 and passes=2: the same clipped gradients and norms, and the random stream after the
+    step is where passes=1 leaves it."""
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = []
+    for passes in (1, 2):
+        torch.manual_seed(0)
+        model = Noisy().double()
+        engine = PrivacyEngine(model, max_grad_norm=0.3, passes=passes)
+        torch.manual_seed(1)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        got.append(([p.grad.clone() for p in model.parameters()], engine.per_sample_norms, torch.rand(1)))
+    (g1, n1, r1), (g2, n2, r2) = got
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(g1, g2))
+    assert torch.allclose(n1, n2, rtol=1e-12) and r1 == r2
+
+
+class Counter(nn.Module):
+    """A forward with internal state: recomputing it gives another output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = nn.Linear(4, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls
+
+
+def test_two_passes_refuse_a_forward_that_changes_on_recompute():
+    model = Counter()
+    PrivacyEngine(model, passes=2)
+    with pytest.raises(CoverageError, match="recomputed forward gave a different output"):
+        F.cross_entropy(model(torch.randn(3, 4)), torch.randint(0, 3, (3,)), reduction="sum").backward()

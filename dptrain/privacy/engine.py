@@ -11,14 +11,16 @@ sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i 
 into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
 (a functional use, a tied weight) raises instead of being silently unclipped.
 
-passes=2 trades time for memory (the one-pass book-keeping holds every layer's inputs and output
-gradients, or per-example gradients, until the clip factors exist). The model's output is handed to the
-loss cut from the graph; when its gradient G (B, …) arrives inside `loss.backward()`, the engine runs
-two backward passes from the real output: one with G that only computes norms (each layer's output
-gradient is freed as soon as its norm is in, as in a non-private backward), then one with the rows of G
-scaled by c_i. A backward pass is linear in its output gradient and examples do not mix (no BatchNorm),
-so every layer then receives c_i·g_i and its plain weight gradient is exactly Σ_i c_i·g_i[p]. Peak memory
-is a non-private step's plus one layer's norm work; time is one more activation-gradient pass.
+passes=2 trades time for memory (one-pass book-keeping holds every layer's per-example gradient, or
+input and output gradient, until the clip factors exist). The model's output is handed to the loss cut
+from the graph; when its gradient G (B, …) arrives inside `loss.backward()`, the engine (1) runs the
+backward from the real output computing norms only, freeing everything as it goes like a non-private
+backward, (2) recomputes the forward on the same inputs with the same random state (as activation
+checkpointing does), and (3) runs the backward of that forward with row i of G scaled by c_i. A backward
+pass is linear in its output gradient and examples do not mix (no BatchNorm), so every layer then receives
+c_i·g_i and its plain weight gradient is exactly Σ_i c_i·g_i[p]. Peak memory is a non-private step's plus
+one layer's (chunked) norm work; time is one more forward and backward. A recomputed output that differs
+from the first (a forward with state or unseeded randomness) raises instead of clipping a different gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .layers import Record
 from .plan import MODES, CoverageError, Entry, build_plan, describe
@@ -78,8 +81,9 @@ class PrivacyEngine:
     augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
     gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
     as one (De et al. 2022, augmentation multiplicity).
-    passes: 1 (book-keeping, one backward) or 2 (norms, then the clipped sum: less memory, more time; the
-    model must return one tensor whose rows are the examples, and one backward per forward).
+    passes: 1 (book-keeping, one backward) or 2 (norm pass, recomputed forward, clipped pass: the memory of
+    non-private training, about twice its time; the model must return one tensor whose rows are the examples,
+    and its forward must be a function of its inputs and the random state).
     """
 
     def __init__(
@@ -108,7 +112,8 @@ class PrivacyEngine:
         if passes not in (1, 2):
             raise ValueError(f"passes must be 1 or 2, got {passes}")
         self.passes = passes
-        self._phase = ""  # passes=2: "norms", then "sum", inside the user's backward
+        self._phase = ""  # passes=2: "norms", then "recompute", then "sum", inside the user's backward
+        self._rng: tuple = ()
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
@@ -125,17 +130,19 @@ class PrivacyEngine:
             for n, p in e.params:
                 full = f"{e.name}.{n}" if e.name else n
                 self._handles.append(p.register_hook(partial(_outside_use, full)))
-        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
         if passes == 2:
-            self._handles.append(model.register_forward_hook(self._cut_output))
+            self._handles.append(model.register_forward_hook(self._cut_output, with_kwargs=True))
 
     # ---------------------------------------------------------------- forward
-    def _new_forward(self, module, args):
-        if getattr(_STATE, "replaying", False):
+    def _new_forward(self, module, args, kwargs):
+        if getattr(_STATE, "replaying", False) or self._phase == "recompute":
             return
         self._forward_id += 1
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
+        if self.passes == 2 and torch.is_grad_enabled():  # the random state the recomputed forward replays
+            self._rng = (torch.get_rng_state(), *get_device_states(*args, *kwargs.values()))
 
     def _wrap(self, entry: Entry) -> None:
         if entry.rule.kind == "token":
@@ -231,15 +238,13 @@ class PrivacyEngine:
         for r in recs:
             _check_versions(entry, r)
             r.batch = B
+        keep = self._phase != "norms"  # the norm pass of passes=2 needs no state: the clipped sum comes later
         with torch.no_grad(), record_function("dptrain::norms"):
-            n2, state = entry.rule.norms(entry, recs, self.mode, keep=self._phase != "norms")
+            n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
         for r in recs:
-            if self._phase == "norms":  # the inputs stay for the second pass; the gradients go now
-                r.grads = [None] * r.n_out
-            else:
-                r.release()
-        recs[0].result = (n2, None if self._phase == "norms" else state)
+            r.release()
+        recs[0].result = (n2, state if keep else None)
 
     def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
         """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
@@ -303,34 +308,44 @@ class PrivacyEngine:
                 r.result = None
 
     # ---------------------------------------------------------- two passes
-    def _cut_output(self, module, args, out):
-        if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+    def _cut_output(self, module, args, kwargs, out):
+        if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled() or self._phase == "recompute":
             return None
         if not (torch.is_tensor(out) and out.is_floating_point() and out.dim() and out.requires_grad):
             raise CoverageError(
                 f"passes=2 needs the model to return one floating-point tensor whose rows are the examples, got "
                 f"{type(out).__name__}; use passes=1 for this model")
         cut = out.detach().requires_grad_()
-        fid = self._forward_id
-        cut.register_hook(lambda G: self._two_passes(out, G, fid))
+        call = (self._forward_id, args, kwargs, self._rng)
+        cut.register_hook(lambda G: self._two_passes(module, out, G, call))
         return cut
 
-    def _two_passes(self, out: torch.Tensor, G: torch.Tensor, fid: int) -> None:
+    def _two_passes(self, module: nn.Module, out: torch.Tensor, G: torch.Tensor, call: tuple) -> None:
+        fid, args, kwargs, (cpu_rng, devices, device_rngs) = call
         if fid != self._forward_id:
             raise CoverageError("passes=2: call backward once after each forward of the model, before the next one")
-        records = self._records
+        first = out.detach()
         try:
             self._phase = "norms"
-            torch.autograd.backward(out, G, retain_graph=True)
-            c, _ = self._clip_factors(records)
-            for _, r in records:
-                r.result = None
+            torch.autograd.backward(out, G)  # frees the graph as it goes, like a non-private backward
+            del out
+            c, _ = self._clip_factors(self._records)
             if c is None:
                 return
+            self._phase, self._records, self._calls = "recompute", [], {}
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(cpu_rng)
+                set_device_states(devices, device_rngs)
+                again = module(*args, **kwargs)
+            if not (torch.is_tensor(again) and again.shape == first.shape and torch.allclose(
+                    again.detach(), first, rtol=1e-5, atol=1e-6 * float(first.abs().max()))):
+                raise CoverageError(
+                    "passes=2: the recomputed forward gave a different output (a forward with internal state or "
+                    "random numbers not drawn from torch's generators); use passes=1 for this model")
             self._phase = "sum"
             rows = c.repeat_interleave(self.augmult).to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
-            torch.autograd.backward(out, G * rows)
-            groups, _, B = self._pending(records)
+            torch.autograd.backward(again, G * rows)
+            groups, _, B = self._pending(self._records)
             for e, rs in groups.values():
                 self._run_sum(e, rs, B)
         finally:
