@@ -141,6 +141,10 @@ class PrivacyEngine:
         self._forward_id += 1
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
+        if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+            raise CoverageError(
+                "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
+                "in reduced precision and the clipping bound would not hold exactly; run the forward in float32")
         if self.passes == 2 and torch.is_grad_enabled():  # the random state the recomputed forward replays
             self._rng = (torch.get_rng_state(), *get_device_states(*args, *kwargs.values()))
 
