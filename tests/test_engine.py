@@ -459,6 +459,8 @@ def test_two_passes_need_one_tensor_output_and_one_backward_per_forward():
     model(torch.randn(2, 4))
     with pytest.raises(CoverageError, match="call backward once after each forward"):
         first.sum().backward()
+    with pytest.raises(CoverageError, match="an input that requires grad"):
+        model(torch.randn(2, 4, requires_grad=True))
     with pytest.raises(ValueError, match="passes must be 1 or 2"):
         PrivacyEngine(nn.Linear(2, 2), passes=3)
     with torch.no_grad():  # evaluation: the output is the model's own

@@ -319,6 +319,9 @@ class PrivacyEngine:
             raise CoverageError(
                 f"passes=2 needs the model to return one floating-point tensor whose rows are the examples, got "
                 f"{type(out).__name__}; use passes=1 for this model")
+        if any(torch.is_tensor(a) and a.requires_grad for a in tree_flatten((args, kwargs))[0]):
+            raise CoverageError("passes=2 backpropagates twice, so an input that requires grad would collect both "
+                                "passes' gradients; detach the model's inputs or use passes=1")
         cut = out.detach().requires_grad_()
         call = (self._forward_id, args, kwargs, self._rng)
         cut.register_hook(lambda G: self._two_passes(module, out, G, call))
