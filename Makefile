@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint bench report clean
+.PHONY: help install demo test test-all lint bench bench-gpu report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ lint: $(STAMP) ## ruff
 
 bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
 	$(BIN)/dptrain-bench
+
+bench-gpu: $(STAMP) ## the issue's GPU benchmark at 224×224 → results/bench-gpu.{csv,md,png}
+	$(BIN)/dptrain-bench --device cuda --models resnet18 vgg19 vit_base beit_base --sizes 224 --batches 32 \
+		--engines nonprivate mixed_ghost mixed_ghost_2pass opacus --steps 5 --out results/bench-gpu
 
 clean: ## remove run outputs
 	rm -rf outputs multirun
