@@ -164,11 +164,18 @@ class LinearRule(Rule):
             if "pw" in state:
                 _add_grad(w, torch.einsum("bpd,b->pd", state["pw"], c))
             else:
-                a, g = state["a"], state["g"]
-                gc = (g * c.view(-1, 1, 1).to(g.dtype)).reshape(-1, g.shape[-1])
-                _add_grad(w, gc.t() @ a.reshape(-1, a.shape[-1]))
+                a, g = _scale_smaller(state["a"], state["g"], c)
+                _add_grad(w, g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
         if b is not None:
             _add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
+
+
+def _scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_i c_i·g_iᵀa_i is bilinear in (a_i, g_i): scale row i of whichever of the two is smaller by c_i
+    (a copy of one tensor, e.g. a ViT qkv layer's (B, T, 192) input instead of its (B, T, 576) output gradient)."""
+    if a.numel() <= g.numel():
+        return a * c.view(-1, *([1] * (a.dim() - 1))).to(a.dtype), g
+    return a, g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
 
 
 def _conv_input(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -345,12 +352,12 @@ class ConvRule(Rule):
         if w is not None and "pw" in state:
             _add_grad(w, torch.einsum("b...,b->...", state["pw"], c.to(state["pw"].dtype)))
         elif w is not None and state.get("xs"):
-            # the weight-gradient convolution on c-scaled output gradients: no second unfold
+            # the weight-gradient convolution on c-scaled inputs or output gradients: no second unfold
             c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
             for x, pad, g in state["xs"]:
-                gc = g * c_rows.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                x, g = _scale_smaller(x, g, c_rows)
                 gw = torch.ops.aten.convolution_backward(
-                    gc, x, m.weight, None, m.stride, pad, m.dilation, False,
+                    g, x, m.weight, None, m.stride, pad, m.dilation, False,
                     [0] * len(pad), m.groups, [False, True, False])[1]
                 _add_grad(w, gw)
         if b is not None and "gb" in state:
