@@ -540,3 +540,26 @@ def test_autocast_is_refused():
         model(torch.randn(2, 6))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation under autocast is fine
         model(torch.randn(2, 6))
+
+
+class _Drift(torch.autograd.Function):
+    """Identity forward; a backward that scales by how often it ran: the clipped pass would see another gradient."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _Drift.calls += 1
+        return g * _Drift.calls
+
+
+def test_two_passes_refuse_a_backward_that_changes_between_passes():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[1].forward = lambda x: _Drift.apply(torch.tanh(x))
+    PrivacyEngine(model, passes=2)
+    with pytest.raises(CoverageError, match="not c_i times the one its norm came from"):
+        F.cross_entropy(model(torch.randn(3, 4)), torch.randint(0, 3, (3,)), reduction="sum").backward()

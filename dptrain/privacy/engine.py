@@ -114,10 +114,13 @@ class PrivacyEngine:
         self.passes = passes
         self._phase = ""  # passes=2: "norms", then "recompute", then "sum", inside the user's backward
         self._rng: tuple = ()
+        self._prints: dict[tuple[int, int], torch.Tensor] = {}  # (record, output) → per-row gradient norms, pass 1
+        self._c_rows: torch.Tensor | None = None
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
         self._calls: dict[int, int] = {}
+        self._order: dict[int, int] = {}
         self._forward_id = 0
         self._queued = False
         self._audited = self._logged = False
@@ -141,6 +144,7 @@ class PrivacyEngine:
         self._forward_id += 1
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
+        self._order = {}  # id(record) → its place in this forward's records
         if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
             raise CoverageError(
                 "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
@@ -214,6 +218,7 @@ class PrivacyEngine:
         m.forward = forward
 
     def _add(self, entry: Entry, rec: Record) -> None:
+        self._order[id(rec)] = len(self._records)  # the same call's record in the recomputed forward: same place
         self._records.append((entry, rec))
         self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
         entry.calls += 1
@@ -226,6 +231,8 @@ class PrivacyEngine:
                 "forward of the model (do not sum losses of several forwards, do not retain the graph)"
             )
         rec.grads[k] = g.detach()
+        if self._phase:
+            self._compare(rec, k, rec.grads[k])
         if not self._queued and not self._phase:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
@@ -237,6 +244,23 @@ class PrivacyEngine:
                 and all(x is not None for x in rec.grads)):
             B = rec.rows // self.augmult
             self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+
+    def _compare(self, rec: Record, k: int, g: torch.Tensor) -> None:
+        """passes=2 tripwire: every hooked output's per-row gradient norm in the clipped pass must be c_i times
+        the one the norms were computed from. A forward or backward that changed between the passes would clip
+        a gradient other than the one measured; this catches changed magnitudes (with the output check, changed
+        forwards), not every conceivable change (a pure sign flip keeps the norms)."""
+        n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
+        key = (self._order[id(rec)], k)
+        if self._phase == "norms":
+            self._prints[key] = n
+            return
+        want = self._prints.pop(key, None)
+        want = None if want is None or want.shape != n.shape else want * self._c_rows
+        if want is None or not torch.allclose(n, want, rtol=1e-4, atol=1e-6 * float(want.max())):
+            raise CoverageError(
+                "passes=2: a layer's output gradient in the clipped pass is not c_i times the one its norm came from "
+                "(the forward or backward changed between the passes); use passes=1 for this model")
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         for r in recs:
@@ -339,7 +363,7 @@ class PrivacyEngine:
             c, _ = self._clip_factors(self._records)
             if c is None:
                 return
-            self._phase, self._records, self._calls = "recompute", [], {}
+            self._phase, self._records, self._calls, self._order = "recompute", [], {}, {}
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.set_rng_state(cpu_rng)
                 set_device_states(devices, device_rngs)
@@ -349,15 +373,14 @@ class PrivacyEngine:
                 raise CoverageError(
                     "passes=2: the recomputed forward gave a different output (a forward with internal state or "
                     "random numbers not drawn from torch's generators); use passes=1 for this model")
-            self._phase = "sum"
-            rows = c.repeat_interleave(self.augmult).to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
-            torch.autograd.backward(again, G * rows)
+            self._phase, self._c_rows = "sum", c.repeat_interleave(self.augmult).double()
+            torch.autograd.backward(again, G * self._c_rows.to(G.dtype).view(-1, *([1] * (G.dim() - 1))))
             groups, _, B = self._pending(self._records)
             for e, rs in groups.values():
                 self._run_sum(e, rs, B)
         finally:
             self._phase = ""
-            self._records = []
+            self._records, self._prints, self._order = [], {}, {}
 
     def _audit(self) -> None:
         self._audited = True
