@@ -38,9 +38,9 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
     kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
     model = create_model(model_name, num_classes=10, img_size=size, **kw).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    name, two = (engine[: -len("_2pass")], 2) if engine.endswith("_2pass") else (engine, 1)
+    name, passes = (engine.removesuffix("_2pass"), 2) if engine.endswith("_2pass") else (engine, 1)
     eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                        passes=two)
+                        passes=passes)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return eng, x, y

@@ -40,7 +40,7 @@ class EngineConfig:
     name: str = "mixed_ghost"  # mixed_ghost, ghost, per_sample, opacus, opacus_ghost, nonprivate
     clipping: str = "abadi"  # abadi: min(1, R/‖g‖); automatic: R/(‖g‖+γ)
     gamma: float = 0.01  # automatic clipping's stability constant
-    passes: int = 1  # 1: book-keeping, one backward; 2: norms, then the clipped sum (less memory, more time)
+    passes: int = 1  # 1: book-keeping, one backward; 2: norm pass, recomputed forward, clipped pass (less memory)
 
 
 @dataclass

@@ -120,7 +120,6 @@ class PrivacyEngine:
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
         self._calls: dict[int, int] = {}
-        self._order: dict[int, int] = {}
         self._forward_id = 0
         self._queued = False
         self._audited = self._logged = False
@@ -144,7 +143,6 @@ class PrivacyEngine:
         self._forward_id += 1
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
-        self._order = {}  # id(record) → its place in this forward's records
         if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
             raise CoverageError(
                 "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
@@ -218,7 +216,7 @@ class PrivacyEngine:
         m.forward = forward
 
     def _add(self, entry: Entry, rec: Record) -> None:
-        self._order[id(rec)] = len(self._records)  # the same call's record in the recomputed forward: same place
+        rec.place = len(self._records)
         self._records.append((entry, rec))
         self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
         entry.calls += 1
@@ -251,7 +249,7 @@ class PrivacyEngine:
         a gradient other than the one measured; this catches changed magnitudes (with the output check, changed
         forwards), not every conceivable change (a pure sign flip keeps the norms)."""
         n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
-        key = (self._order[id(rec)], k)
+        key = (rec.place, k)
         if self._phase == "norms":
             self._prints[key] = n
             return
@@ -263,9 +261,7 @@ class PrivacyEngine:
                 "(the forward or backward changed between the passes); use passes=1 for this model")
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
-        for r in recs:
-            _check_versions(entry, r)
-            r.batch = B
+        _ready(entry, recs, B)
         keep = self._phase != "norms"  # the norm pass of passes=2 needs no state: the clipped sum comes later
         with torch.no_grad(), record_function("dptrain::norms"):
             n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
@@ -276,9 +272,7 @@ class PrivacyEngine:
 
     def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
         """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
-        for r in recs:
-            _check_versions(entry, r)
-            r.batch = B
+        _ready(entry, recs, B)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
             entry.rule.accumulate_plain(entry, recs)
         for r in recs:
@@ -363,7 +357,7 @@ class PrivacyEngine:
             c, _ = self._clip_factors(self._records)
             if c is None:
                 return
-            self._phase, self._records, self._calls, self._order = "recompute", [], {}, {}
+            self._phase, self._records, self._calls = "recompute", [], {}
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.set_rng_state(cpu_rng)
                 set_device_states(devices, device_rngs)
@@ -380,7 +374,7 @@ class PrivacyEngine:
                 self._run_sum(e, rs, B)
         finally:
             self._phase = ""
-            self._records, self._prints, self._order = [], {}, {}
+            self._records, self._prints = [], {}
 
     def _audit(self) -> None:
         self._audited = True
@@ -429,13 +423,16 @@ def _outside_use(name: str, grad: torch.Tensor) -> None:
     )
 
 
-def _check_versions(e: Entry, r: Record) -> None:
-    for a, v in zip(r.args, r.versions):
-        if v is not None and a._version != v:
-            raise CoverageError(
-                f"the input of {e.label()} was modified in place after its forward; its per-example "
-                "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
-            )
+def _ready(e: Entry, recs: list[Record], B: int) -> None:
+    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples."""
+    for r in recs:
+        for a, v in zip(r.args, r.versions):
+            if v is not None and a._version != v:
+                raise CoverageError(
+                    f"the input of {e.label()} was modified in place after its forward; its per-example "
+                    "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
+                )
+        r.batch = B
 
 
 def _check_dropout(e: Entry) -> None:

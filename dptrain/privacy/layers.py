@@ -33,7 +33,7 @@ INPUT_GRAM_MAX_P = 512  # padded input positions up to which the conv ghost norm
 class Record:
     """One call of a hooked module: detached inputs and, after backward, output gradients."""
 
-    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out", "result")
+    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out", "result", "place")
 
     def __init__(self, args: tuple, kwargs: dict, rows: int, forward_id: int, n_out: int):
         self.args, self.kwargs, self.forward_id = args, kwargs, forward_id
@@ -42,6 +42,7 @@ class Record:
         self.n_out = n_out
         self.versions = [a._version if torch.is_tensor(a) else None for a in args]
         self.result: tuple | None = None  # (squared norms, state) once the rule has run on this record
+        self.place = 0  # index among its forward's records (a recomputed forward makes its records in the same order)
 
     def release(self) -> None:
         """Drop the inputs and output gradients: a rule's state keeps what its accumulate needs."""
