@@ -145,7 +145,7 @@ class WithCustom(nn.Module):
 def test_fallback_unit(mode, passes):
     torch.manual_seed(0)
     err, engine = check(WithCustom(), batches((5,)), mode=mode, max_grad_norm=0.4, passes=passes)
-    kinds = {e.name: e.rule.kind for e in engine.entries}
+    kinds = {e.name: e.rule.name for e in engine.entries}
     assert kinds == {"pre": "linear", "custom": "fallback", "fc": "linear"}
     assert err < 1e-12
 
@@ -207,7 +207,7 @@ def test_timm_models_match_reference(name, mode, passes):
     assert all(p.requires_grad for p in model.parameters())
     err, engine = check(model, batches(shape, sizes=(2, 2)), mode=mode, max_grad_norm=1.0, passes=passes)
     assert err < 1e-12  # float64 end to end: rounding only (a float32 step anywhere shows as ~1e-8)
-    kinds = {e.rule.kind for e in engine.entries}
+    kinds = {e.rule.name for e in engine.entries}
     if name == "vit_tiny":  # fast paths, no fallback: the tokens and LayerScale have their own rules
         assert kinds == {"token", "conv", "linear", "norm", "scale"}
     if name == "beit_tiny":  # attention uses qkv.weight functionally; blocks hold gamma_1/2: exact fallback
@@ -382,9 +382,9 @@ CONVS = sorted(k for k in LAYERS if k.startswith("conv"))
 def test_conv_ghost_norm_routes_match_reference(layer, route, monkeypatch):
     """Both ways to the conv ghost norm — the padded input's Gram summed over kernel offsets, and im2col —
     on every conv variant, whichever the cost check would pick."""
-    from dptrain.privacy import layers
+    from dptrain.privacy.rules import conv
 
-    monkeypatch.setattr(layers, "_input_gram_pays", lambda m, xs, K: route)
+    monkeypatch.setattr(conv, "_input_gram_pays", lambda m, xs, K: route)
     torch.manual_seed(0)
     make, shape, feat = LAYERS[layer]
     err, _ = check(seq_model(make(), feat), batches(shape), mode="ghost", max_grad_norm=0.3)
@@ -394,9 +394,9 @@ def test_conv_ghost_norm_routes_match_reference(layer, route, monkeypatch):
 @pytest.mark.parametrize("route", [True, False], ids=["input_gram", "im2col"])
 def test_conv_input_gram_with_copies_and_reuse(route, monkeypatch):
     """K copies per example and a conv called twice: positions of all copies and calls enter one Gram."""
-    from dptrain.privacy import layers
+    from dptrain.privacy.rules import conv
 
-    monkeypatch.setattr(layers, "_input_gram_pays", lambda m, xs, K: route)
+    monkeypatch.setattr(conv, "_input_gram_pays", lambda m, xs, K: route)
     test_augmentation_multiplicity_clips_each_example_once("convmix", "ghost", 1)
     test_module_reuse_is_exact("ghost", 1)  # two resolutions: im2col either way
     torch.manual_seed(0)
@@ -410,9 +410,9 @@ def test_conv_input_gram_with_copies_and_reuse(route, monkeypatch):
 def test_instantiation_in_chunks_of_examples(passes, monkeypatch):
     """PER_EXAMPLE_BUDGET = 1: every instantiated layer (conv, linear over tokens) works one example at a time,
     with K copies per example and a conv called twice."""
-    from dptrain.privacy import layers
+    from dptrain.privacy.rules import base
 
-    monkeypatch.setattr(layers, "PER_EXAMPLE_BUDGET", 1)
+    monkeypatch.setattr(base, "PER_EXAMPLE_BUDGET", 1)
     test_augmentation_multiplicity_clips_each_example_once("convmix", "per_sample", passes)
     test_module_reuse_is_exact("per_sample", passes)
     test_layer_matches_reference("linear3d", "per_sample", passes)
@@ -420,7 +420,7 @@ def test_instantiation_in_chunks_of_examples(passes, monkeypatch):
 
 def test_input_gram_cost_check():
     """Stride 1 at 8×8 takes the input Gram; 3×3 stride 2 and 32×32 maps do not."""
-    from dptrain.privacy.layers import _input_gram_pays
+    from dptrain.privacy.rules.conv import _input_gram_pays
 
     x, g = torch.zeros(2, 64, 8, 8), torch.zeros(2, 64, 8, 8)
     assert _input_gram_pays(nn.Conv2d(64, 64, 3, padding=1), [(x, (1, 1), g)], 1)

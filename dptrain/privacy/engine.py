@@ -11,51 +11,27 @@ sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i 
 into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
 (a functional use, a tied weight) raises instead of being silently unclipped.
 
-passes=2 trades time for memory (one-pass book-keeping holds every layer's per-example gradient, or
-input and output gradient, until the clip factors exist). The model's output is handed to the loss cut
-from the graph; when its gradient G (B, …) arrives inside `loss.backward()`, the engine (1) runs the
-backward from the real output computing norms only, freeing everything as it goes like a non-private
-backward, (2) recomputes the forward on the same inputs with the same random state (as activation
-checkpointing does), and (3) runs the backward of that forward with row i of G scaled by c_i. A backward
-pass is linear in its output gradient and examples do not mix (no BatchNorm), so every layer then receives
-c_i·g_i and its plain weight gradient is exactly Σ_i c_i·g_i[p]. Peak memory is a non-private step's plus
-one layer's (chunked) norm work; time is one more forward and backward. A recomputed output that differs
-from the first (a forward with state or unseeded randomness) raises instead of clipping a different gradient.
+passes=2 (less memory, one more forward and backward) lives in two_pass.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from functools import partial
 
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.checkpoint import get_device_states, set_device_states
 
-from .layers import Record
-from .plan import MODES, CoverageError, Entry, build_plan, describe
+from .errors import CoverageError
+from .plan import MODES, Entry, build_plan, describe
+from .rules import FALLBACK, Record, is_replaying
+from .two_pass import TwoPass
 
 log = logging.getLogger("dptrain.privacy")
 
 CLIPPING = ("abadi", "automatic")
-_STATE = threading.local()
-
-
-@contextlib.contextmanager
-def _replaying():
-    """Inside a fallback replay the hooked forwards behave as plain modules."""
-    prev = getattr(_STATE, "replaying", False)
-    _STATE.replaying = True
-    try:
-        yield
-    finally:
-        _STATE.replaying = prev
-
-
 class _Anchor(torch.autograd.Function):
     """Makes an output that does not require grad (a first layer on raw data) part of the graph, so a
     tensor hook can see its gradient; returns a copy because in-place ops on a custom Function's
@@ -112,15 +88,12 @@ class PrivacyEngine:
         if passes not in (1, 2):
             raise ValueError(f"passes must be 1 or 2, got {passes}")
         self.passes = passes
-        self._phase = ""  # passes=2: "norms", then "recompute", then "sum", inside the user's backward
-        self._rng: tuple = ()
-        self._prints: dict[tuple[int, int], torch.Tensor] = {}  # (record, output) → per-row gradient norms, pass 1
-        self._c_rows: torch.Tensor | None = None
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
         self._calls: dict[int, int] = {}
         self._forward_id = 0
+        self._rows = 0  # the model input's leading dimension in this forward (for taps of input-less modules)
         self._queued = False
         self._audited = self._logged = False
         self._handles: list = []
@@ -133,26 +106,39 @@ class PrivacyEngine:
                 full = f"{e.name}.{n}" if e.name else n
                 self._handles.append(p.register_hook(partial(_outside_use, full)))
         self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
-        if passes == 2:
-            self._handles.append(model.register_forward_hook(self._cut_output, with_kwargs=True))
+        self._two = TwoPass(self, model) if passes == 2 else None
+        if self._two is not None:
+            self._handles.append(self._two.handle)
+        total = sum(p.numel() for e in self.entries for _, p in e.params)
+        slow = [e for e in self.entries if e.rule is FALLBACK]
+        self.fallback_share = sum(p.numel() for e in slow for _, p in e.params) / total if total else 0.0
+        if slow:
+            names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
+            log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
+                        100 * self.fallback_share, names)
+
+    @property
+    def _phase(self) -> str:
+        return self._two.phase if self._two is not None else ""
 
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args, kwargs):
-        if getattr(_STATE, "replaying", False) or self._phase == "recompute":
+        if is_replaying() or self._phase == "recompute":
             return
         self._forward_id += 1
+        self._rows = next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
         if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
             raise CoverageError(
                 "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
                 "in reduced precision and the clipping bound would not hold exactly; run the forward in float32")
-        if self.passes == 2 and torch.is_grad_enabled():  # the random state the recomputed forward replays
-            self._rng = (torch.get_rng_state(), *get_device_states(*args, *kwargs.values()))
+        if self._two is not None and torch.is_grad_enabled():
+            self._two.save_rng(args, kwargs)
 
     def _wrap(self, entry: Entry) -> None:
-        if entry.rule.kind == "token":
-            return self._wrap_tokens(entry)
+        if entry.rule.expands:
+            return self._wrap_expanded(entry)
         m = entry.module
         self._saved_forward.append((m, m.__dict__.get("forward")))
         orig = m.forward
@@ -162,7 +148,7 @@ class PrivacyEngine:
             slots.append((owner, n.rpartition(".")[2], p))
 
         def forward(*args, **kwargs):
-            if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+            if is_replaying() or not torch.is_grad_enabled():
                 return orig(*args, **kwargs)
             if entry.dropouts and m.training:
                 _check_dropout(entry)
@@ -189,27 +175,22 @@ class PrivacyEngine:
 
         m.forward = forward
 
-    def _wrap_tokens(self, entry: Entry) -> None:
-        """The forward sees each token parameter expanded to (B, N, d); the expansion's gradient is the
-        per-example gradient (layers.TokenRule)."""
-        m = entry.module
+    def _wrap_expanded(self, entry: Entry) -> None:
+        """The forward runs with per-example stand-ins (taps) of the owned parameters (rules/expand.py); a tap's
+        gradient is the per-example gradient."""
+        m, rule = entry.module, entry.rule
         self._saved_forward.append((m, m.__dict__.get("forward")))
         orig = m.forward
 
         def forward(*args, **kwargs):
-            if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled():
+            if is_replaying() or not torch.is_grad_enabled():
                 return orig(*args, **kwargs)
-            batch = _batch(entry, args, kwargs)
-            rec = Record((), {}, batch, self._forward_id, len(entry.params))
-            for k, (name, p) in enumerate(entry.params):
-                e = _Anchor.apply(p.detach().expand(batch, *p.shape[1:]), self._leaf)  # (B, N, d)
-                e.register_hook(partial(self._on_grad, entry, rec, k))
-                m._parameters[name] = e
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                for name, p in entry.params:
-                    m._parameters[name] = p
+            rows = _batch(entry, args, kwargs, default=self._rows)
+            taps = [_Anchor.apply(t, self._leaf) for t in rule.taps(m, entry.params, rows)]
+            rec = Record((), {}, rows, self._forward_id, len(taps))
+            for k, t in enumerate(taps):
+                t.register_hook(partial(self._on_grad, entry, rec, k))
+            out = rule.run(m, orig, entry.params, taps, args, kwargs)
             self._add(entry, rec)
             return out
 
@@ -230,7 +211,7 @@ class PrivacyEngine:
             )
         rec.grads[k] = g.detach()
         if self._phase:
-            self._compare(rec, k, rec.grads[k])
+            self._two.compare(rec, k, rec.grads[k])
         if not self._queued and not self._phase:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
@@ -238,27 +219,10 @@ class PrivacyEngine:
         # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
         # waits for _finish (outside the engine's hooks).
-        if (self._calls.get(id(entry)) == 1 and entry.rule.kind != "fallback" and rec.rows % self.augmult == 0
+        if (self._calls.get(id(entry)) == 1 and entry.rule.eager and rec.rows % self.augmult == 0
                 and all(x is not None for x in rec.grads)):
             B = rec.rows // self.augmult
             self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
-
-    def _compare(self, rec: Record, k: int, g: torch.Tensor) -> None:
-        """passes=2 tripwire: every hooked output's per-row gradient norm in the clipped pass must be c_i times
-        the one the norms were computed from. A forward or backward that changed between the passes would clip
-        a gradient other than the one measured; this catches changed magnitudes (with the output check, changed
-        forwards), not every conceivable change (a pure sign flip keeps the norms)."""
-        n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
-        key = (rec.place, k)
-        if self._phase == "norms":
-            self._prints[key] = n
-            return
-        want = self._prints.pop(key, None)
-        want = None if want is None or want.shape != n.shape else want * self._c_rows
-        if want is None or not torch.allclose(n, want, rtol=1e-4, atol=1e-6 * float(want.max())):
-            raise CoverageError(
-                "passes=2: a layer's output gradient in the clipped pass is not c_i times the one its norm came from "
-                "(the forward or backward changed between the passes); use passes=1 for this model")
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         _ready(entry, recs, B)
@@ -329,53 +293,6 @@ class PrivacyEngine:
                 e.rule.accumulate(e, [r], c, r.result[1])
                 r.result = None
 
-    # ---------------------------------------------------------- two passes
-    def _cut_output(self, module, args, kwargs, out):
-        if getattr(_STATE, "replaying", False) or not torch.is_grad_enabled() or self._phase == "recompute":
-            return None
-        if not (torch.is_tensor(out) and out.is_floating_point() and out.dim() and out.requires_grad):
-            raise CoverageError(
-                f"passes=2 needs the model to return one floating-point tensor whose rows are the examples, got "
-                f"{type(out).__name__}; use passes=1 for this model")
-        if any(torch.is_tensor(a) and a.requires_grad for a in tree_flatten((args, kwargs))[0]):
-            raise CoverageError("passes=2 backpropagates twice, so an input that requires grad would collect both "
-                                "passes' gradients; detach the model's inputs or use passes=1")
-        cut = out.detach().requires_grad_()
-        call = (self._forward_id, args, kwargs, self._rng)
-        cut.register_hook(lambda G: self._two_passes(module, out, G, call))
-        return cut
-
-    def _two_passes(self, module: nn.Module, out: torch.Tensor, G: torch.Tensor, call: tuple) -> None:
-        fid, args, kwargs, (cpu_rng, devices, device_rngs) = call
-        if fid != self._forward_id:
-            raise CoverageError("passes=2: call backward once after each forward of the model, before the next one")
-        first = out.detach()
-        try:
-            self._phase = "norms"
-            torch.autograd.backward(out, G)  # frees the graph as it goes, like a non-private backward
-            del out
-            c, _ = self._clip_factors(self._records)
-            if c is None:
-                return
-            self._phase, self._records, self._calls = "recompute", [], {}
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(cpu_rng)
-                set_device_states(devices, device_rngs)
-                again = module(*args, **kwargs)
-            if not (torch.is_tensor(again) and again.shape == first.shape and torch.allclose(
-                    again.detach(), first, rtol=1e-5, atol=1e-6 * float(first.abs().max()))):
-                raise CoverageError(
-                    "passes=2: the recomputed forward gave a different output (a forward with internal state or "
-                    "random numbers not drawn from torch's generators); use passes=1 for this model")
-            self._phase, self._c_rows = "sum", c.repeat_interleave(self.augmult).double()
-            torch.autograd.backward(again, G * self._c_rows.to(G.dtype).view(-1, *([1] * (G.dim() - 1))))
-            groups, _, B = self._pending(self._records)
-            for e, rs in groups.values():
-                self._run_sum(e, rs, B)
-        finally:
-            self._phase = ""
-            self._records, self._prints = [], {}
-
     def _audit(self) -> None:
         self._audited = True
         unused = [f"{e.name}.{n}" if e.name else n for e in self.entries if e.calls == 0 for n, _ in e.params]
@@ -403,11 +320,14 @@ class PrivacyEngine:
         return self.model
 
 
-def _batch(entry: Entry, args, kwargs) -> int:
-    """The batch size: the leading dimension of the call's first batched tensor argument."""
+def _batch(entry: Entry, args, kwargs, default: int = 0) -> int:
+    """The batch size: the leading dimension of the call's first batched tensor argument (`default`, the
+    model input's, for a module called without one)."""
     for a in tree_flatten((args, kwargs))[0]:
         if torch.is_tensor(a) and a.dim():
             return a.shape[0]
+    if default:
+        return default
     raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input")
 
 

@@ -1,6 +1,6 @@
 """Coverage plan: which rule computes each trainable parameter's per-example gradient.
 
-The plan walks the module tree top-down. A module with a rule (layers.RULES) owns its direct
+The plan walks the module tree top-down. A module with a rule (rules.RULES) owns its direct
 parameters; a module with trainable direct parameters and no rule becomes a *fallback unit* that owns
 every trainable parameter of its subtree (its children are not hooked separately); anything else is
 descended into. Whatever cannot be covered exactly raises `CoverageError` naming the parameter and the fix.
@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import FALLBACK, TOKEN, Rule, rule_for, token_rule_applies
+from .errors import CoverageError
+from .rules import FALLBACK, TOKEN, Rule, rule_for
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
-
-
-class CoverageError(RuntimeError):
-    """A trainable parameter would not get an exact per-example gradient."""
 
 
 @dataclass
@@ -35,16 +32,6 @@ class Entry:
 
     def label(self) -> str:
         return f"{self.name or '<root>'} ({type(self.module).__name__})"
-
-
-def choose(mode: str, T: int, p: int, d: int) -> str:
-    """The mixed rule (Bu, Mao & Xu 2022, Sec. 3.2): the ghost norm costs O(B·T²·(p+d)) time and B·T²
-    memory, instantiation O(B·T·p·d) time and B·p·d memory; ghost wins when 2T² < p·d."""
-    if mode == "ghost":
-        return "ghost"
-    if mode == "per_sample":
-        return "instantiate"
-    return "ghost" if 2 * T * T < p * d else "instantiate"
 
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -93,7 +80,7 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
                 visit(f"{name}.{child_name}" if name else child_name, child)
             return
         forced = isinstance(module, forced_types) or name in forced_names
-        if own and not forced and token_rule_applies(module, own):
+        if own and not forced and TOKEN.applies(module, own):
             entries.append(Entry(name, module, TOKEN, own))
             for child_name, child in module.named_children():
                 visit(f"{name}.{child_name}" if name else child_name, child)
@@ -139,6 +126,6 @@ def describe(entries: list[Entry]) -> str:
     lines = []
     for e in entries:
         names = ", ".join(n for n, _ in e.params)
-        lines.append(f"  {e.label():<48} {e.rule.kind:<10} {e.choice or '-':<12} [{names}]")
+        lines.append(f"  {e.label():<48} {e.rule.name:<10} {e.choice or '-':<12} [{names}]")
     return "\n".join(lines)
 

@@ -1,0 +1,68 @@
+"""Per-layer rules, one module per family, and the registry that maps a module's exact type to its rule.
+
+    base.py       the Rule protocol, Record, the mixed rule's cost model, shared tensor helpers
+    linear.py     nn.Linear                     conv.py       nn.Conv1d/2d/3d
+    norm.py       LayerNorm, GroupNorm, timm LayerNorm2d, LayerScale(2d)
+    embedding.py  nn.Embedding                  expand.py     tokens / position embeddings, block layer scale
+    fallback.py   any other module with parameters (torch.func replay; slow, reported)
+
+To support a new layer type: write a Rule (base.Rule's docstring says what it must provide) and add its type
+to RULES below (or to `_timm_rules`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Record, Rule, choose
+from .conv import ConvRule
+from .embedding import EmbeddingRule
+from .expand import ExpandRule, GammaRule, TokenRule
+from .fallback import FALLBACK, FallbackRule, is_replaying, replaying
+from .linear import LinearRule
+from .norm import GroupNormRule, LayerNormRule, ScaleRule
+
+TOKEN = TokenRule()
+
+
+def _timm_rules() -> dict[type, Rule]:
+    try:
+        from timm.layers import LayerNorm as TimmLN
+        from timm.layers import LayerNorm2d as TimmLN2d
+        from timm.layers import LayerScale, LayerScale2d
+        from timm.models import beit, cait
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return {}
+    gamma = GammaRule()
+    return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True), LayerScale: ScaleRule(-1),
+            LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
+            cait.LayerScaleBlockClassAttn: gamma}
+
+
+# Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:
+# they go to the fallback (exact) unless listed here.
+RULES: dict[type, Rule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+    nn.Embedding: EmbeddingRule(),
+    **_timm_rules(),
+}
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    rule = RULES.get(type(module))
+    if rule is not None:
+        return rule
+    # subclasses that keep the parent's forward compute the same function (e.g. timm's Linear wrappers)
+    for base, r in RULES.items():
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return r
+    return None
+
+
+__all__ = ["FALLBACK", "RULES", "TOKEN", "ExpandRule", "FallbackRule", "Record", "Rule", "choose", "is_replaying",
+           "replaying", "rule_for"]
