@@ -102,14 +102,18 @@ def _rows_to_t(t: torch.Tensor, B: int, G: int, k: int) -> torch.Tensor:
     return t.reshape(B, G, k, T) if BK == B else t.permute(0, 2, 3, 1, 4).reshape(B, G, k, -1)
 
 
+def _weight_grad(m, x: torch.Tensor, pad: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
+    """Σ over the rows of x (N, C_in, *S) and g (N, C_out, *O) of the weight gradient: the weight-gradient
+    convolution itself (handles groups, stride and dilation natively; no im2col)."""
+    return torch.ops.aten.convolution_backward(
+        g, x, m.weight, None, m.stride, pad, m.dilation, False, [0] * len(pad), m.groups, [False, True, False])[1]
+
+
 def _per_example_conv_weight(m, x: torch.Tensor, pad: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
-    """(B, C_out, C_in/G, *k): example i's weight gradient, by convolution_backward vmapped over i."""
-    n = len(pad)
+    """(B, C_out, C_in/G, *k): example i's weight gradient, by the weight-gradient convolution vmapped over i."""
 
     def one(xi, gi):
-        return torch.ops.aten.convolution_backward(
-            gi.unsqueeze(0), xi.unsqueeze(0), m.weight, None, m.stride, pad, m.dilation, False, [0] * n, m.groups,
-            [False, True, False])[1]
+        return _weight_grad(m, xi.unsqueeze(0), pad, gi.unsqueeze(0))
 
     return torch.vmap(one)(x, g)
 
@@ -176,9 +180,7 @@ class ConvRule(Rule):
             x, pad = _conv_input(m, r.args[0])
             g = r.grads[0]
             if w is not None:
-                add_grad(w, torch.ops.aten.convolution_backward(
-                    g, x, m.weight, None, m.stride, pad, m.dilation, False, [0] * len(pad), m.groups,
-                    [False, True, False])[1])
+                add_grad(w, _weight_grad(m, x, pad, g))
             if b is not None:
                 add_grad(b, g.sum([0, *range(2, g.dim())]))
 
@@ -192,10 +194,7 @@ class ConvRule(Rule):
             c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
             for x, pad, g in state["xs"]:
                 x, g = scale_smaller(x, g, c_rows)
-                gw = torch.ops.aten.convolution_backward(
-                    g, x, m.weight, None, m.stride, pad, m.dilation, False,
-                    [0] * len(pad), m.groups, [False, True, False])[1]
-                add_grad(w, gw)
+                add_grad(w, _weight_grad(m, x, pad, g))
         if b is not None and "gb" in state:
             add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
 
