@@ -210,8 +210,86 @@ def test_timm_models_match_reference(name, mode, passes):
     kinds = {e.rule.name for e in engine.entries}
     if name == "vit_tiny":  # fast paths, no fallback: the tokens and LayerScale have their own rules
         assert kinds == {"token", "conv", "linear", "norm", "scale"}
-    if name == "beit_tiny":  # attention uses qkv.weight functionally; blocks hold gamma_1/2: exact fallback
-        assert "token" in kinds and "fallback" in kinds
+    if name == "beit_tiny":  # functional qkv, q/v biases, relative-position table, block gammas: all fast rules
+        assert kinds == {"token", "conv", "linear", "norm", "gamma", "beit_attn"}
+    assert engine.fallback_share == 0.0
+
+
+BEITS = {  # the BEiT variants people train: relative (per block or shared) or absolute positions, ± layer scale
+    "relpos_layerscale": dict(use_rel_pos_bias=True, init_values=0.1),
+    "shared_relpos": dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1),
+    "abspos": dict(use_abs_pos_emb=True, use_rel_pos_bias=False),
+    "relpos_no_layerscale": dict(use_rel_pos_bias=True, init_values=0),
+    "no_qkv_bias": dict(use_rel_pos_bias=True, qkv_bias=False, init_values=0.1),
+}
+
+
+@pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2), ("per_sample", 2)])
+@pytest.mark.parametrize("variant", sorted(BEITS))
+def test_beit_variants_match_reference_without_fallback(variant, mode, passes):
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                              num_classes=3, drop_path_rate=0.0, **BEITS[variant])
+    with torch.no_grad():  # timm initialises q/v biases, gammas' spread and the table to zero/constants: perturb
+        for n, p in model.named_parameters():
+            if "bias" in n or "gamma" in n or "relative_position" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    err, engine = check(model, batches((3, 8, 8), sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
+    assert err < 1e-12
+    assert engine.fallback_share == 0.0
+
+
+def tiny_cait():
+    return timm.create_model("cait_xxs24_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                             num_classes=3, depth_token_only=1, init_values=0.1)
+
+
+def tiny_convnext():
+    return timm.create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), ls_init_value=0.1)
+
+
+@pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])
+@pytest.mark.parametrize("make", [tiny_cait, tiny_convnext], ids=["cait", "convnext"])
+def test_layer_scale_families_match_reference_without_fallback(make, mode, passes):
+    """Blocks that own a gamma applied to a child's output (CaiT, ConvNeXt): per-example stand-ins, no fallback."""
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "gamma" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    shape = (3, 32, 32) if make is tiny_convnext else (3, 8, 8)  # ConvNeXt downsamples 32× over its stages
+    err, engine = check(model, batches(shape, sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
+    assert err < 1e-12
+    assert engine.fallback_share == 0.0 and "gamma" in {e.rule.name for e in engine.entries}
+
+
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "convnext_tiny", "cait_xxs24_224", "vit_base_patch16_224"])
+def test_full_size_families_are_off_the_fallback(name):
+    """The issue's bound: ≤ 1% of the trainable parameters on the generic fallback (today: none), and the
+    attach-time log names the fallback modules when there are any."""
+    model = timm.create_model(name, num_classes=10)
+    engine = PrivacyEngine(model)
+    assert engine.fallback_share == 0.0
+    engine.detach()
+
+
+def test_fallback_share_is_logged(caplog):
+    model = WithCustom()
+    with caplog.at_level("WARNING", logger="dptrain.privacy"):
+        engine = PrivacyEngine(model)
+    share = sum(p.numel() for p in model.custom.parameters()) / sum(p.numel() for p in model.parameters())
+    assert 0 < engine.fallback_share == pytest.approx(share)
+    assert f"{100 * share:.1f}% of the trainable parameters" in caplog.text and "custom (Custom)" in caplog.text
+    engine.detach()
+
+
+def test_user_fallback_wins_over_a_rule():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    engine = PrivacyEngine(model, fallback=("0",))
+    assert [e.rule.name for e in engine.entries] == ["fallback", "linear"]
+    assert engine.fallback_share == pytest.approx(20 / 35)
+    engine.detach()
 
 
 def test_sensitivity_single_example_is_bounded():
@@ -283,11 +361,10 @@ def test_dropout_inside_fallback_raises():
     engine = PrivacyEngine(model)
     F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
     engine.detach()
-    vit = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
-                            num_classes=3, attn_drop_rate=0.1)
-    PrivacyEngine(vit)
+    unit = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 3))
+    PrivacyEngine(unit, fallback=("",))
     with pytest.raises(CoverageError, match="dropout"):
-        vit(torch.randn(2, 3, 8, 8))
+        unit(torch.randn(2, 4))
 
 
 def test_inplace_change_of_stored_input_raises():

@@ -46,22 +46,12 @@ def _dropouts(module: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _forced_fallback() -> tuple[type, ...]:
-    """Modules known to use a child's weight functionally: timm BEiT attention calls
-    F.linear(x, self.qkv.weight, qkv_bias) and never calls self.qkv."""
-    try:
-        from timm.models.beit import Attention as BeitAttention
-    except ImportError:  # pragma: no cover
-        return ()
-    return (BeitAttention,)
-
-
 def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
     """Assign every trainable parameter to exactly one Entry, or raise CoverageError.
     `fallback`: module types or qualified names to replay as a whole (fallback units)."""
     _check_shared(model)
     entries: list[Entry] = []
-    forced_types = _forced_fallback() + tuple(f for f in fallback if isinstance(f, type))
+    forced_types = tuple(f for f in fallback if isinstance(f, type))
     forced_names = {f for f in fallback if isinstance(f, str)}
 
     def visit(name: str, module: nn.Module) -> None:
@@ -71,17 +61,12 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
                 "replace it with GroupNorm (dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
             )
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        rule = rule_for(module)
-        if rule is not None and own:
+        forced = isinstance(module, forced_types) or name in forced_names  # the user's fallback wins over a rule
+        rule = None if forced or not own else rule_for(module) or (TOKEN if TOKEN.applies(module, own) else None)
+        if rule is not None:
             rule.check(module, name)
             entries.append(Entry(name, module, rule, own))
-            # a rule module with trainable children would leave them uncovered
-            for child_name, child in module.named_children():
-                visit(f"{name}.{child_name}" if name else child_name, child)
-            return
-        forced = isinstance(module, forced_types) or name in forced_names
-        if own and not forced and TOKEN.applies(module, own):
-            entries.append(Entry(name, module, TOKEN, own))
+            # the rule owns only the module's direct parameters: its children keep their own rules
             for child_name, child in module.named_children():
                 visit(f"{name}.{child_name}" if name else child_name, child)
             return

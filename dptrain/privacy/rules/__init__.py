@@ -4,6 +4,7 @@
     linear.py     nn.Linear                     conv.py       nn.Conv1d/2d/3d
     norm.py       LayerNorm, GroupNorm, timm LayerNorm2d, LayerScale(2d)
     embedding.py  nn.Embedding                  expand.py     tokens / position embeddings, block layer scale
+    beit.py       timm BEiT attention (functional qkv, q/v biases, relative-position table), shared rel-pos bias
     fallback.py   any other module with parameters (torch.func replay; slow, reported)
 
 To support a new layer type: write a Rule (base.Rule's docstring says what it must provide) and add its type
@@ -15,9 +16,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Record, Rule, choose
+from .beit import AttentionRule, SharedBiasRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
-from .expand import ExpandRule, GammaRule, TokenRule
+from .expand import ConvNeXtGammaRule, ExpandRule, GammaRule, TokenRule
 from .fallback import FALLBACK, FallbackRule, is_replaying, replaying
 from .linear import LinearRule
 from .norm import GroupNormRule, LayerNormRule, ScaleRule
@@ -30,13 +32,14 @@ def _timm_rules() -> dict[type, Rule]:
         from timm.layers import LayerNorm as TimmLN
         from timm.layers import LayerNorm2d as TimmLN2d
         from timm.layers import LayerScale, LayerScale2d
-        from timm.models import beit, cait
+        from timm.models import beit, cait, convnext
     except ImportError:  # pragma: no cover - timm is a dependency
         return {}
     gamma = GammaRule()
     return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True), LayerScale: ScaleRule(-1),
             LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
-            cait.LayerScaleBlockClassAttn: gamma}
+            cait.LayerScaleBlockClassAttn: gamma, beit.Attention: AttentionRule(),
+            beit.RelativePositionBias: SharedBiasRule(), convnext.ConvNeXtBlock: ConvNeXtGammaRule()}
 
 
 # Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:

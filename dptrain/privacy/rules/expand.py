@@ -38,6 +38,24 @@ class ExpandRule(Rule):
     def per_example(self, entry, k: int, g: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         return [(k, g)]
 
+    @torch.no_grad()
+    def verify(self, module: nn.Module, name: str, x: torch.Tensor) -> None:
+        """A rule whose `run` re-implements a timm forward must compute timm's function: compared once, at attach,
+        on a random input (eval mode), so a timm release that changes the module fails closed."""
+        params = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        if not params or params[0][1].device.type == "meta":
+            return
+        was = module.training
+        module.eval()
+        try:
+            want = module(x)
+            got = self.run(module, module.forward, params, self.taps(module, params, x.shape[0]), (x,), {})
+        finally:
+            module.train(was)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-7):
+            raise CoverageError(f"'{name}' ({type(module).__name__}): this timm version's forward differs from "
+                                "dptrain's rule for it; pass fallback=['<that module>'] (slow, exact) or report it")
+
     def norms(self, entry, recs, mode, keep=True):
         entry.choice = "instantiate"
         B = recs[0].batch
@@ -71,10 +89,11 @@ class TokenRule(ExpandRule):
     def applies(module: nn.Module, own: list) -> bool:
         try:
             from timm.models.beit import Beit
+            from timm.models.cait import Cait
             from timm.models.vision_transformer import VisionTransformer
         except ImportError:  # pragma: no cover
             return False
-        return (type(module) in (VisionTransformer, Beit) and not getattr(module, "dynamic_img_size", False)
+        return (type(module) in (VisionTransformer, Beit, Cait) and not getattr(module, "dynamic_img_size", False)
                 and all(n in TokenRule.NAMES and p.dim() == 3 and p.shape[0] == 1 for n, p in own))
 
     def taps(self, module, params, rows):
@@ -98,3 +117,30 @@ class GammaRule(ExpandRule):
 
     def per_example(self, entry, k, g):
         return [(k, g.reshape(g.shape[0], -1))]  # (B, 1, d) → (B, d)
+
+
+class ConvNeXtGammaRule(GammaRule):
+    """timm ConvNeXtBlock's own layer scale, applied as `x.mul(gamma.reshape(1, -1, 1, 1))` — a reshape a
+    (B, C) stand-in cannot pass through, so `run` is the block's forward with the stand-in (B, C, 1, 1)."""
+
+    name = "gamma"
+    NAMES = ("gamma",)
+
+    def check(self, module, name):
+        super().check(module, name)
+        conv = module.conv_dw
+        x = torch.randn(2, conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.verify(module, name, x.to(next(module.parameters())))
+
+    def taps(self, module, params, rows):
+        return [p.detach().view(1, -1, 1, 1).expand(rows, p.shape[0], 1, 1) for _, p in params]
+
+    def run(self, m, forward, params, taps, args, kwargs):
+        (x,) = args
+        shortcut = x
+        x = m.conv_dw(x)
+        if m.use_conv_mlp:
+            x = m.mlp(m.norm(x))
+        else:
+            x = m.mlp(m.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return m.drop_path(x.mul(taps[0])) + m.shortcut(shortcut)
