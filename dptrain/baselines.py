@@ -84,6 +84,7 @@ class Opacus:
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise UserError(f"Opacus cannot train this model: {errors[0]}")
+        _check_opacus_supports(model, "opacus_ghost" if ghost else "opacus")
         model = _clone_outputs(model)
         gen = None if secure else torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         # loss_reduction="mean": Opacus then rescales per-example gradients by the physical batch size and
@@ -135,6 +136,21 @@ class Opacus:
 
     def detach(self) -> nn.Module:
         return _unclone(self.model._module)
+
+
+def _check_opacus_supports(model: nn.Module, name: str) -> None:
+    """Opacus refuses a module that owns trainable parameters and holds buffers anywhere below it (its
+    GradSampleModule.validate: the buffers would not be private) — timm BEiT's attention (k_bias and the
+    relative-position index) and every module above it — with a page-long NotImplementedError. Say it in one
+    line, naming the deepest such module, before anything is wrapped."""
+    from opacus.utils.module_utils import trainable_modules
+
+    bad = [(n, m) for n, m in trainable_modules(model) if any(True for _ in m.buffers())]
+    if bad:
+        n, m = max(bad, key=lambda b: b[0].count(".") + bool(b[0]))
+        buffers = ", ".join(b for b, _ in m.named_buffers())[:80]
+        raise UserError(f"engine={name} cannot train this model: Opacus refuses module '{n or '<root>'}' "
+                        f"({type(m).__name__}: trainable parameters and buffers {buffers}); use engine=mixed_ghost")
 
 
 class _Cloned(nn.Module):

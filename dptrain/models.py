@@ -19,6 +19,9 @@ CONF_MODELS = {
     "vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
     "beit_base": "beit_base_patch16_224.in22k_ft_in22k_in1k",
     "beit_large": "beit_large_patch16_224.in22k_ft_in22k_in1k",
+    # the short names (conf/model/<name>.yaml says which size each one is)
+    "beit": "beit_base_patch16_224.in22k_ft_in22k_in1k", "vit": "vit_base_patch16_224", "resnet": "resnet18",
+    "vgg": "vgg11_bn",
 }
 
 

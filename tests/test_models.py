@@ -67,3 +67,27 @@ def test_cnn_settings_on_a_timm_name_get_a_hint():
 def test_scatter_cnn_bad_activation_is_one_line():
     with pytest.raises(UserError, match="unknown model.kwargs.act 'elu'; valid: tanh, relu"):
         create_model("scatter_cnn", num_classes=10, in_chans=243, img_size=8, act="elu")
+
+
+@pytest.mark.parametrize(("short", "full"), [("beit", "beit_base"), ("vit", "vit_base"), ("resnet", "resnet18"),
+                                             ("vgg", "vgg11")])
+def test_short_model_names_compose_to_their_documented_size(compose, short, full):
+    """`dptrain model=beit` is BEiT-base (the paper's fine-tuning default), and likewise vit, resnet, vgg."""
+    assert compose(f"model={short}").model.name == CONF_MODELS[full]
+    assert CONF_MODELS[short] == CONF_MODELS[full]
+
+
+@pytest.mark.parametrize("engine", ["opacus", "opacus_ghost"])
+def test_opacus_on_beit_is_one_line_naming_the_module(engine):
+    import timm
+
+    from dptrain.baselines import create_engine
+
+    model = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                              num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError) as err:
+        create_engine(engine, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "'blocks.0.attn' (Attention" in msg and "engine=mixed_ghost" in msg
+    assert not any(type(m).__name__ == "_Cloned" for m in model.modules())  # refused before anything was wrapped
