@@ -27,6 +27,8 @@ import torch
 DEFAULT = [  # (model, input size, batch): the goals
     ("cnn", 32, 64), ("resnet18", 32, 32), ("vit_tiny", 32, 32), ("vit_small", 32, 32), ("vgg11", 32, 16),
 ]
+# bench-only names: a BEiT of vit_tiny's size (dim 192, depth 12, 3 heads; relative position bias, layer scale)
+SIZED = {"beit_tiny": ("beit_base", {"embed_dim": 192, "num_heads": 3})}
 ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + per_sample, <mode>_2pass on request
 
 
@@ -36,7 +38,8 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
 
     torch.manual_seed(seed)
     kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
-    model = create_model(model_name, num_classes=10, img_size=size, **kw).to(device)
+    model_name, extra = SIZED.get(model_name, (model_name, {}))
+    model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     name, passes = (engine.removesuffix("_2pass"), 2) if engine.endswith("_2pass") else (engine, 1)
     eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
