@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CoverageError
 from .plan import MODES, Entry, build_plan, describe
+from .probe import probe_rows
 from .rules import FALLBACK, Record, is_replaying
 from .two_pass import TwoPass
 
@@ -94,6 +95,8 @@ class PrivacyEngine:
         self._calls: dict[int, int] = {}
         self._forward_id = 0
         self._rows = 0  # the model input's leading dimension in this forward (for taps of input-less modules)
+        self._probed = False  # probe.py: have the hooked calls' rows been checked against the examples
+        self._probing = False
         self._queued = False
         self._audited = self._logged = False
         self._handles: list = []
@@ -123,10 +126,17 @@ class PrivacyEngine:
 
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args, kwargs):
-        if is_replaying() or self._phase == "recompute":
+        if is_replaying() or self._phase == "recompute" or self._probing:
             return
+        if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
+            self._probing = True
+            try:
+                probe_rows(self.model, self.entries, args, kwargs)
+            finally:
+                self._probing = False
+            self._probed = True
         self._forward_id += 1
-        self._rows = next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
+        self._rows = self._rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
         if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
@@ -135,6 +145,10 @@ class PrivacyEngine:
                 "in reduced precision and the clipping bound would not hold exactly; run the forward in float32")
         if self._two is not None and torch.is_grad_enabled():
             self._two.save_rng(args, kwargs)
+
+    @staticmethod
+    def _rows_of(args, kwargs) -> int:
+        return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
 
     def _wrap(self, entry: Entry) -> None:
         if entry.rule.expands:
@@ -256,6 +270,10 @@ class PrivacyEngine:
         if len(sizes) > 1:
             raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
         rows = sizes.pop() if sizes else 0
+        if rows and self._rows and rows != self._rows:
+            raise CoverageError(
+                f"hooked layers saw {rows} rows but the model's input has {self._rows}: their rows are not the "
+                "examples (a sequence-first (T, B, …) layout or a transpose); keep the batch dimension first")
         if rows % self.augmult:
             raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
         return groups, done, rows // self.augmult

@@ -16,6 +16,10 @@ class EmbeddingRule(Rule):
     def check(self, module, name):
         if module.sparse:
             raise CoverageError(f"embedding '{name}' uses sparse gradients; set sparse=False")
+        if module.scale_grad_by_freq:
+            # the 1/count scaling counts ids over the whole batch: example i's gradient would depend on the others
+            raise CoverageError(f"embedding '{name}' has scale_grad_by_freq=True, which scales each example's "
+                                "gradient by id counts over the whole batch (not a per-example gradient); set it False")
 
     @staticmethod
     def _gather(entry, recs) -> tuple[torch.Tensor, torch.Tensor] | None:

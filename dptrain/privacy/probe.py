@@ -1,0 +1,140 @@
+"""Which rows are the examples: a one-time probe before the first training step.
+
+The engine clips row i of each hooked call as example i. That holds only if the call's leading dimension is the
+model's batch. A sequence-first layer (nn.MultiheadAttention's default, a transpose to (T, B, d) in user code)
+has T rows; when T ≠ B the backward refuses, but when T == B a per-row clip is a per-time-step clip and one
+example's gradient can exceed R silently (pitfalls.md: measured 2.7·R). A table or mask shared by all examples,
+passed as an argument, can also have B rows by coincidence.
+
+The probe (eval mode, random state forked, hooks of the engine off) checks both directions for every tensor with
+B leading rows that a hooked call takes or returns:
+  forward:  the model on the batch and on the batch with example 0 changed — only row 0 may change;
+  backward: the gradient of example 0's outputs alone — only row 0 may receive any.
+A row that moves with another example, or that influences another example, is not an example: CoverageError
+naming the module. An argument whose rows neither depend on the examples nor carry a gradient (a mask or table
+passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when it would be split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import CoverageError
+from .plan import Entry
+from .rules import FALLBACK, replaying
+
+
+def _perturbed(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    if x.is_floating_point():
+        y[0] = x[0] + 1.0 + torch.randn_like(x[0])
+    else:  # ids: every value stays one the batch already holds (max + 1 → 0)
+        y[0] = (x[0] + 1) % (int(x.max()) + 1)
+    return y
+
+
+def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool) -> dict[int, list[list]]:
+    """Per entry, per call: the flat tensor arguments (and, with grad=True, outputs appended), detached unless
+    grad=True (then the live tensors, for torch.autograd.grad)."""
+    seen: dict[int, list[list]] = {id(e): [] for e in entries}
+
+    def hook(entry, module, a, kw, out):
+        flat = tree_flatten((a, kw))[0] + (tree_flatten(out)[0] if grad else [])
+        keep = (lambda t: t) if grad else (lambda t: t.detach().clone())
+        seen[id(entry)].append([keep(t) if torch.is_tensor(t) else None for t in flat])
+
+    handles = [e.module.register_forward_hook(lambda m, a, kw, o, e=e: hook(e, m, a, kw, o), with_kwargs=True)
+               for e in entries]
+    try:
+        with torch.set_grad_enabled(grad), replaying():
+            out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if grad:
+        seen[-1] = [[t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.is_floating_point()]]
+    return seen
+
+
+def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict) -> None:
+    """Raises CoverageError where a hooked call's rows are not the examples, or an argument the fallback would
+    split is ambiguous. Needs a batch of at least two examples (else returns: nothing to tell apart)."""
+    flat, spec = tree_flatten((args, kwargs))
+    k = next((i for i, t in enumerate(flat) if torch.is_tensor(t) and t.dim()), None)
+    if k is None or flat[k].shape[0] < 2:
+        return
+    B = flat[k].shape[0]
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[flat[k].device] if flat[k].is_cuda else []):
+            first = _capture(model, entries, args, kwargs, grad=False)
+            changed = tree_unflatten([_perturbed(t) if i == k else t for i, t in enumerate(flat)], spec)
+            second = _capture(model, entries, *changed, grad=False)
+            live = _capture(model, entries, args, kwargs, grad=True)
+    finally:
+        model.train(was)
+    grads = _example_zero_grads(live)
+    for e in entries:
+        for c, (call_a, call_b) in enumerate(zip(first[id(e)], second[id(e)])):
+            # the fallback splits every argument; other rules read only the first (their input, or their batch)
+            first_arg = next((i for i, t in enumerate(call_a) if torch.is_tensor(t) and t.dim()), None)
+            if e.rule is not FALLBACK and first_arg is not None and call_a[first_arg].shape[0] != B:
+                raise CoverageError(
+                    f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {call_a[first_arg].shape[0]} rows "
+                    f"but the model's batch has {B}, so its rows are not the examples (a sequence-first (T, B, …) "
+                    "layout, a transpose, or windows of examples); keep the batch dimension first")
+            for pos, (a, b) in enumerate(zip(call_a, call_b)):
+                if not (torch.is_tensor(a) and a.dim() and a.shape[0] == B) or (
+                        e.rule is not FALLBACK and pos != first_arg):
+                    continue
+                moved = _rows(a != b, B)
+                g = grads.get((id(e), c, pos))
+                reach = None if g is None else _rows(g != 0, B)
+                for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
+                    if rows is not None and rows[1:].any():
+                        _refuse(e, a, what, rows)
+                if not moved.any() and g is None:
+                    raise CoverageError(
+                        f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the "
+                        "examples: a table or mask shared by all examples, or per-example copies of a constant — "
+                        "ambiguous. Register it as a buffer of the module, or give it a size other than the batch")
+        if e.rule.expands:  # its stand-ins carry the per-example gradients, not its outputs
+            continue
+        for c, call in enumerate(live[id(e)]):  # outputs too: a row that reaches example 0 must be row 0
+            for pos in range(len(first[id(e)][c]) if c < len(first[id(e)]) else 0, len(call)):
+                g = grads.get((id(e), c, pos))
+                if g is not None and g.dim() and g.shape[0] == B and _rows(g != 0, B)[1:].any():
+                    _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, B))
+
+
+def _example_zero_grads(live: dict) -> dict[tuple[int, int, int], torch.Tensor]:
+    """Gradients of example 0's outputs (its row of every float model output, summed) w.r.t. every captured
+    tensor that requires grad: {(entry id, call, position): gradient}."""
+    outs = live.pop(-1)[0]
+    loss = sum(o[0].sum() for o in outs if o.dim() and o.requires_grad)
+    keys, tensors = [], []
+    for eid, calls in live.items():
+        for c, call in enumerate(calls):
+            for pos, t in enumerate(call):
+                if torch.is_tensor(t) and t.requires_grad and t.is_floating_point():
+                    keys.append((eid, c, pos))
+                    tensors.append(t)
+    if not torch.is_tensor(loss) or not tensors:
+        return {}
+    got = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return {k: (torch.zeros_like(t) if g is None else g) for k, t, g in zip(keys, tensors, got)}
+
+
+def _rows(mask: torch.Tensor, B: int) -> torch.Tensor:
+    return mask.reshape(B, -1).any(1)
+
+
+def _refuse(e: Entry, a: torch.Tensor, what: str, rows: torch.Tensor) -> None:
+    moved = rows.nonzero().flatten().tolist()
+    raise CoverageError(
+        f"{e.label()}: rows {moved[:6]}{' …' if len(moved) > 6 else ''} of its {tuple(a.shape)} input or output "
+        f"{what}, so its rows are not the examples (a sequence-first (T, B, …) layout, a transpose, or a tensor "
+        "shared by the batch); keep the batch dimension first (e.g. batch_first=True)")
