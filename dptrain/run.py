@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .allocator import keep_freed_memory
-from .baselines import ENGINES, create_engine
 from .data import create_dataset
+from .engines import ENGINES, create_engine
 from .errors import UserError
 from .loop import evaluate, train_one_epoch
 from .models import create_model, data_config

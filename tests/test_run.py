@@ -141,7 +141,7 @@ def test_ema_averages_every_optimizer_step():
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from dptrain.baselines import create_engine
+    from dptrain.engines import create_engine
     from dptrain.loop import train_one_epoch
 
     torch.manual_seed(0)
