@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dptrain import schema as key
 from dptrain.data import augment, create_dataset
 from dptrain.errors import UserError
 
@@ -100,7 +101,7 @@ def test_run_on_folder_with_builtin_engine(quick, tmp_path):
     write_folder(tmp_path / "imgs", per_class=6)
     s, _ = quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8", "batch_size=6",
                  "engine=mixed_ghost")
-    assert s["dataset"] == "folder" and s["privacy/sampling"] == "poisson"
+    assert s[key.DATASET] == "folder" and s[key.SAMPLING] == "poisson"
 
 
 def test_scattering_features_replace_images_per_example():
