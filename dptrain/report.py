@@ -115,7 +115,8 @@ def report(paths: list[str], *, table: str | None = None, out: str = "results") 
         raise SystemExit(f"dptrain-report: no summary.json under {', '.join(paths)}"
                          + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
     df = pd.DataFrame(rows)
-    table = table or df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
+    if not table:  # the runs' own name (a sweep's table), else "runs"
+        table = df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, table)
     df.to_csv(base + ".csv", index=False)

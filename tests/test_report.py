@@ -67,3 +67,16 @@ def test_csv_columns_come_from_the_schema(tmp_path):
     df = pd.read_csv(tmp_path / "results" / "runs.csv")
     assert list(df.columns[: len(key.COLUMNS)]) == list(key.COLUMNS)
     assert (df.eps_spent[0], df.samples_per_s[0], df.test_acc[0]) == (2.9, 123.0, 0.5)
+
+
+def test_table_option_names_the_output_also_for_unnamed_runs(tmp_path):
+    """--table wins whether or not the runs have a `name` (it was ignored for runs without one)."""
+    write_run(tmp_path / "runs" / "a")
+    write_run(tmp_path / "runs" / "b", **{key.TEST_ACC: 0.7})
+    out = report([str(tmp_path / "runs")], table="mine", out=str(tmp_path / "results"))
+    assert out["csv"] == str(tmp_path / "results" / "mine.csv") and out["runs"] == 2
+    assert report([str(tmp_path / "runs")], out=str(tmp_path / "results"))["csv"].endswith("runs.csv")
+    write_run(tmp_path / "named" / "c", name="sweep")
+    assert report([str(tmp_path / "named")], out=str(tmp_path / "results"))["csv"].endswith("sweep.csv")
+    assert report([str(tmp_path / "named")], table="mine2", out=str(tmp_path / "results"))["csv"].endswith("mine2.csv")
+
