@@ -18,12 +18,12 @@ from .engines import ENGINES, create_engine
 from .errors import UserError
 from .loop import evaluate, train_one_epoch
 from .models import create_model, data_config
+from .optim import create_optimizer, create_schedule
 from .privacy.accounting import ACCOUNTANTS, default_delta, epsilon, noise_multiplier_for, steps_for
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .tracking import Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
-OPTIMIZERS = ("sgd", "adam")
 
 
 def run(cfg, run_dir: str) -> dict:
@@ -61,8 +61,8 @@ def run(cfg, run_dir: str) -> dict:
     if fmt is not None:
         model = model.to(memory_format=fmt)
     ema = _ema(model, cfg.privacy.ema)
-    optimizer = _optimizer(cfg.optimizer, model)
-    scheduler = _schedule(cfg.optimizer.schedule, optimizer, steps)
+    optimizer = create_optimizer(cfg.optimizer, model)
+    scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
     sigma = budget["privacy/noise_multiplier"]
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
@@ -190,15 +190,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _optimizer(o, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    raise UserError(f"unknown optimizer '{o.name}'; valid: {', '.join(OPTIMIZERS)}")
-
-
 def _check_input(model, data, name: str, device) -> None:
     """One example through the model before training, so that a model/input mismatch (a timm model whose
     downsampling needs a larger image, a fixed img_size) is a one-line error rather than a traceback."""
@@ -214,15 +205,6 @@ def _check_input(model, data, name: str, device) -> None:
                         f"({first}); set dataset.image_size to a size the model accepts") from None
     finally:
         model.train(was)
-
-
-def _schedule(name: str, optimizer, steps: int):
-    """Learning-rate schedule over the run's optimizer steps (one per logical batch)."""
-    if name == "constant":
-        return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    raise UserError(f"unknown optimizer.schedule '{name}'; valid: constant, cosine")
 
 
 def _ema(model, decay):

@@ -180,10 +180,10 @@ def test_cosine_schedule_decays_to_zero_over_the_run(quick):
     _, d = quick("name=b", "optimizer.lr=0.5", "epochs=3", "optimizer.schedule=cosine")
     b = torch.load(d / "model.pt")
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # a different, decaying lr was used
-    from dptrain.run import _schedule
+    from dptrain.optim import create_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched, lrs = _schedule("cosine", opt, 10), []
+    sched, lrs = create_schedule("cosine", opt, 10), []
     for _ in range(10):
         opt.step()
         sched.step()
