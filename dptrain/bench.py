@@ -33,7 +33,7 @@ ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + 
 
 
 def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0):
-    from .baselines import create_engine
+    from .engines import create_engine
     from .models import create_model
 
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from . import schema as key
 from .config import register
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -29,17 +30,17 @@ def main(cfg) -> float:
         print(f"dptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_summary(summary))
-    return summary["test/acc"]
+    return summary[key.TEST_ACC]
 
 
 def format_summary(s: dict) -> str:
-    eps = s.get("privacy/eps_spent")
+    eps = s.get(key.EPS_SPENT)
     priv = "non-private" if eps is None else (
-        f"eps spent {eps:.3f} (target {s['privacy/eps']}, delta {s['privacy/delta']:.3g}, "
-        f"sigma {s['privacy/noise_multiplier']:.3f}, {s['privacy/accountant']}, {s['privacy/sampling']})")
-    return (f"{s['model']} on {s['dataset']} with {s['engine']}: test acc {s['test/acc']:.4f} | {priv}\n"
-            f"  {s['perf/samples_per_s']:.0f} samples/s, step {s['perf/step_ms']:.1f} ms (median), "
-            f"peak mem {s['perf/peak_mem_mb']:.0f} MB, {s['privacy/steps']} steps in {s['wall_s']:.1f} s")
+        f"eps spent {eps:.3f} (target {s[key.EPS]}, delta {s[key.DELTA]:.3g}, "
+        f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
+    return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
+            f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
+            f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s")
 
 
 if __name__ == "__main__":

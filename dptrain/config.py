@@ -79,7 +79,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eps: float | None = 3.0  # target ε
     delta: float | None = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
-    epochs: float = 10.0
+    epochs: float = 15.0  # may be fractional; steps = round(epochs / q)
     batch_size: int = 256  # logical (expected) batch size L; q = L / n
     physical_batch_size: int = 128  # memory chunk; never changes the privacy or the update
     max_grad_norm: float = 1.0  # per-example clipping bound R

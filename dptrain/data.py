@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import UserError
+from .errors import UserError, lookup
 
 log = logging.getLogger("dptrain.data")
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder", "fake")
+# DATASETS (name → loader) and FEATURES (name → feature map) follow their functions, below
 STATS = {  # per-channel mean/std of the training split, for from-scratch models
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -41,33 +42,24 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
                    features: str = "none") -> Data:
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
-    if name == "digits":
-        data = _digits(image_size)
-    elif name == "fake":
-        data = _fake(size, num_classes, channels, image_size or 32, seed)
-    else:
-        data = _images(name, root or os.path.join(data_dir, name), image_size, mean, std, download, cache)
-    if features != "none":
-        data = _features(data, features)
+    """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only)."""
+    load = lookup("dataset", name, DATASETS)
+    featurize = lookup("dataset.features", features, FEATURES)
+    data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
+                download=download, cache=cache, seed=seed, size=size, num_classes=num_classes, channels=channels)
+    data = featurize(data)
     if val_fraction > 0:
         data = _validation_split(data, val_fraction, seed)
     return data
 
 
-FEATURES = ("none", "scattering")
-
-
-def _features(data: Data, features: str) -> Data:
-    """Replace the images by a fixed, data-independent feature map, computed once for both splits.
-    scattering: the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
+def _scattering(data: Data) -> Data:
+    """Replace the images by a fixed, data-independent feature map, computed once for both splits:
+    the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
     (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
     and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation."""
-    if features not in FEATURES:
-        raise UserError(f"unknown dataset.features '{features}'; valid: {', '.join(FEATURES)}")
     if not isinstance(data.train, TensorDataset):
-        raise UserError(f"dataset.features={features} needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
+        raise UserError(f"dataset.features=scattering needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
                         "and dataset.cache=true")
     if data.image_size % 4:
         raise UserError(f"dataset.features=scattering needs an image size divisible by 4, got {data.image_size}")
@@ -89,7 +81,10 @@ def _features(data: Data, features: str) -> Data:
     return data
 
 
-def _digits(image_size: int | None) -> Data:
+FEATURES = {"none": lambda data: data, "scattering": _scattering}
+
+
+def _digits(*, image_size: int | None, **_) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -105,7 +100,8 @@ def _digits(image_size: int | None) -> Data:
                 "digits")
 
 
-def _fake(size: int, num_classes: int, channels: int, image_size: int, seed: int) -> Data:
+def _fake(*, size: int, num_classes: int, channels: int, image_size: int | None, seed: int, **_) -> Data:
+    image_size = image_size or 32
     g = torch.Generator().manual_seed(seed)
     n_test = max(1, size // 4)
     x = torch.randn(size + n_test, channels, image_size, image_size, generator=g)
@@ -121,17 +117,13 @@ def _transform(image_size: int | None, mean, std):
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _images(name, root, image_size, mean, std, download, cache) -> Data:
+def _images(name: str, splits, *, root, image_size, mean, std, download, cache, **_) -> Data:
+    """Image files decoded by torchvision; `splits(root, transform, name=, download=)` → (train, test)."""
     default_mean, default_std = STATS.get(name, ((0.5,) * 3, (0.5,) * 3))
     tf = _transform(image_size, mean or default_mean, std or default_std)
-    if name == "folder":
-        train, test = _folder(root, tf)
-        classes = train.classes
-    else:
-        train, test = (_cifar(name, root, s, tf, download) for s in (True, False))
-        classes = train.classes
+    train, test = splits(root, tf, name=name, download=download)
     x0 = train[0][0]
-    data = Data(train, test, len(classes), x0.shape[0], x0.shape[-1], name)
+    data = Data(train, test, len(train.classes), x0.shape[0], x0.shape[-1], name)
     if cache and data.image_size <= CACHE_MAX_SIZE:
         log.info("decoding %s into memory (%d + %d images)", name, len(train), len(test))
         data.train, data.test = _materialise(train), _materialise(test)
@@ -148,7 +140,7 @@ def _materialise(ds: Dataset) -> TensorDataset:
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-def _folder(root: str, tf):
+def _folder(root: str, tf, **_):
     from torchvision.datasets import ImageFolder
 
     dirs = [os.path.join(root, s) for s in ("train", "test")]
@@ -165,11 +157,14 @@ def _folder(root: str, tf):
     return train, test
 
 
-def _cifar(name: str, root: str, train: bool, tf, download: bool):
+def _cifar_splits(torchvision_class: str, root: str, tf, *, name: str, download: bool):
     from torchvision import datasets
 
-    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    base = getattr(datasets, torchvision_class)
+    return tuple(_cifar(base, name, root, train, tf, download) for train in (True, False))
 
+
+def _cifar(base, name: str, root: str, train: bool, tf, download: bool):
     class Local(base):
         """torchvision's loader; integrity = the batch files are present (a partial or foreign copy fails
         at load with a clear message instead of a checksum error)."""
@@ -200,6 +195,15 @@ def _cifar(name: str, root: str, train: bool, tf, download: bool):
         return Local(root, train=train, transform=tf, download=False)
     except Exception as e:
         raise UserError(f"corrupt {name} files under '{root}': {type(e).__name__}: {e}") from None
+
+
+DATASETS = {
+    "digits": _digits,
+    "cifar10": partial(_images, "cifar10", partial(_cifar_splits, "CIFAR10")),
+    "cifar100": partial(_images, "cifar100", partial(_cifar_splits, "CIFAR100")),
+    "folder": partial(_images, "folder", _folder),
+    "fake": _fake,
+}
 
 
 def _validation_split(data: Data, fraction: float, seed: int) -> Data:

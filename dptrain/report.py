@@ -14,14 +14,8 @@ import json
 import os
 import sys
 
-COLUMNS = {  # csv column → summary key
-    "model": "model", "dataset": "dataset", "engine": "engine", "eps": "privacy/eps",
-    "eps_spent": "privacy/eps_spent", "delta": "privacy/delta", "noise_multiplier": "privacy/noise_multiplier",
-    "sample_rate": "privacy/sample_rate", "steps": "privacy/steps", "accountant": "privacy/accountant",
-    "sampling": "privacy/sampling", "test_acc": "test/acc", "train_loss": "train/loss",
-    "samples_per_s": "perf/samples_per_s", "step_ms": "perf/step_ms", "peak_mem_mb": "perf/peak_mem_mb",
-    "wall_s": "wall_s", "commit": "commit", "machine": "machine",
-}
+from . import schema as key
+from .schema import COLUMNS
 
 
 def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -38,9 +32,9 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
                 except (OSError, ValueError) as e:
                     failed.append(f"{d} (unreadable summary.json: {type(e).__name__})")
                     continue
-                row = {k: s.get(v) for k, v in COLUMNS.items()}
-                cfg = s.get("config") or {}
-                row.update(name=s.get("name"), seed=cfg.get("seed"), batch_size=cfg.get("batch_size"),
+                row = {col: s.get(k) for col, k in COLUMNS.items()}
+                cfg = s.get(key.CONFIG) or {}
+                row.update(name=s.get(key.NAME), seed=cfg.get("seed"), batch_size=cfg.get("batch_size"),
                            epochs=cfg.get("epochs"), eps=row["eps"] if row["eps"] is not None else cfg.get("eps"),
                            run_dir=d)
                 rows.append(row)
@@ -121,7 +115,8 @@ def report(paths: list[str], *, table: str | None = None, out: str = "results") 
         raise SystemExit(f"dptrain-report: no summary.json under {', '.join(paths)}"
                          + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
     df = pd.DataFrame(rows)
-    table = table or df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
+    if not table:  # the runs' own name (a sweep's table), else "runs"
+        table = df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, table)
     df.to_csv(base + ".csv", index=False)

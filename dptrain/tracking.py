@@ -12,6 +12,10 @@ import sys
 
 import torch
 
+from .errors import check_name
+
+LOGGERS = ("none", "wandb")
+
 
 def git_commit() -> str | None:
     try:
@@ -58,16 +62,13 @@ class Tracker:
         self.run_dir = run_dir
         self.metrics = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
+        check_name("logger", logger, LOGGERS)
         if logger == "wandb":
             import wandb
 
             os.environ.setdefault("WANDB_MODE", mode)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=project, name=name, config=config, dir=run_dir, reinit="finish_previous")
-        elif logger != "none":
-            from .errors import UserError
-
-            raise UserError(f"unknown logger '{logger}'; valid: none, wandb")
 
     def log(self, row: dict) -> None:
         with open(self.metrics, "a") as f:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant
 
+from dptrain import schema as key
 from dptrain.privacy import DPOptimizer
 from dptrain.privacy.accounting import default_delta, epsilon, noise_multiplier_for, steps_for
 from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler, physical
@@ -85,24 +86,24 @@ def test_physical_batch_size_changes_memory_only(quick):
 def test_training_takes_exactly_the_calibrated_steps(quick):
     s, run_dir = quick("epochs=2.5", "batch_size=10")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == s["privacy/steps"] == steps_for(2.5, 10 / 64)
+    assert rows[-1][key.STEP] == s[key.STEPS] == steps_for(2.5, 10 / 64)
 
 
 @pytest.mark.parametrize("engine", ["mixed_ghost", "opacus", "opacus_ghost"])
 def test_empty_poisson_batches_are_noise_only_steps(quick, engine):
     s, _ = quick(f"engine={engine}", "batch_size=1", "epochs=0.5")  # q = 1/64: many empty logical batches
-    assert s["privacy/steps"] == 32 and s["privacy/eps_spent"] <= 3.0
+    assert s[key.STEPS] == 32 and s[key.EPS_SPENT] <= 3.0
 
 
 def test_shuffle_is_labelled_not_guaranteed(quick):
     s, _ = quick("privacy.sampling=shuffle")
-    assert s["privacy/sampling"] == "shuffle" and s["privacy/eps_guaranteed"] is False
+    assert s[key.SAMPLING] == "shuffle" and s[key.EPS_GUARANTEED] is False
 
 
 def test_given_noise_multiplier_reports_epsilon(quick):
     s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure_noise=true")
-    assert s["privacy/noise_multiplier"] == 1.5 and s["privacy/eps"] is None
-    assert s["privacy/eps_spent"] > 0 and s["privacy/secure_noise"] is True
+    assert s[key.NOISE_MULTIPLIER] == 1.5 and s[key.EPS] is None
+    assert s[key.EPS_SPENT] > 0 and s[key.SECURE_NOISE] is True
 
 
 def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
@@ -111,10 +112,10 @@ def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
 
     s = run(compose("progress=false", "eps=1"), str(tmp_path / "r"))
     acc = PRVAccountant()
-    acc.history = [(s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"])]
-    eps = acc.get_epsilon(delta=s["privacy/delta"])
+    acc.history = [(s[key.NOISE_MULTIPLIER], s[key.SAMPLE_RATE], s[key.STEPS])]
+    eps = acc.get_epsilon(delta=s[key.DELTA])
     assert 0.9 <= eps <= 1.0
-    assert s["privacy/sampling"] == "poisson" and s["privacy/accountant"] == "prv"
+    assert s[key.SAMPLING] == "poisson" and s[key.ACCOUNTANT] == "prv"
 
 
 def test_noise_reaches_every_parameter_including_non_contiguous_gradients():

@@ -35,3 +35,16 @@ def test_headline_overrides(compose):
     cfg = compose("eps=8", "batch_size=64", "engine=opacus", "model=resnet18", "dataset=cifar10")
     assert (cfg.eps, cfg.batch_size, cfg.engine.name, cfg.model.name, cfg.dataset.name) == (
         8.0, 64, "opacus", "resnet18", "cifar10")
+
+
+def test_defaults_have_one_source(compose):
+    """Top-level defaults live in TrainConfig only: conf/train.yaml chooses groups and sets no value (epochs
+    was once 10 in the dataclass and 15 in the yaml)."""
+    from omegaconf import OmegaConf
+
+    from dptrain.config import TrainConfig
+
+    assert set(OmegaConf.load(os.path.join(CONF, "train.yaml"))) == {"defaults", "hydra"}
+    cfg, schema = compose(), TrainConfig()
+    assert cfg.epochs == schema.epochs == 15  # what `make demo` runs
+    assert (cfg.eps, cfg.delta, cfg.batch_size, cfg.seed) == (schema.eps, schema.delta, schema.batch_size, schema.seed)

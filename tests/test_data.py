@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dptrain import schema as key
 from dptrain.data import augment, create_dataset
 from dptrain.errors import UserError
 
@@ -100,7 +101,7 @@ def test_run_on_folder_with_builtin_engine(quick, tmp_path):
     write_folder(tmp_path / "imgs", per_class=6)
     s, _ = quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8", "batch_size=6",
                  "engine=mixed_ghost")
-    assert s["dataset"] == "folder" and s["privacy/sampling"] == "poisson"
+    assert s[key.DATASET] == "folder" and s[key.SAMPLING] == "poisson"
 
 
 def test_scattering_features_replace_images_per_example():
@@ -118,3 +119,22 @@ def test_scattering_features_replace_images_per_example():
         create_dataset("fake", size=8, image_size=16, features="sift")
     with pytest.raises(UserError, match="divisible by 4, got 10"):
         create_dataset("fake", size=8, image_size=10, features="scattering")
+
+
+@pytest.mark.parametrize("name", ["imagenet", "svhn", "CIFAR10", "cifar"])
+def test_unknown_dataset_is_not_loaded_as_cifar(tmp_path, name):
+    """Only the registry's names load; anything else is one error listing them (never CIFAR-100 by default)."""
+    write_cifar(tmp_path)
+    with pytest.raises(UserError, match=rf"unknown dataset '{name}'; valid: digits, cifar10, cifar100, folder, fake$"):
+        create_dataset(name, root=str(tmp_path), download=False)
+
+
+def test_every_conf_dataset_has_a_loader_and_every_loader_a_conf_file():
+    import os
+
+    from conftest import CONF
+
+    from dptrain.data import DATASETS
+
+    conf = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "dataset")))
+    assert conf == sorted(DATASETS)

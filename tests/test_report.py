@@ -5,6 +5,7 @@ import os
 import pandas as pd
 from conftest import TINY, cli
 
+from dptrain import schema as key
 from dptrain.report import report
 
 
@@ -48,3 +49,34 @@ def test_optuna_search_runs_when_the_extra_is_installed(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     best = (tmp_path / "opt" / "optimization_results.yaml").read_text()
     assert "optimizer.lr" in best and "max_grad_norm" in best and "best_value" in best
+
+
+def write_run(d, **values):
+    """A finished run's directory: a summary.json with every schema key (None unless given)."""
+    import json
+
+    d.mkdir(parents=True)
+    s = dict.fromkeys(key.SUMMARY) | {key.MODEL: "cnn", key.ENGINE: "mixed_ghost", key.TEST_ACC: 0.5,
+                                      key.STEP_MS: 10.0, key.PEAK_MEM_MB: 100.0, key.CONFIG: {"eps": 3.0}} | values
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_csv_columns_come_from_the_schema(tmp_path):
+    write_run(tmp_path / "runs" / "a", **{key.EPS_SPENT: 2.9, key.SAMPLES_PER_S: 123.0})
+    report([str(tmp_path / "runs")], out=str(tmp_path / "results"))
+    df = pd.read_csv(tmp_path / "results" / "runs.csv")
+    assert list(df.columns[: len(key.COLUMNS)]) == list(key.COLUMNS)
+    assert (df.eps_spent[0], df.samples_per_s[0], df.test_acc[0]) == (2.9, 123.0, 0.5)
+
+
+def test_table_option_names_the_output_also_for_unnamed_runs(tmp_path):
+    """--table wins whether or not the runs have a `name` (it was ignored for runs without one)."""
+    write_run(tmp_path / "runs" / "a")
+    write_run(tmp_path / "runs" / "b", **{key.TEST_ACC: 0.7})
+    out = report([str(tmp_path / "runs")], table="mine", out=str(tmp_path / "results"))
+    assert out["csv"] == str(tmp_path / "results" / "mine.csv") and out["runs"] == 2
+    assert report([str(tmp_path / "runs")], out=str(tmp_path / "results"))["csv"].endswith("runs.csv")
+    write_run(tmp_path / "named" / "c", name="sweep")
+    assert report([str(tmp_path / "named")], out=str(tmp_path / "results"))["csv"].endswith("sweep.csv")
+    assert report([str(tmp_path / "named")], table="mine2", out=str(tmp_path / "results"))["csv"].endswith("mine2.csv")
+

@@ -5,28 +5,39 @@ import json
 import pytest
 from conftest import TINY, cli
 
+from dptrain import schema as key
+from dptrain.engines import ENGINES
 from dptrain.errors import UserError
 
-KEYS = ["test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/eps_spent", "privacy/noise_multiplier",
-        "privacy/sample_rate", "privacy/steps", "privacy/accountant", "privacy/sampling", "perf/samples_per_s",
-        "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset", "wall_s", "config", "commit"]
+
+def test_summary_keys_are_the_published_ones():
+    """Other tools read summary.json and metrics.jsonl by these strings: a rename must fail here."""
+    assert key.SUMMARY == (
+        "test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
+        "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure_noise", "privacy/sample_rate", "privacy/steps",
+        "privacy/eps_spent", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset",
+        "epochs", "wall_s", "device", "machine", "commit", "name", "config")
+    assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
 
 
-@pytest.mark.parametrize("engine", ["mixed_ghost", "ghost", "per_sample", "opacus", "opacus_ghost", "nonprivate"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_every_engine_runs_and_writes_summary(quick, engine):
     s, run_dir = quick(f"engine={engine}")
     on_disk = json.loads((run_dir / "summary.json").read_text())
-    assert set(KEYS) <= set(on_disk)
-    assert 0 <= s["test/acc"] <= 1
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == s["epochs"] >= 1
+    assert tuple(on_disk) == tuple(s) == key.SUMMARY
+    assert 0 <= s[key.TEST_ACC] <= 1
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == s[key.EPOCHS] >= 1 and all(tuple(line) == key.METRICS for line in lines)
     if engine == "nonprivate":
-        assert s["privacy/eps_spent"] is None and s["privacy/noise_multiplier"] is None
-        assert s["privacy/sampling"] is None
+        assert s[key.EPS_SPENT] is None and s[key.NOISE_MULTIPLIER] is None
+        assert s[key.SAMPLING] is None
     else:
-        assert 0 < s["privacy/eps_spent"] <= 3.0
-        assert s["privacy/sampling"] == "poisson"
-        assert json.loads(lines[-1])["privacy/eps_spent"] == pytest.approx(s["privacy/eps_spent"])
+        assert 0 < s[key.EPS_SPENT] <= 3.0
+        assert s[key.SAMPLING] == "poisson"
+        assert lines[-1][key.EPS_SPENT] == pytest.approx(s[key.EPS_SPENT])
+    from dptrain.cli import format_summary
+
+    assert f"with {engine}: test acc" in format_summary(s)
 
 
 def test_builtin_and_opacus_give_identical_models(quick):
@@ -48,8 +59,8 @@ def test_digits_learns(quick, compose, tmp_path):
 
     cfg = compose("progress=false")  # the embedded default, as `make demo` runs it
     s = run(cfg, str(tmp_path / "d"))
-    assert s["dataset"] == "digits" and s["test/acc"] >= 0.6
-    assert s["privacy/eps_spent"] <= 3.0
+    assert s[key.DATASET] == "digits" and s[key.TEST_ACC] >= 0.6
+    assert s[key.EPS_SPENT] <= 3.0
 
 
 @pytest.mark.parametrize("override,message", [
@@ -91,7 +102,7 @@ def test_multirun_four_jobs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summaries = sorted((tmp_path / "m").glob("*/summary.json"))
     assert len(summaries) == 4
-    got = {(json.loads(p.read_text())["engine"], json.loads(p.read_text())["config"]["eps"]) for p in summaries}
+    got = {(json.loads(p.read_text())[key.ENGINE], json.loads(p.read_text())[key.CONFIG]["eps"]) for p in summaries}
     assert got == {("opacus", 1.0), ("opacus", 8.0), ("nonprivate", 1.0), ("nonprivate", 8.0)}
 
 
@@ -104,7 +115,7 @@ def test_wandb_offline(quick):
 
 def test_augmult_and_ema_run(quick):
     s, _ = quick("privacy.augmult=2", "dataset.augment=true", "privacy.ema=0.9")
-    assert s["config"]["privacy"]["augmult"] == 2 and 0 <= s["test/acc"] <= 1
+    assert s[key.CONFIG]["privacy"]["augmult"] == 2 and 0 <= s[key.TEST_ACC] <= 1
     with pytest.raises(UserError, match="augmult"):
         quick("privacy.augmult=2")
     with pytest.raises(UserError, match="augmult=2 need a built-in engine"):
@@ -141,7 +152,7 @@ def test_ema_averages_every_optimizer_step():
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from dptrain.baselines import create_engine
+    from dptrain.engines import create_engine
     from dptrain.loop import train_one_epoch
 
     torch.manual_seed(0)
@@ -169,10 +180,10 @@ def test_cosine_schedule_decays_to_zero_over_the_run(quick):
     _, d = quick("name=b", "optimizer.lr=0.5", "epochs=3", "optimizer.schedule=cosine")
     b = torch.load(d / "model.pt")
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # a different, decaying lr was used
-    from dptrain.run import _schedule
+    from dptrain.optim import create_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched, lrs = _schedule("cosine", opt, 10), []
+    sched, lrs = create_schedule("cosine", opt, 10), []
     for _ in range(10):
         opt.step()
         sched.step()
@@ -197,7 +208,7 @@ def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
     base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=scatter_cnn",
             "model.kwargs.width=4", "epochs=1", "batch_size=16"]
     s = run(compose(*base, "dataset.features=scattering"), str(tmp_path / "a"))
-    assert s["model"] == "scatter_cnn" and s["dataset"] == "fake-scattering" and s["privacy/eps_spent"] <= 3.0
+    assert s[key.MODEL] == "scatter_cnn" and s[key.DATASET] == "fake-scattering" and s[key.EPS_SPENT] <= 3.0
     with pytest.raises(UserError, match="dataset.features=scattering is computed once"):
         run(compose(*base, "dataset.features=scattering", "dataset.augment=true"), str(tmp_path / "b"))
     with pytest.raises(UserError, match="scatter_cnn takes ScatterNet features"):

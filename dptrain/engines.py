@@ -1,21 +1,46 @@
-"""Engines behind one interface: the built-in engine (mixed_ghost, ghost, per_sample), the Opacus
+"""Engines behind one interface (`Engine`): the built-in engine (mixed_ghost, ghost, per_sample), the Opacus
 baselines (opacus: hooks; opacus_ghost: fast gradient clipping, two backward passes) and nonprivate.
 
-Per logical batch the loop calls `backward(out, y, last=...)` once per physical batch, then `step()`.
 All private engines see the same Poisson batches, divide by the same expected batch size L and add
 N(0, σ²R²) once per logical batch, so their ε and their updates are comparable.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, lookup
 from .privacy import MODES, DPOptimizer, PrivacyEngine
 
-ENGINES = (*MODES, "opacus", "opacus_ghost", "nonprivate")
+
+class Engine(Protocol):
+    """What the training loop (loop.py), run.py and dptrain-bench ask of an engine.
+
+    Per logical batch the loop calls `backward(model(x), y, last=...)` once per physical batch — `last=True` on
+    the logical batch's final one — and then `step()` exactly once, also when the batch was empty (a Poisson
+    batch can be: the step is then noise only). After the last step, `detach()` once.
+
+    - `model`: the module to run forward (an engine may have wrapped the user's model, e.g. Opacus).
+    - `backward(out, y, *, last) -> float`: the summed cross-entropy of this physical batch (for the progress
+      bar and metrics); its per-example gradients, clipped, are added to what earlier physical batches of the
+      same logical batch left.
+    - `step()`: noise N(0, σ²R²) added once to the clipped sum, ÷ L (the *expected* logical batch size),
+      optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
+    - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
+    """
+
+    model: nn.Module
+
+    def backward(self, out: torch.Tensor, y: torch.Tensor, *, last: bool) -> float: ...
+
+    def step(self) -> None: ...
+
+    def detach(self) -> nn.Module: ...
 
 
 def _loss(out, y, augmult: int):
@@ -42,9 +67,6 @@ class BuiltIn:
     def step(self) -> None:
         self.optimizer.step()  # noise once, ÷ L, step, zero
 
-    def describe(self) -> str:
-        return self.engine.describe()
-
     def detach(self) -> nn.Module:
         return self.engine.detach()
 
@@ -66,9 +88,6 @@ class NonPrivate:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def describe(self) -> str:
-        return "  non-private: plain autograd, no clipping, no noise"
-
     def detach(self) -> nn.Module:
         return self.model
 
@@ -78,8 +97,12 @@ class Opacus:
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, seed=0,
-                 secure=False, **_):
+                 secure=False, clipping="abadi", augmult=1, **_):
         from opacus.validators import ModuleValidator
+
+        if clipping != "abadi" or augmult != 1:
+            raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
+                            f"({', '.join(MODES)}) or nonprivate")
 
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
@@ -108,7 +131,7 @@ class Opacus:
             self.model = GradSampleModule(model, loss_reduction="mean")
             self.optimizer = OpacusDPOptimizer(optimizer, **kw)
             self.criterion = nn.CrossEntropyLoss()
-        self.ghost, self._stepped = ghost, False
+        self._stepped = False
 
     def backward(self, out, y, *, last: bool) -> float:
         loss = self.criterion(out, y)
@@ -130,9 +153,6 @@ class Opacus:
             opt.original_optimizer.step()
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
-
-    def describe(self) -> str:
-        return f"  opacus {'fast gradient (ghost) clipping' if self.ghost else 'hooks'}"
 
     def detach(self) -> nn.Module:
         return _unclone(self.model._module)
@@ -181,20 +201,20 @@ def _unclone(model: nn.Module) -> nn.Module:
     return model
 
 
+# name → factory; every factory takes create_engine's keyword arguments and ignores those it has no use for
+ENGINES = {
+    **{mode: partial(BuiltIn, mode=mode) for mode in MODES},
+    "opacus": partial(Opacus, ghost=False),
+    "opacus_ghost": partial(Opacus, ghost=True),
+    "nonprivate": NonPrivate,
+}
+
+
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1):
-    if name not in ENGINES:
-        raise UserError(f"unknown engine '{name}'; valid: {', '.join(ENGINES)}")
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1) -> Engine:
+    factory = lookup("engine", name, ENGINES)
     if passes not in (1, 2) or (passes == 2 and name not in MODES):
         raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
-    kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-              seed=seed, secure=secure)
-    if name in MODES:
-        return BuiltIn(model, optimizer, mode=name, clipping=clipping, gamma=gamma, augmult=augmult, passes=passes,
-                       **kw)
-    if name == "nonprivate":
-        return NonPrivate(model, optimizer, augmult=augmult, **kw)
-    if clipping != "abadi" or augmult != 1:
-        raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
-                        f"({', '.join(MODES)}) or nonprivate")
-    return Opacus(model, optimizer, ghost=name == "opacus_ghost", **kw)
+    return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                   expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma, seed=seed, secure=secure,
+                   augmult=augmult, passes=passes)

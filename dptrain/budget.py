@@ -1,0 +1,89 @@
+"""The privacy budget of a run — q, steps, σ, δ — validated and fixed before training; training then takes
+exactly `steps` steps, so the ε reported is the ε spent."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import schema as key
+from .errors import UserError, check_name
+from .privacy.accounting import ACCOUNTANTS, default_delta, epsilon, noise_multiplier_for, steps_for
+
+log = logging.getLogger("dptrain")
+SAMPLING = ("poisson", "shuffle")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A non-private run has only `sample_rate` and `steps`; the rest stays None."""
+
+    sample_rate: float  # q = L / n
+    steps: int
+    eps: float | None = None  # the target; None when σ was given
+    delta: float | None = None
+    noise_multiplier: float | None = None  # σ
+    accountant: str | None = None
+    sampling: str | None = None  # poisson, shuffle
+    eps_guaranteed: bool | None = None  # only Poisson sampling is what the accountant assumes
+    secure_noise: bool | None = None
+
+    def eps_spent(self, steps: int) -> float | None:
+        """ε after `steps` steps, by the accountant that calibrated σ; None for a non-private run."""
+        if self.noise_multiplier is None:
+            return None
+        return epsilon(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps,
+                       delta=self.delta, accountant=self.accountant)
+
+    def summary(self, steps_done: int) -> dict:
+        """The summary's privacy/... keys, ε spent after `steps_done` steps included."""
+        return {key.EPS: self.eps, key.DELTA: self.delta, key.NOISE_MULTIPLIER: self.noise_multiplier,
+                key.ACCOUNTANT: self.accountant, key.SAMPLING: self.sampling, key.EPS_GUARANTEED: self.eps_guaranteed,
+                key.SECURE_NOISE: self.secure_noise, key.SAMPLE_RATE: self.sample_rate, key.STEPS: self.steps,
+                key.EPS_SPENT: self.eps_spent(steps_done)}
+
+
+def create_budget(cfg, n: int, *, private: bool) -> Budget:
+    """Validate the training inputs (cfg: a TrainConfig) for a training set of `n` examples and fix the budget."""
+    _check_training_inputs(cfg, n)
+    q = cfg.batch_size / n
+    steps = steps_for(cfg.epochs, q)
+    if not private:
+        return Budget(sample_rate=q, steps=steps)
+    p = cfg.privacy
+    check_name("accountant", p.accountant, ACCOUNTANTS)
+    check_name("privacy.sampling", p.sampling, SAMPLING)
+    delta = cfg.delta if cfg.delta is not None else default_delta(n)
+    if not 0 < delta < 1 / n:
+        raise UserError(f"delta={delta} must be in (0, 1/n) = (0, {1 / n:.3g}) for n={n} training examples")
+    sigma = p.noise_multiplier
+    if sigma is None:
+        if cfg.eps is None or not cfg.eps > 0:
+            raise UserError(f"eps must be > 0 (got {cfg.eps}), or give privacy.noise_multiplier")
+        try:
+            sigma = noise_multiplier_for(eps=cfg.eps, delta=delta, sample_rate=q, steps=steps, accountant=p.accountant)
+        except ValueError as e:
+            raise UserError(f"cannot reach eps={cfg.eps} in {steps} steps at q={q:.4g}: {e}") from None
+    elif sigma <= 0:
+        raise UserError(f"privacy.noise_multiplier must be > 0, got {sigma}")
+    if p.sampling == "shuffle":
+        log.warning("privacy.sampling=shuffle: fixed-size shuffled batches are NOT what the accountant assumes; "
+                    "the reported eps is not a guarantee")
+    return Budget(sample_rate=q, steps=steps, eps=cfg.eps if p.noise_multiplier is None else None, delta=delta,
+                  noise_multiplier=sigma, accountant=p.accountant, sampling=p.sampling,
+                  eps_guaranteed=p.sampling == "poisson", secure_noise=p.secure_noise)
+
+
+def _check_training_inputs(cfg, n: int) -> None:
+    L = cfg.batch_size
+    if not 1 <= L <= n:
+        raise UserError(f"batch_size={L} must be between 1 and the training set size n={n}")
+    if cfg.physical_batch_size < 1:
+        raise UserError(f"physical_batch_size must be >= 1, got {cfg.physical_batch_size}")
+    if not cfg.epochs > 0:
+        raise UserError(f"epochs must be > 0, got {cfg.epochs}")
+    if not cfg.max_grad_norm > 0:
+        raise UserError(f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
+    if cfg.privacy.augmult < 1 or (cfg.privacy.augmult > 1 and not cfg.dataset.augment):
+        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs an integer >= 1, and dataset.augment=true "
+                        "when > 1 (identical copies add nothing)")

@@ -1,0 +1,56 @@
+"""The keys of summary.json and metrics.jsonl — defined here once; run.py writes them, the CLI prints them,
+dptrain-report reads them, the tests check them.
+
+The key strings are a published format (other tools read summary.json): add keys, never rename one.
+"""
+
+from __future__ import annotations
+
+# results
+TEST_ACC = "test/acc"
+TEST_LOSS = "test/loss"  # metrics.jsonl only
+TRAIN_LOSS = "train/loss"
+
+# the privacy budget, fixed before training (budget.Budget.summary writes them, in this order)
+EPS = "privacy/eps"  # the target ε; None when σ was given
+DELTA = "privacy/delta"
+NOISE_MULTIPLIER = "privacy/noise_multiplier"
+ACCOUNTANT = "privacy/accountant"
+SAMPLING = "privacy/sampling"
+EPS_GUARANTEED = "privacy/eps_guaranteed"  # False under shuffle sampling: the accountant assumes Poisson
+SECURE_NOISE = "privacy/secure_noise"
+SAMPLE_RATE = "privacy/sample_rate"
+STEPS = "privacy/steps"
+EPS_SPENT = "privacy/eps_spent"  # the accountant's ε for the steps taken (also per epoch in metrics.jsonl)
+PRIVACY = (EPS, DELTA, NOISE_MULTIPLIER, ACCOUNTANT, SAMPLING, EPS_GUARANTEED, SECURE_NOISE, SAMPLE_RATE, STEPS,
+           EPS_SPENT)
+
+# performance
+SAMPLES_PER_S = "perf/samples_per_s"
+PEAK_MEM_MB = "perf/peak_mem_mb"
+STEP_MS = "perf/step_ms"  # median over the run's optimizer steps
+
+# what ran, where
+ENGINE, MODEL, DATASET = "engine", "model", "dataset"
+EPOCH, STEP = "epoch", "step"  # metrics.jsonl: this line's epoch and the optimizer steps so far
+EPOCHS = "epochs"  # epochs run (the last may be partial); the requested number is config.epochs
+WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
+NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
+CONFIG = "config"  # the resolved config
+
+SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, SAMPLES_PER_S, PEAK_MEM_MB, STEP_MS, ENGINE, MODEL, DATASET, EPOCHS,
+           WALL_S, DEVICE, MACHINE, COMMIT, NAME, CONFIG)  # summary.json's keys, in file order
+METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
+
+
+def column(key: str) -> str:
+    """A key's dptrain-report csv column: privacy/ and perf/ drop their prefix (eps_spent, step_ms); the others
+    join with "_" (test_acc)."""
+    group, _, rest = key.rpartition("/")
+    return rest if group in ("privacy", "perf") else key.replace("/", "_")
+
+
+# the summary keys dptrain-report tabulates, in csv column order
+REPORTED = (MODEL, DATASET, ENGINE, EPS, EPS_SPENT, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, ACCOUNTANT,
+            SAMPLING, TEST_ACC, TRAIN_LOSS, SAMPLES_PER_S, STEP_MS, PEAK_MEM_MB, WALL_S, COMMIT, MACHINE)
+COLUMNS = {column(k): k for k in REPORTED}  # csv column → summary key
