@@ -81,7 +81,7 @@ def test_short_model_names_compose_to_their_documented_size(compose, short, full
 def test_opacus_on_beit_is_one_line_naming_the_module(engine):
     import timm
 
-    from dptrain.baselines import create_engine
+    from dptrain.engines import create_engine
 
     model = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
                               num_classes=3)
