@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .errors import UserError
+from .privacy.streams import Streams
 
 log = logging.getLogger("dptrain.data")
 
@@ -41,18 +42,19 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
                    features: str = "none") -> Data:
+    """seed: the run's seed; fake data and the validation split use its "data" and "split" streams."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     if name == "digits":
         data = _digits(image_size)
     elif name == "fake":
-        data = _fake(size, num_classes, channels, image_size or 32, seed)
+        data = _fake(size, num_classes, channels, image_size or 32, Streams(seed).seed_for("data"))
     else:
         data = _images(name, root or os.path.join(data_dir, name), image_size, mean, std, download, cache)
     if features != "none":
         data = _features(data, features)
     if val_fraction > 0:
-        data = _validation_split(data, val_fraction, seed)
+        data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
     return data
 
 
@@ -206,7 +208,7 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
     """Hold out part of the training set as the evaluation split, so hyperparameters are never tuned on
     the test split. The private training set shrinks accordingly (n, q and δ follow)."""
     n = len(data.train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, int(n * fraction))
     data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
     data.name += "-val"

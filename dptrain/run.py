@@ -20,6 +20,7 @@ from .loop import evaluate, train_one_epoch
 from .models import create_model, data_config
 from .privacy.accounting import ACCOUNTANTS, default_delta, epsilon, noise_multiplier_for, steps_for
 from .privacy.sampling import PoissonSampler, ShuffleSampler
+from .seeding import create_streams
 from .tracking import Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
@@ -31,7 +32,8 @@ def run(cfg, run_dir: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
-    torch.manual_seed(cfg.seed)
+    streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
+    torch.manual_seed(streams.seed_for("model"))
     device = _device(cfg.device)
     private = cfg.engine.name != "nonprivate"
     if cfg.engine.name not in ENGINES:
@@ -66,11 +68,11 @@ def run(cfg, run_dir: str) -> dict:
     sigma = budget["privacy/noise_multiplier"]
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=sigma or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
-                           clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, seed=cfg.seed,
-                           secure=cfg.privacy.secure_noise, augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
+                           clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
     sampling = budget["privacy/sampling"] or "shuffle"
-    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, seed=cfg.seed) if sampling == "poisson"
-               else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed))
+    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
+               else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget["privacy/noise_multiplier"], budget["privacy/delta"])
@@ -79,7 +81,7 @@ def run(cfg, run_dir: str) -> dict:
                       config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     per_epoch = max(1, round(n / cfg.batch_size))
     bar = tqdm(total=steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
-    aug = torch.Generator().manual_seed(cfg.seed + 2) if ds.augment else None
+    aug = streams.generator("augment") if ds.augment else None
     it, done, seen, times, epoch, row = iter(sampler), 0, 0, [], 0, {}
     t_train = time.perf_counter()
     while done < steps:
@@ -112,7 +114,7 @@ def run(cfg, run_dir: str) -> dict:
     torch.save(plain.state_dict(), os.path.join(run_dir, "model.pt"))
 
     summary = {
-        "test/acc": row["test/acc"], "train/loss": row["train/loss"], **budget,
+        "test/acc": row["test/acc"], "train/loss": row["train/loss"], **budget, **streams.summary(),
         "privacy/eps_spent": _spent(budget, done),
         "perf/samples_per_s": seen / train_s if train_s > 0 else None,
         "perf/peak_mem_mb": peak_memory_mb(device),
@@ -142,7 +144,7 @@ def _budget(cfg, n: int, private: bool) -> dict:
     q = L / n
     steps = steps_for(cfg.epochs, q)
     keys = ["privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant", "privacy/sampling",
-            "privacy/eps_guaranteed", "privacy/secure_noise"]
+            "privacy/eps_guaranteed"]
     budget = dict.fromkeys(keys)
     budget.update({"privacy/sample_rate": q, "privacy/steps": steps})
     if not private:
@@ -170,8 +172,7 @@ def _budget(cfg, n: int, private: bool) -> dict:
                     "the reported eps is not a guarantee")
     budget.update({"privacy/eps": cfg.eps if p.noise_multiplier is None else None, "privacy/delta": delta,
                    "privacy/noise_multiplier": sigma, "privacy/accountant": p.accountant,
-                   "privacy/sampling": p.sampling, "privacy/eps_guaranteed": p.sampling == "poisson",
-                   "privacy/secure_noise": p.secure_noise})
+                   "privacy/sampling": p.sampling, "privacy/eps_guaranteed": p.sampling == "poisson"})
     return budget
 
 

@@ -100,9 +100,9 @@ def test_shuffle_is_labelled_not_guaranteed(quick):
 
 
 def test_given_noise_multiplier_reports_epsilon(quick):
-    s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure_noise=true")
+    s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure=true")
     assert s["privacy/noise_multiplier"] == 1.5 and s["privacy/eps"] is None
-    assert s["privacy/eps_spent"] > 0 and s["privacy/secure_noise"] is True
+    assert s["privacy/eps_spent"] > 0 and s["privacy/secure"] is True
 
 
 def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
