@@ -87,9 +87,9 @@ class Streams:
 
     def describe(self) -> dict[str, str]:
         """Where each stream comes from, for summary.json."""
-        sub = {"noise": "chunk"}
+        sub = {"noise": " chunk"}  # one sub-stream per noise chunk
         return {name: "os.urandom" if self.secure and name in SECURE
-                else f"SeedSequence({self.seed}, spawn_key=({k}, {sub.get(name, '')}))" for name, k in KEYS.items()}
+                else f"SeedSequence({self.seed}, spawn_key=({k},{sub.get(name, '')}))" for name, k in KEYS.items()}
 
     def summary(self) -> dict:
         return {"privacy/secure": self.secure, "privacy/streams": self.describe()}
