@@ -8,7 +8,7 @@ function of what it is meant to hide. Here stream NAME gets
     numpy.random.SeedSequence(seed, spawn_key=(KEYS[NAME], *sub))      # = SeedSequence(seed).spawn(...)[KEY]
 
 whose 64-bit output seeds a torch.Generator. SeedSequence hashes (entropy, spawn key) into its pool, so two
-different keys give unrelated seeds for every seed (a collision is a 2**-64 event per pair), and stream k of
+different keys give unrelated seeds for every seed (a collision is a ~2**-63 event per pair), and stream k of
 seed a is unrelated to stream j of seed b as well (no `seed + 1` arithmetic across runs).
 
 torch's CPU generator (mt19937) keeps only the LOW 32 BITS of a seed (manual_seed(1) and manual_seed(1 + 2**32)
