@@ -26,7 +26,7 @@ class Budget:
     accountant: str | None = None
     sampling: str | None = None  # poisson, shuffle
     eps_guaranteed: bool | None = None  # only Poisson sampling is what the accountant assumes
-    secure_noise: bool | None = None
+    secure: bool | None = None  # sampling and noise from OS entropy (streams.py)
 
     def eps_spent(self, steps: int) -> float | None:
         """ε after `steps` steps, by the accountant that calibrated σ; None for a non-private run."""
@@ -39,11 +39,11 @@ class Budget:
         """The summary's privacy/... keys, ε spent after `steps_done` steps included."""
         return {key.EPS: self.eps, key.DELTA: self.delta, key.NOISE_MULTIPLIER: self.noise_multiplier,
                 key.ACCOUNTANT: self.accountant, key.SAMPLING: self.sampling, key.EPS_GUARANTEED: self.eps_guaranteed,
-                key.SECURE_NOISE: self.secure_noise, key.SAMPLE_RATE: self.sample_rate, key.STEPS: self.steps,
-                key.EPS_SPENT: self.eps_spent(steps_done)}
+                key.SECURE: self.secure, key.SECURE_NOISE: self.secure, key.SAMPLE_RATE: self.sample_rate,
+                key.STEPS: self.steps, key.EPS_SPENT: self.eps_spent(steps_done)}
 
 
-def create_budget(cfg, n: int, *, private: bool) -> Budget:
+def create_budget(cfg, n: int, *, private: bool, secure: bool = False) -> Budget:
     """Validate the training inputs (cfg: a TrainConfig) for a training set of `n` examples and fix the budget."""
     _check_training_inputs(cfg, n)
     q = cfg.batch_size / n
@@ -71,7 +71,7 @@ def create_budget(cfg, n: int, *, private: bool) -> Budget:
                     "the reported eps is not a guarantee")
     return Budget(sample_rate=q, steps=steps, eps=cfg.eps if p.noise_multiplier is None else None, delta=delta,
                   noise_multiplier=sigma, accountant=p.accountant, sampling=p.sampling,
-                  eps_guaranteed=p.sampling == "poisson", secure_noise=p.secure_noise)
+                  eps_guaranteed=p.sampling == "poisson", secure=secure)
 
 
 def _check_training_inputs(cfg, n: int) -> None:

@@ -57,7 +57,8 @@ class PrivacyConfig:
     accountant: str = "prv"  # prv, rdp, gdp
     sampling: str = "poisson"  # poisson (accounted), shuffle (NOT DP-accounted; ε reported as not guaranteed)
     noise_multiplier: float | None = None  # σ; derived from (eps, delta, q, steps) unless given
-    secure_noise: bool = False  # seed the noise from OS entropy instead of `seed`
+    secure: bool = False  # sampler AND noise from OS entropy (a CSPRNG) on every draw, not from `seed` (streams.py)
+    secure_noise: bool | None = None  # deprecated alias: true means secure=true (seeding.py says why)
     augmult: int = 1  # augmentation multiplicity K: K augmented copies of each example, one clipped gradient
     ema: float | None = None  # exponential moving average of the weights for evaluation (e.g. 0.999)
 

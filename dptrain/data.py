@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .errors import UserError, lookup
+from .privacy.streams import Streams
 
 log = logging.getLogger("dptrain.data")
 
@@ -42,14 +43,16 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
                    features: str = "none") -> Data:
-    """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only)."""
+    """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
+    seed: the run's seed; fake data and the validation split use its "data" and "split" streams."""
     load = lookup("dataset", name, DATASETS)
     featurize = lookup("dataset.features", features, FEATURES)
     data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
-                download=download, cache=cache, seed=seed, size=size, num_classes=num_classes, channels=channels)
+                download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
+                num_classes=num_classes, channels=channels)
     data = featurize(data)
     if val_fraction > 0:
-        data = _validation_split(data, val_fraction, seed)
+        data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
     return data
 
 
@@ -210,7 +213,7 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
     """Hold out part of the training set as the evaluation split, so hyperparameters are never tuned on
     the test split. The private training set shrinks accordingly (n, q and δ follow)."""
     n = len(data.train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, int(n * fraction))
     data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
     data.name += "-val"

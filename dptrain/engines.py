@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import UserError, lookup
 from .privacy import MODES, DPOptimizer, PrivacyEngine
+from .privacy.streams import Streams
 
 
 class Engine(Protocol):
@@ -52,12 +53,12 @@ def _loss(out, y, augmult: int):
 
 class BuiltIn:
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1):
+                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1):
         self.model, self.augmult = model, augmult
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
                                     augmult=augmult, passes=passes)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, seed=seed, secure=secure)
+                                     expected_batch_size=expected_batch_size, streams=streams)
 
     def backward(self, out, y, *, last: bool) -> float:
         loss = _loss(out, y, self.augmult)
@@ -96,24 +97,27 @@ class Opacus:
     """Opacus 1.x as users run it: GradSampleModule + DPOptimizer (hooks), or the fast-gradient-clipping
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
 
-    def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, seed=0,
-                 secure=False, clipping="abadi", augmult=1, **_):
+    def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
+                 clipping="abadi", augmult=1, **_):
         from opacus.validators import ModuleValidator
 
         if clipping != "abadi" or augmult != 1:
             raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
                             f"({', '.join(MODES)}) or nonprivate")
+        if streams.secure:  # Opacus' secure_mode needs torchcsprng; without it, it draws from torch's global PRNG
+            raise UserError("privacy.secure=true needs a built-in engine: Opacus' secure mode needs torchcsprng "
+                            f"(not installed); valid: {', '.join(MODES)}")
 
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise UserError(f"Opacus cannot train this model: {errors[0]}")
         _check_opacus_supports(model, "opacus_ghost" if ghost else "opacus")
         model = _clone_outputs(model)
-        gen = None if secure else torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        gen = streams.generator("opacus", device=next(model.parameters()).device)
         # loss_reduction="mean": Opacus then rescales per-example gradients by the physical batch size and
         # divides the noisy sum by L (with "sum" it would not divide at all)
         kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  expected_batch_size=expected_batch_size, loss_reduction="mean", generator=gen, secure_mode=secure)
+                  expected_batch_size=expected_batch_size, loss_reduction="mean", generator=gen)
         if ghost:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -211,10 +215,12 @@ ENGINES = {
 
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, augmult=1, passes=1) -> Engine:
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1) -> Engine:
+    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure)."""
     factory = lookup("engine", name, ENGINES)
     if passes not in (1, 2) or (passes == 2 and name not in MODES):
         raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
     return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                   expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma, seed=seed, secure=secure,
-                   augmult=augmult, passes=passes)
+                   expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma,
+                   streams=streams if streams is not None else Streams(seed, secure=secure), augmult=augmult,
+                   passes=passes)

@@ -23,6 +23,7 @@ from .loop import evaluate, train_one_epoch
 from .models import create_model, data_config
 from .optim import create_optimizer, create_schedule
 from .privacy.sampling import PoissonSampler, ShuffleSampler
+from .seeding import create_streams
 from .tracking import Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
@@ -33,14 +34,15 @@ def run(cfg, run_dir: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
-    torch.manual_seed(cfg.seed)
+    streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
+    torch.manual_seed(streams.seed_for("model"))
     device = _device(cfg.device)
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
 
     data = _data(cfg)
     n = len(data.train)
     # q, steps and σ, fixed before training; training takes exactly `steps`
-    budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate")
+    budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure)
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device)
@@ -49,21 +51,23 @@ def run(cfg, run_dir: str) -> dict:
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
-                           clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, seed=cfg.seed,
-                           secure=cfg.privacy.secure_noise, augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
+                           clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
     sampling = budget.sampling or "shuffle"
-    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, seed=cfg.seed) if sampling == "poisson"
-               else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed))
+    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
+               else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)
 
     tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
                       config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    augment = streams.generator("augment") if cfg.dataset.augment else None
     trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
-                     device=device)
+                     augment=augment, device=device)
     torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
-    summary = _summary(cfg, data, budget, trained, device=device, t_start=t_start, commit=commit)
+    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
+                       commit=commit)
     tracker.finish(summary)
     return summary
 
@@ -106,13 +110,12 @@ class Trained:
     train_s: float
 
 
-def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker,
+def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
            device) -> Trained:
     """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
     each, evaluate `model` (its EMA if any) and log one metrics.jsonl line."""
     steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
     bar = tqdm(total=steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
-    aug = torch.Generator().manual_seed(cfg.seed + 2) if cfg.dataset.augment else None
     it, done, seen, times, epoch, row = iter(sampler), 0, 0, [], 0, {}
     t_train = time.perf_counter()
     while done < steps:
@@ -126,7 +129,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
 
         stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                device=device, num_workers=cfg.dataset.num_workers, augment_gen=aug,
+                                device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
                                 augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
                                 memory_format=_memory_format(cfg), on_step=on_step)
         done += len(logical)
@@ -143,11 +146,13 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                    train_s=time.perf_counter() - t_train)
 
 
-def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, device, t_start: float, commit) -> dict:
+def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, device, t_start: float,
+             commit) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
         key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS], **budget.summary(t.steps),
+        key.STREAMS: streams,
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
         key.PEAK_MEM_MB: peak_memory_mb(device),
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,

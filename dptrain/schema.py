@@ -18,12 +18,14 @@ NOISE_MULTIPLIER = "privacy/noise_multiplier"
 ACCOUNTANT = "privacy/accountant"
 SAMPLING = "privacy/sampling"
 EPS_GUARANTEED = "privacy/eps_guaranteed"  # False under shuffle sampling: the accountant assumes Poisson
-SECURE_NOISE = "privacy/secure_noise"
+SECURE = "privacy/secure"  # sampler and noise drawn from OS entropy (privacy.secure), not from the seed
+SECURE_NOISE = "privacy/secure_noise"  # deprecated, kept for readers of older summaries: equals SECURE
 SAMPLE_RATE = "privacy/sample_rate"
 STEPS = "privacy/steps"
 EPS_SPENT = "privacy/eps_spent"  # the accountant's ε for the steps taken (also per epoch in metrics.jsonl)
-PRIVACY = (EPS, DELTA, NOISE_MULTIPLIER, ACCOUNTANT, SAMPLING, EPS_GUARANTEED, SECURE_NOISE, SAMPLE_RATE, STEPS,
-           EPS_SPENT)
+PRIVACY = (EPS, DELTA, NOISE_MULTIPLIER, ACCOUNTANT, SAMPLING, EPS_GUARANTEED, SECURE, SECURE_NOISE, SAMPLE_RATE,
+           STEPS, EPS_SPENT)
+STREAMS = "privacy/streams"  # where each random stream came from (privacy/streams.py: seed keys, or OS entropy)
 
 # performance
 SAMPLES_PER_S = "perf/samples_per_s"
@@ -38,7 +40,7 @@ WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
 CONFIG = "config"  # the resolved config
 
-SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, SAMPLES_PER_S, PEAK_MEM_MB, STEP_MS, ENGINE, MODEL, DATASET, EPOCHS,
+SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, SAMPLES_PER_S, PEAK_MEM_MB, STEP_MS, ENGINE, MODEL, DATASET, EPOCHS,
            WALL_S, DEVICE, MACHINE, COMMIT, NAME, CONFIG)  # summary.json's keys, in file order
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
 

@@ -101,9 +101,9 @@ def test_shuffle_is_labelled_not_guaranteed(quick):
 
 
 def test_given_noise_multiplier_reports_epsilon(quick):
-    s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure_noise=true")
+    s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure=true")
     assert s[key.NOISE_MULTIPLIER] == 1.5 and s[key.EPS] is None
-    assert s[key.EPS_SPENT] > 0 and s[key.SECURE_NOISE] is True
+    assert s[key.EPS_SPENT] > 0 and s[key.SECURE] is True and s[key.SECURE_NOISE] is True
 
 
 def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):

@@ -10,7 +10,7 @@ from dptrain.privacy.accounting import steps_for
 
 def test_eps_spent_is_the_accountants_and_summary_has_the_privacy_keys():
     b = Budget(sample_rate=0.01, steps=1000, eps=2.0, delta=1e-5, noise_multiplier=1.0, accountant="prv",
-               sampling="poisson", eps_guaranteed=True, secure_noise=False)
+               sampling="poisson", eps_guaranteed=True, secure=False)
     assert b.eps_spent(1000) == pytest.approx(1.8384, abs=2e-3)  # the golden ε of test_accounting
     assert b.eps_spent(0) == 0.0
     s = b.summary(500)

@@ -8,11 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.autograd.profiler import record_function
 
+from .streams import Streams, os_normal
+
 # The noise for the flat vector of all gradients is split into CHUNKS fixed ranges, each with its own
-# generator (seed, chunk), so the draw does not depend on the thread count. On CPU the ranges fill in parallel
-# threads (normal_ releases the GIL): 3× faster than one randn for an 11M-parameter ResNet-18. Each range is
-# drawn through a small scratch buffer straight into the gradients, so no parameter-sized noise tensor exists:
-# that buffer was 45 MB of a ResNet-18's extra memory, and the scratch stays in cache while it is added.
+# generator (sub-stream `chunk` of the "noise" stream, streams.py), so the draw does not depend on the thread
+# count. On CPU the ranges fill in parallel threads (normal_ and os.urandom release the GIL): 3× faster than one
+# randn for an 11M-parameter ResNet-18. Each range is drawn through a small scratch buffer straight into the
+# gradients, so no parameter-sized noise tensor exists: that buffer was 45 MB of a ResNet-18's extra memory, and
+# the scratch stays in cache while it is added.
 CHUNKS = 8
 SCRATCH = {"cpu": 1 << 18}  # elements per draw; other devices: 1 << 22 (fewer kernel launches)
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(CHUNKS, os.cpu_count() or 1)))
@@ -24,12 +27,14 @@ class DPOptimizer:
     logical batch size L (not the realised one: the sensitivity of the average is R/L only then),
     steps, and zeroes the gradients. Call it once per logical batch, after all its physical batches.
 
-    The generator is seeded (reproducible experiments) unless `secure=True`, which seeds it from OS
-    entropy for deployments.
+    The noise comes from `streams` ("noise" stream, one sub-stream per chunk; default Streams(seed, secure)):
+    seeded generators (reproducible experiments; seed=None: a fresh root seed), or in secure mode OS entropy
+    on every draw (streams.os_normal) for deployments.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: int, seed: int | None = None, secure: bool = False):
+                 expected_batch_size: int, seed: int | None = None, secure: bool = False,
+                 streams: Streams | None = None):
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if expected_batch_size <= 0:
@@ -37,8 +42,8 @@ class DPOptimizer:
         self.optimizer = optimizer
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
-        self.secure = secure
-        self.seed = int.from_bytes(os.urandom(8), "little") >> 1 if secure or seed is None else seed
+        self.streams = streams if streams is not None else Streams(seed, secure=secure)
+        self.secure = self.streams.secure
         self._gens: dict[str, list[torch.Generator]] = {}
 
     @property
@@ -48,8 +53,7 @@ class DPOptimizer:
     def _generators(self, device: torch.device) -> list[torch.Generator]:
         key = str(device)
         if key not in self._gens:
-            self._gens[key] = [torch.Generator(device=device).manual_seed((self.seed * 1000 + i) % 2**63)
-                               for i in range(CHUNKS)]
+            self._gens[key] = [self.streams.generator("noise", i, device=device) for i in range(CHUNKS)]
         return self._gens[key]
 
     def _add_noise(self, grads: list[torch.Tensor], std: float) -> None:
@@ -60,8 +64,10 @@ class DPOptimizer:
         for f in flat:
             starts.append(total)
             total += f.numel()
-        gens = self._generators(device)
+        gens = None if self.secure else self._generators(device)
         size = SCRATCH.get(device.type, 1 << 22)
+        if self.secure:  # host-side OS entropy, 32 bytes per value: keep the float64 temporaries small
+            size = min(size, SCRATCH["cpu"])
 
         def fill(i: int) -> None:
             lo, hi = total * i // CHUNKS, total * (i + 1) // CHUNKS
@@ -70,7 +76,8 @@ class DPOptimizer:
                 a, b = max(lo, s), min(hi, s + f.numel())
                 for j in range(a, b, size):  # this parameter's part of range i, one scratch at a time
                     n = min(size, b - j)
-                    f[j - s : j - s + n].add_(scratch[:n].normal_(generator=gens[i]), alpha=std)
+                    z = scratch[:n].copy_(os_normal(n)) if gens is None else scratch[:n].normal_(generator=gens[i])
+                    f[j - s : j - s + n].add_(z, alpha=std)
 
         if device.type == "cpu":
             list(_POOL.map(fill, range(CHUNKS)))

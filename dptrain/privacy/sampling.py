@@ -3,21 +3,30 @@
 Each step includes every example independently with probability q = L/n; the logical batch has a
 random size (mean L, variance n·q·(1-q)), possibly zero, and is processed in physical batches of at most
 `physical_batch_size` — memory only: the update depends on the logical batch alone.
+
+Randomness: the "sampler" stream of `streams` (streams.py), or OS entropy on every step in secure mode.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .streams import Streams, os_bernoulli
+
 
 class PoissonSampler:
-    def __init__(self, n: int, *, sample_rate: float, steps: int, seed: int = 0):
+    def __init__(self, n: int, *, sample_rate: float, steps: int, seed: int = 0, streams: Streams | None = None):
         self.n, self.sample_rate, self.steps = n, float(sample_rate), int(steps)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.streams = streams if streams is not None else Streams(seed)
+        self.secure = self.streams.secure
+        self.generator = None if self.secure else self.streams.generator("sampler")
 
     def __iter__(self):
         for _ in range(self.steps):
-            mask = torch.rand(self.n, generator=self.generator) < self.sample_rate
+            if self.secure:
+                mask = os_bernoulli(self.n, self.sample_rate)
+            else:  # float64 uniforms: float32's 2**-24 grid puts P(u < q) up to 6e-8 above q
+                mask = torch.rand(self.n, generator=self.generator, dtype=torch.float64) < self.sample_rate
             yield mask.nonzero().flatten()
 
     def __len__(self):
@@ -28,9 +37,13 @@ class ShuffleSampler:
     """Fixed-size batches of a random permutation: NOT what the DP accountants assume (non-private runs,
     or explicitly labelled experiments whose ε is then not guaranteed)."""
 
-    def __init__(self, n: int, *, batch_size: int, steps: int, seed: int = 0):
+    def __init__(self, n: int, *, batch_size: int, steps: int, seed: int = 0, streams: Streams | None = None):
         self.n, self.batch_size, self.steps = n, batch_size, steps
-        self.generator = torch.Generator().manual_seed(seed)
+        streams = streams if streams is not None else Streams(seed)
+        if streams.secure:
+            raise ValueError("secure mode needs Poisson sampling: shuffled batches are not what the accountant "
+                             "assumes, so there is no guarantee to secure")
+        self.generator = streams.generator("sampler")
 
     def __iter__(self):
         perm = torch.empty(0, dtype=torch.long)
