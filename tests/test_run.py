@@ -14,8 +14,8 @@ def test_summary_keys_are_the_published_ones():
     """Other tools read summary.json and metrics.jsonl by these strings: a rename must fail here."""
     assert key.SUMMARY == (
         "test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
-        "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure_noise", "privacy/sample_rate", "privacy/steps",
-        "privacy/eps_spent", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset",
+        "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
+        "privacy/steps", "privacy/eps_spent", "privacy/streams", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset",
         "epochs", "wall_s", "device", "machine", "commit", "name", "config")
     assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
 

@@ -47,7 +47,7 @@ def test_sampler_and_noise_never_share_a_generator():
     """The issue's collision: at seed 0 the Poisson sampler and noise chunk 0 were both manual_seed(0), so step 1's
     noise was a transform of the uniforms that chose step 1's batch. No consumer's generator may start in the
     state of another's, for any seed (checked 0..49)."""
-    from dptrain.baselines import create_engine
+    from dptrain.engines import create_engine
 
     for seed in range(50):
         sampler = PoissonSampler(100, sample_rate=0.1, steps=1, seed=seed)
