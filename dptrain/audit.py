@@ -20,7 +20,12 @@ Canaries (CANARIES):
 - dirac (white-box): canary j is an example whose gradient is s·e_j (s = audit.scale · R > R) in a block of M
   scalar parameters added to the model (DiracCanaries), which no real example touches. The engine clips it to
   R·e_j, the optimizer adds the same N(0, σ²R²) noise to those coordinates as to every other, the Poisson
-  sampler picks it at rate q like any example; the score is how far its coordinate moved (-w_j). What is real:
+  sampler picks it at rate q like any example. The auditor sees what DP-SGD releases and its ε is about — the
+  noisy averaged gradient of every step (audit.observe=steps, the default), read in the canary coordinates right
+  before each optimizer step — and scores canary j by the log-likelihood ratio of "included" over its T values
+  x_t (in units of R): Σ_t log(1 - q + q·exp((2 x_t - 1)/(2σ²))), the Neyman–Pearson test of a Poisson-sampled
+  unit shift in N(0, σ²) (σ = 0, a non-private run: Σ_t x_t). audit.observe=final sees the final weights only
+  (the model-only threat model: score -w_j, how far the coordinate moved). What is real:
   sampling, clipping bound, noise, averaging, optimizer, accounting — the engine's own code paths. What is
   constructed: the canary's gradient itself (a real example's gradient is never a Dirac direction), so this
   audits the mechanism around the gradients, not how the engine computes real examples' per-example norms —
@@ -59,14 +64,15 @@ CANARIES = "audit/canaries"  # M
 CONFIDENCE = "audit/confidence"  # 1 - β
 METHOD = "audit/method"
 CANARY = "audit/canary"  # the canary kind
+OBSERVED = "audit/observe"  # dirac: steps (every noisy gradient) or final (the final weights); black-box: final
 INCLUDED = "audit/included"  # how many of the M were in the training set
 K_PLUS, K_MINUS = "audit/k_plus", "audit/k_minus"  # the chosen guesses: top k+ "in", bottom k- "out"
 GUESSES, CORRECT = "audit/guesses", "audit/correct"  # r = k+ + k-, v
 PRECISION_LOWER = "audit/precision_lower"  # Clopper–Pearson lower limit of v/r at level β/|grid|
 GRID = "audit/grid"  # |grid|: the Bonferroni factor
 PASSED = "audit/passed"  # eps_lower_bound <= eps
-AUDIT_KEYS = (EPS_LOWER_BOUND, EPS, EPS_CLAIMED_BY, DELTA, CANARIES, CONFIDENCE, METHOD, CANARY, INCLUDED, K_PLUS,
-              K_MINUS, GUESSES, CORRECT, PRECISION_LOWER, GRID, PASSED)
+AUDIT_KEYS = (EPS_LOWER_BOUND, EPS, EPS_CLAIMED_BY, DELTA, CANARIES, CONFIDENCE, METHOD, CANARY, OBSERVED, INCLUDED,
+              K_PLUS, K_MINUS, GUESSES, CORRECT, PRECISION_LOWER, GRID, PASSED)
 METHOD_NAME = "steinke-nasr-jagielski-2023 one-run, Bonferroni over (k+, k-)"
 
 # The canaries' random bits (inclusion, images, tie-breaks) come from SeedSequence(seed, spawn_key=(AUDIT_KEY,)):
@@ -151,10 +157,10 @@ def one_run_bound(scores, included, *, delta: float, confidence: float, seed: in
     for kp, km in grid:
         r, v = kp + km, int(hits_top[kp] + hits_bottom[km])
         eps = eps_lower_bound(m, r, v, delta=delta, beta=beta)
-        if best is None or eps > best[0]:
-            best = (eps, kp, km, r, v)
-    eps, kp, km, r, v = best
-    p_lo = float(stats.beta.ppf(beta, v, r - v + 1)) if v > 0 else 0.0
+        p_lo = float(stats.beta.ppf(beta, v, r - v + 1)) if v > 0 else 0.0
+        if best is None or (eps, p_lo) > best[:2]:  # equal ε̂ (e.g. all 0): the best-supported precision
+            best = (eps, p_lo, kp, km, r, v)
+    eps, p_lo, kp, km, r, v = best
     return Bound(eps=eps, k_plus=kp, k_minus=km, guesses=r, correct=v, precision_lower=p_lo, grid=len(grid))
 
 
@@ -214,13 +220,15 @@ class Canaries:
     """The run's hooks (run.run(..., hooks=)): M canary slots appended to the training set, the model wrapped
     (dirac), excluded slots dropped from every batch; then `scores()` of the trained model."""
 
-    def __init__(self, kind: str, m: int, *, seed: int, scale: float, max_grad_norm: float):
+    def __init__(self, kind: str, m: int, *, seed: int, scale: float, max_grad_norm: float, observe: str = "final"):
         check_name("audit.canary", kind, CANARY_KINDS)
+        check_name("audit.observe", observe, OBSERVE)
         if m < 2:
             raise UserError(f"audit.canaries must be >= 2, got {m}")
         if kind == "dirac" and not scale > 1:
             raise UserError(f"audit.scale must be > 1 (the canary's gradient norm in units of R), got {scale}")
-        self.kind, self.m, self.scale, self.max_grad_norm = kind, m, scale, max_grad_norm
+        self.kind, self.m, self.scale, self.max_grad_norm, self.observe = kind, m, scale, max_grad_norm, observe
+        self.steps: list[torch.Tensor] = []  # observe=steps: the canary block's gradient at every optimizer step
         self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(AUDIT_KEY,)))
         self.included = self.rng.random(m) < 0.5  # the secret bits S
         self.tie_seed = int(self.rng.integers(2**31))
@@ -257,10 +265,36 @@ class Canaries:
         keep[self.n_real:] = torch.from_numpy(self.included)
         return _Without(sampler, keep)
 
+    def watch(self):
+        """observe=steps: a hook on every torch optimizer's step that keeps the canary block's gradient — the
+        noisy average, after DPOptimizer / Opacus / NonPrivate made it — as the step sees it. Returns the handle
+        (remove() it after the run), or None when there is nothing to watch."""
+        if self.kind != "dirac" or self.observe != "steps":
+            return None
+
+        def keep(optimizer, args, kwargs):
+            w = self.net.canary.weight if self.net is not None else None
+            # torch's own optimizers only: Opacus' DPOptimizer is one too, and calls its inner one after the noise
+            if w is None or not type(optimizer).__module__.startswith("torch.optim"):
+                return
+            if any(p is w for g in optimizer.param_groups for p in g["params"]):
+                g = w.grad
+                self.steps.append(torch.zeros(self.m) if g is None else g[0].detach().float().cpu().clone())
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        return register_optimizer_step_pre_hook(keep)
+
     @torch.no_grad()
-    def scores(self) -> np.ndarray:
-        """Per canary: higher = more likely included. dirac: -w_j (an included canary pushes w_j down);
-        black-box: the trained model's log-probability of the canary's label."""
+    def scores(self, *, sample_rate: float = 0.0, noise_multiplier: float = 0.0, batch_size: int = 1) -> np.ndarray:
+        """Per canary: higher = more likely included. dirac: the log-likelihood ratio over the steps (observe=steps;
+        needs the run's q, σ and L) or -w_j (final: an included canary pushes w_j down); black-box: the trained
+        model's log-probability of the canary's label."""
+        if self.kind == "dirac" and self.observe == "steps":
+            if not self.steps:
+                raise UserError("audit.observe=steps saw no optimizer step of the canary parameters")
+            x = torch.stack(self.steps).double().numpy() * batch_size / self.max_grad_norm  # (T, M), units of R
+            return step_scores(x, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
         if self.kind == "dirac":
             return -self.net.canary.weight[0].detach().double().cpu().numpy()
         was = self.net.training
@@ -272,6 +306,18 @@ class Canaries:
             out.append(logp.gather(1, yb.to(device).view(-1, 1)).squeeze(1).cpu())
         self.net.train(was)
         return torch.cat(out).numpy()
+
+
+def step_scores(x: np.ndarray, *, sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """x: (T, M) per-step gradient coordinates in units of R, the gradient pointing down (+1 for an included,
+    sampled, clipped canary). Σ_t log(1 - q + q·exp((2x - 1)/(2σ²))) per canary; Σ_t x_t when σ = 0."""
+    if noise_multiplier <= 0:
+        return x.sum(0)
+    q, s2 = sample_rate, noise_multiplier**2
+    return np.logaddexp(np.log1p(-q), np.log(q) + (2 * x - 1) / (2 * s2)).sum(0)
+
+
+OBSERVE = ("steps", "final")
 
 
 def _dirac(c: Canaries, data):
@@ -296,6 +342,7 @@ class AuditConfig:
     canary: str = "dirac"  # dirac (white-box, gradient space), noise (black-box, out-of-distribution images)
     confidence: float = 0.95  # 1 - β
     scale: float = 10.0  # dirac: the canary's gradient norm, in units of R (clipped to R by the engine)
+    observe: str = "steps"  # dirac: steps (every step's noisy gradient, DP-SGD's threat model), final (weights only)
 
 
 @dataclass
@@ -321,21 +368,29 @@ def audit(cfg, run_dir: str) -> dict:
     a = cfg.audit
     if not 0 < a.confidence < 1:
         raise UserError(f"audit.confidence must be in (0, 1), got {a.confidence}")
-    canaries = Canaries(a.canary, a.canaries, seed=cfg.seed, scale=a.scale, max_grad_norm=cfg.max_grad_norm)
-    summary = run(cfg, run_dir, hooks=canaries)
+    canaries = Canaries(a.canary, a.canaries, seed=cfg.seed, scale=a.scale, max_grad_norm=cfg.max_grad_norm,
+                        observe=a.observe)
+    handle = canaries.watch()
+    try:
+        summary = run(cfg, run_dir, hooks=canaries)
+    finally:
+        if handle is not None:
+            handle.remove()
     if summary[key.EPS_SPENT] is not None:
         eps, by = summary[key.EPS_SPENT], "eps_spent"
     else:
         eps, by = cfg.eps, "target (engine=nonprivate spends no budget)"
     n = canaries.n_real + canaries.m
     delta = summary[key.DELTA] if summary[key.DELTA] is not None else (cfg.delta or default_delta(n))
-    scores = canaries.scores()
+    scores = canaries.scores(sample_rate=summary[key.SAMPLE_RATE], noise_multiplier=summary[key.NOISE_MULTIPLIER] or 0,
+                             batch_size=cfg.batch_size)
     np.savetxt(os.path.join(run_dir, "canaries.csv"), np.column_stack([canaries.included, scores]),
                delimiter=",", header="included,score", comments="", fmt=["%d", "%.9g"])
     b = one_run_bound(scores, canaries.included, delta=delta, confidence=a.confidence, seed=canaries.tie_seed)
     result = {EPS_LOWER_BOUND: b.eps, EPS: eps, EPS_CLAIMED_BY: by, DELTA: delta, CANARIES: a.canaries,
               CONFIDENCE: a.confidence, METHOD: METHOD_NAME, CANARY: a.canary,
-              INCLUDED: int(canaries.included.sum()), K_PLUS: b.k_plus, K_MINUS: b.k_minus, GUESSES: b.guesses,
+              OBSERVED: a.observe if a.canary == "dirac" else "final", INCLUDED: int(canaries.included.sum()),
+              K_PLUS: b.k_plus, K_MINUS: b.k_minus, GUESSES: b.guesses,
               CORRECT: b.correct, PRECISION_LOWER: b.precision_lower, GRID: b.grid,
               PASSED: bool(eps is None or b.eps <= eps)}
     with open(os.path.join(run_dir, "audit.json"), "w") as f:
@@ -347,7 +402,8 @@ def audit(cfg, run_dir: str) -> dict:
 def format_line(r: dict) -> str:
     verdict = "consistent with" if r[PASSED] else "VIOLATES"
     eps = "none" if r[EPS] is None else f"{r[EPS]:.3f}"
-    return (f"audit ({r[CANARY]}, {r[CANARIES]} canaries, {100 * r[CONFIDENCE]:g}% confidence): eps lower bound "
+    return (f"audit ({r[CANARY]}, {r[OBSERVED]}, {r[CANARIES]} canaries, {100 * r[CONFIDENCE]:g}% confidence): "
+            f"eps lower bound "
             f"{r[EPS_LOWER_BOUND]:.3f} {verdict} eps {eps} (delta {r[DELTA]:.3g}); {r[CORRECT]}/{r[GUESSES]} guesses "
             f"correct (top {r[K_PLUS]} in, bottom {r[K_MINUS]} out)")
 
