@@ -114,6 +114,30 @@ def test_ties_are_broken_at_random_not_by_index():
     assert A.one_run_bound(np.zeros(1000), included, delta=1e-5, confidence=0.95).eps < 0.5
 
 
+def test_step_scores_are_the_likelihood_ratio():
+    x = np.array([[0.0, 1.0, 3.0], [0.0, 0.0, -1.0]])  # (T=2, M=3)
+    q, sigma = 0.1, 2.0
+    lr = np.log(1 - q + q * np.exp((2 * x - 1) / (2 * sigma**2))).sum(0)
+    assert np.allclose(A.step_scores(x, sample_rate=q, noise_multiplier=sigma), lr)
+    assert np.allclose(A.step_scores(x, sample_rate=q, noise_multiplier=0), x.sum(0))
+
+
+def test_simulated_dp_sgd_canaries_stay_below_the_accounted_eps():
+    """The white-box score on what DP-SGD releases in a canary's coordinate — T = 100 steps of Poisson(q = 0.1)
+    unit shifts in N(0, σ² = 1), ε = 7.06 by the PRV accountant: the bound sees something (1.75) and stays below
+    ε (on the sum of the steps instead of the likelihood ratio: 1.31)."""
+    from dptrain.privacy.accounting import epsilon
+
+    q, T, sigma, m = 0.1, 100, 1.0, 1000
+    eps = epsilon(noise_multiplier=sigma, sample_rate=q, steps=T, delta=1e-5, accountant="prv")
+    rng = np.random.default_rng(0)
+    included = rng.random(m) < 0.5
+    x = (rng.random((T, m)) < q) * included + sigma * rng.standard_normal((T, m))
+    b = A.one_run_bound(A.step_scores(x, sample_rate=q, noise_multiplier=sigma), included, delta=1e-5,
+                        confidence=0.95)
+    assert 0.5 < b.eps < eps
+
+
 # ------------------------------------------------------------------------------------ the canaries
 def test_dirac_canary_gradient_is_s_e_j_and_real_rows_are_untouched():
     """Through the real engine: a canary row's per-example gradient is s·e_j in the canary block and zero in the
@@ -179,14 +203,15 @@ def compose_audit():
 
 def test_real_engine_passes_white_box(compose_audit, tmp_path):
     r = _audit(compose_audit, tmp_path, "eps=3")
-    assert r[A.PASSED] and r[A.EPS_LOWER_BOUND] <= r[A.EPS] <= 3.0
+    assert r[A.PASSED] and r[A.EPS_LOWER_BOUND] <= r[A.EPS] <= 3.0 and r[A.OBSERVED] == "steps"
     on_disk = json.loads((tmp_path / "audit.json").read_text())
     assert tuple(on_disk) == A.AUDIT_KEYS and on_disk[A.CANARIES] == 200 and on_disk[A.DELTA] == 1e-5
     assert on_disk[A.EPS_CLAIMED_BY] == "eps_spent" and on_disk[A.CONFIDENCE] == 0.95
 
 
 def test_nonprivate_engine_fails_white_box(compose_audit, tmp_path):
-    r = _audit(compose_audit, tmp_path, "engine=nonprivate", settings=FAIL)
+    """Seen in the final weights alone (observe=final) too."""
+    r = _audit(compose_audit, tmp_path, "engine=nonprivate", "audit.observe=final", settings=FAIL)
     assert not r[A.PASSED] and r[A.EPS_LOWER_BOUND] > 3.0 == r[A.EPS]  # the claimed target, eps=3
 
 
