@@ -8,8 +8,9 @@ The story (audit()): M canaries, each included independently with probability 1/
 one training run through the normal runner and engine (run.run with `hooks`, the only seam) → a score per
 canary → guesses "in" for the k+ highest scores and "out" for the k- lowest, abstaining on the rest → from the
 number of correct guesses v out of r = k+ + k-, the largest ε for which (ε, δ)-DP is rejected at confidence
-1 - β (the paper's Theorem and its Algorithm 2: `p_value`, `eps_lower_bound`). (k+, k-) is picked after seeing
-the scores from a fixed grid, so β is split over the grid (Bonferroni) and the bound stays a bound.
+1 - β (the paper's analysis and reference code, `p_value_DP_audit` / `get_eps_audit`: here `p_value`,
+`eps_lower_bound`). (k+, k-) is picked after seeing the scores from a fixed grid, so β is split over the grid
+(Bonferroni) and the bound stays a bound.
 
 Every canary has a slot in the training set whether or not it is included: the sampling rate q = L/n, the steps
 and σ are fixed before S matters, and an excluded canary's slot is dropped from each Poisson batch (hooks.sampler)
@@ -83,7 +84,7 @@ AUDIT_KEY = 0x61756469  # "audi"
 # ------------------------------------------------------------------------------------------ the bound
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """P[at least v of r guesses correct] under the hypothesis that the run is (ε, δ)-DP, for m canaries each
-    included with probability 1/2 (Steinke et al. 2023, Theorem 5.2 / Algorithm 2): an ε-DP run's guesses are
+    included with probability 1/2 (Steinke et al. 2023; their `p_value_DP_audit`): an ε-DP run's guesses are
     no better than randomized response of accuracy q = e^ε/(1+e^ε), so β = P[Binom(r, q) >= v]; δ adds
     2m·δ·max_i P[v-i <= Binom(r, q) < v] / i."""
     if not 0 <= v <= r <= m:
@@ -99,7 +100,7 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
 def eps_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float, iters: int = 60) -> float:
     """The largest ε (to 2^-iters of the bracket) whose (ε, δ)-DP claim p_value rejects at level β; 0 when even
-    ε = 0 is not rejected. Algorithm 2 of the paper: grow the bracket by 1 until ε_max is not rejected, bisect."""
+    ε = 0 is not rejected. The paper's `get_eps_audit`: grow the bracket by 1 until ε_max is not rejected, bisect."""
     if not 0 < beta < 1:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
     lo, hi = 0.0, 1.0

@@ -1,5 +1,5 @@
-"""dptrain-audit: the one-run bound (Steinke, Nasr & Jagielski 2023) against its published algorithm and a
-maintained implementation, its validity on a simulated ε-DP mechanism, and real audited runs on digits that
+"""dptrain-audit: the one-run bound (Steinke, Nasr & Jagielski 2023) against the paper's reference code and
+a maintained implementation, its validity on a simulated ε-DP mechanism, and real audited runs on digits that
 pass with the real engine and fail with a broken one."""
 
 import json
@@ -17,7 +17,7 @@ from dptrain import audit as A
 
 
 def naive_p_value(m, r, v, eps, delta):
-    """The paper's Algorithm 2 (`p_value_DP_audit`), line by line."""
+    """The paper's reference code (`p_value_DP_audit`), line by line."""
     q = 1 / (1 + np.exp(-eps))
     beta = stats.binom.sf(v - 1, r, q)
     alpha, total = 0.0, 0.0
@@ -31,7 +31,7 @@ def naive_p_value(m, r, v, eps, delta):
 @pytest.mark.parametrize("m, r, v", [(1000, 100, 100), (1000, 500, 491), (100, 60, 40), (50, 10, 0), (20, 20, 13)])
 @pytest.mark.parametrize("eps", [0.0, 0.5, 2.0, 6.0])
 @pytest.mark.parametrize("delta", [0.0, 1e-5, 1e-2])
-def test_p_value_is_the_papers_algorithm_2(m, r, v, eps, delta):
+def test_p_value_is_the_papers_reference_code(m, r, v, eps, delta):
     assert A.p_value(m, r, v, eps, delta) == pytest.approx(naive_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
 
 
