@@ -248,6 +248,27 @@ def tiny_convnext():
     return timm.create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), ls_init_value=0.1)
 
 
+def tiny_swin():
+    """Two blocks per stage: the second runs on shifted windows with timm's attention mask."""
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, window_size=4, embed_dim=8,
+                             depths=(2, 2), num_heads=(2, 2), num_classes=3, drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])
+def test_swin_window_attention_matches_reference_without_fallback(mode, passes):
+    """Window attention runs on B·nW rows (each example's windows consecutive): its qkv/proj keep their Linear
+    rules on those rows, the relative-position table gets per-window stand-ins folded per example."""
+    torch.manual_seed(0)
+    model = tiny_swin()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    err, engine = check(model, batches((3, 16, 16), sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
+    assert err < 1e-12
+    assert engine.fallback_share == 0.0 and "swin_attn" in {e.rule.name for e in engine.entries}
+
+
 @pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])
 @pytest.mark.parametrize("make", [tiny_cait, tiny_convnext], ids=["cait", "convnext"])
 def test_layer_scale_families_match_reference_without_fallback(make, mode, passes):
@@ -264,7 +285,8 @@ def test_layer_scale_families_match_reference_without_fallback(make, mode, passe
     assert engine.fallback_share == 0.0 and "gamma" in {e.rule.name for e in engine.entries}
 
 
-@pytest.mark.parametrize("name", ["beit_base_patch16_224", "convnext_tiny", "cait_xxs24_224", "vit_base_patch16_224"])
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "convnext_tiny", "cait_xxs24_224", "vit_base_patch16_224",
+                                  "swin_tiny_patch4_window7_224"])
 def test_full_size_families_are_off_the_fallback(name):
     """The issue's bound: ≤ 1% of the trainable parameters on the generic fallback (today: none), and the
     attach-time log names the fallback modules when there are any."""

@@ -233,10 +233,22 @@ class PrivacyEngine:
         # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
         # waits for _finish (outside the engine's hooks).
-        if (self._calls.get(id(entry)) == 1 and entry.rule.eager and rec.rows % self.augmult == 0
-                and all(x is not None for x in rec.grads)):
-            B = rec.rows // self.augmult
+        if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
+            B = self._examples(entry, rec.rows)
             self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+
+    def _examples(self, entry: Entry, rows: int) -> int:
+        """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
+        example's consecutive); a layer may see a whole multiple of them, each example's rows consecutive (Swin's
+        windows: B·nW rows) — the probe checked which rows belong to which example. The fallback replays row by
+        row, so its rows must be the model's."""
+        model_rows = self._rows or rows
+        if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
+            raise CoverageError(
+                f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
+                "its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the batch "
+                "dimension first")
+        return model_rows // self.augmult
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         _ready(entry, recs, B)
@@ -266,17 +278,11 @@ class PrivacyEngine:
                 done.append((e, r))
             elif any(g is not None for g in r.grads):
                 groups.setdefault(id(e), (e, []))[1].append(r)
-        sizes = {r.rows for _, rs in groups.values() for r in rs} | {r.rows for _, r in done}
-        if len(sizes) > 1:
-            raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
-        rows = sizes.pop() if sizes else 0
-        if rows and self._rows and rows != self._rows:
-            raise CoverageError(
-                f"hooked layers saw {rows} rows but the model's input has {self._rows}: their rows are not the "
-                "examples (a sequence-first (T, B, …) layout or a transpose); keep the batch dimension first")
-        if rows % self.augmult:
-            raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
-        return groups, done, rows // self.augmult
+        calls = [(e, r) for e, rs in groups.values() for r in rs] + done
+        if not self._rows and len({r.rows for _, r in calls}) > 1:  # no model batch to check against
+            raise CoverageError(f"hooked layers saw different batch sizes {sorted({r.rows for _, r in calls})}")
+        sizes = {self._examples(e, r.rows) for e, r in calls}
+        return groups, done, sizes.pop() if sizes else 0
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""

@@ -81,20 +81,24 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
         for c, (call_a, call_b) in enumerate(zip(first[id(e)], second[id(e)])):
             # the fallback splits every argument; other rules read only the first (their input, or their batch)
             first_arg = next((i for i, t in enumerate(call_a) if torch.is_tensor(t) and t.dim()), None)
-            if e.rule is not FALLBACK and first_arg is not None and call_a[first_arg].shape[0] != B:
-                raise CoverageError(
-                    f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {call_a[first_arg].shape[0]} rows "
-                    f"but the model's batch has {B}, so its rows are not the examples (a sequence-first (T, B, …) "
-                    "layout, a transpose, or windows of examples); keep the batch dimension first")
+            # a rule may see k·B rows, each example's k consecutive (Swin's windows); the fallback exactly B
+            if first_arg is not None:
+                R = call_a[first_arg].shape[0]
+                if R % B or (e.rule is FALLBACK and R != B):
+                    raise CoverageError(
+                        f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {R} rows but the model's batch "
+                        f"has {B}, so its rows are not the examples (a sequence-first (T, B, …) layout or a "
+                        "transpose); keep the batch dimension first")
             for pos, (a, b) in enumerate(zip(call_a, call_b)):
-                if not (torch.is_tensor(a) and a.dim() and a.shape[0] == B) or (
-                        e.rule is not FALLBACK and pos != first_arg):
+                if not (torch.is_tensor(a) and a.dim() and a.shape[0] % B == 0) or (
+                        e.rule is not FALLBACK and pos != first_arg) or (e.rule is FALLBACK and a.shape[0] != B):
                     continue
-                moved = _rows(a != b, B)
+                k = a.shape[0] // B  # rows of example 0: [0, k)
+                moved = _rows(a != b, a.shape[0])
                 g = grads.get((id(e), c, pos))
-                reach = None if g is None else _rows(g != 0, B)
+                reach = None if g is None else _rows(g != 0, a.shape[0])
                 for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
-                    if rows is not None and rows[1:].any():
+                    if rows is not None and rows[k:].any():
                         _refuse(e, a, what, rows)
                 if not moved.any() and g is None:
                     raise CoverageError(
@@ -106,8 +110,9 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
         for c, call in enumerate(live[id(e)]):  # outputs too: a row that reaches example 0 must be row 0
             for pos in range(len(first[id(e)][c]) if c < len(first[id(e)]) else 0, len(call)):
                 g = grads.get((id(e), c, pos))
-                if g is not None and g.dim() and g.shape[0] == B and _rows(g != 0, B)[1:].any():
-                    _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, B))
+                if g is not None and g.dim() and g.shape[0] % B == 0 and _rows(g != 0, g.shape[0])[
+                        g.shape[0] // B:].any():
+                    _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, g.shape[0]))
 
 
 def _example_zero_grads(live: dict) -> dict[tuple[int, int, int], torch.Tensor]:
