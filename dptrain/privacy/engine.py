@@ -130,11 +130,15 @@ class PrivacyEngine:
             return
         if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
             self._probing = True
+            for e in self.entries:
+                e.split = set()
             try:
-                probe_rows(self.model, self.entries, args, kwargs)
+                self._probed = probe_rows(self.model, self.entries, args, kwargs)
             finally:
                 self._probing = False
-            self._probed = True
+            if not self._probed:
+                for e in self.entries:
+                    e.split = None
         self._forward_id += 1
         self._rows = self._rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind

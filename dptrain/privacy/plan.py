@@ -29,6 +29,7 @@ class Entry:
     choice: str = ""  # last decision: ghost / instantiate / fallback
     calls: int = 0
     dropouts: list[nn.Module] = field(default_factory=list)  # only for fallback units
+    split: set[int] | None = None  # fallback: flat argument positions that are per example (probe.py); None: unprobed
 
     def label(self) -> str:
         return f"{self.name or '<root>'} ({type(self.module).__name__})"

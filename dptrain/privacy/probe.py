@@ -58,14 +58,21 @@ def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool
     return seen
 
 
-def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict) -> None:
+PROBE_ROWS = 3  # the probe runs on the batch's first rows: its memory is a small step's, not a full one's
+
+
+def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict) -> bool:
     """Raises CoverageError where a hooked call's rows are not the examples, or an argument the fallback would
-    split is ambiguous. Needs a batch of at least two examples (else returns: nothing to tell apart)."""
+    split is ambiguous; sets each fallback entry's `split` (the flat argument positions that are per example).
+    Needs a batch of at least two rows; returns whether it ran."""
     flat, spec = tree_flatten((args, kwargs))
     k = next((i for i, t in enumerate(flat) if torch.is_tensor(t) and t.dim()), None)
     if k is None or flat[k].shape[0] < 2:
-        return
-    B = flat[k].shape[0]
+        return False
+    full = flat[k].shape[0]
+    B = min(full, PROBE_ROWS)
+    flat = [t[:B] if torch.is_tensor(t) and t.dim() and t.shape[0] == full else t for t in flat]
+    args, kwargs = tree_unflatten(flat, spec)
     was = model.training
     model.eval()
     try:
@@ -100,6 +107,8 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
                 for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
                     if rows is not None and rows[k:].any():
                         _refuse(e, a, what, rows)
+                if e.rule is FALLBACK and (moved.any() or g is not None):
+                    e.split.add(pos)
                 if not moved.any() and g is None:
                     raise CoverageError(
                         f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the "
@@ -113,6 +122,7 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
                 if g is not None and g.dim() and g.shape[0] % B == 0 and _rows(g != 0, g.shape[0])[
                         g.shape[0] // B:].any():
                     _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, g.shape[0]))
+    return True
 
 
 def _example_zero_grads(live: dict) -> dict[tuple[int, int, int], torch.Tensor]:
