@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 
 import torch
@@ -81,13 +83,29 @@ class ScatterCNN(nn.Module):
 
 
 def fix_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace every BatchNorm by GroupNorm (opacus ModuleValidator.fix): BatchNorm mixes the examples
-    of a batch, so per-example gradients are undefined under it. Returns (model, number replaced)."""
-    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if n:
-        from opacus.validators import ModuleValidator
+    """Replace every BatchNorm — any `_BatchNorm` subclass, timm's BatchNormAct2d (EfficientNet, MobileNetV3,
+    RegNet, DenseNet…) included, which Opacus' ModuleValidator.fix misses — by GroupNorm with gcd(32, C) groups
+    (Opacus' choice): BatchNorm mixes the examples of a batch, so per-example gradients are undefined under it.
+    timm's fused activation and dropout are kept after the GroupNorm. Returns (model, number replaced)."""
+    n = 0
 
-        model = ModuleValidator.fix(model)
+    def convert(bn: nn.Module) -> nn.Module:
+        gn = nn.GroupNorm(math.gcd(32, bn.num_features), bn.num_features, affine=bn.affine)
+        act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)  # timm BatchNormAct2d
+        if isinstance(act, nn.Module) or isinstance(drop, nn.Module):
+            return nn.Sequential(gn, *(m for m in (drop, act) if isinstance(m, nn.Module)))
+        return gn
+
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return convert(model), 1
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, 0
+    model = copy.deepcopy(model)  # the caller's model stays as it was (e.g. to load a BatchNorm checkpoint)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, convert(child))
+                n += 1
     return model, n
 
 
@@ -110,6 +128,9 @@ def data_config(name: str, pretrained: bool) -> dict:
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int | None = None,
                  pretrained: bool = False, checkpoint: str | None = None, fix_bn: bool = True, **kwargs) -> nn.Module:
     name = timm_name(name)
+    if name == "timm":  # conf/model/timm.yaml's placeholder: the user gave no name
+        raise UserError("model=timm needs a timm model name: dptrain model=timm model.name=<name> (e.g. convnext_atto; "
+                        "python -c 'import timm; print(timm.list_models())')")
     if name == "cnn":
         model = CNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif name == "scatter_cnn":

@@ -91,3 +91,27 @@ def test_opacus_on_beit_is_one_line_naming_the_module(engine):
     msg = str(err.value)
     assert "\n" not in msg and "'blocks.0.attn' (Attention" in msg and "engine=mixed_ghost" in msg
     assert not any(type(m).__name__ == "_Cloned" for m in model.modules())  # refused before anything was wrapped
+
+
+def test_every_batchnorm_subclass_is_converted_keeping_timm_fused_activation(caplog):
+    """timm's BatchNormAct2d (EfficientNet & co.) is a BatchNorm subclass Opacus' fixer misses: converted to
+    GroupNorm followed by its activation, and the log counts what was converted."""
+    import logging
+
+    import timm
+
+    want = sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in timm.create_model("efficientnet_b0", num_classes=3).modules())
+    with caplog.at_level(logging.INFO, logger="dptrain.models"):
+        m = create_model("efficientnet_b0", num_classes=3)
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert f"converted {want} BatchNorm layers" in caplog.text and want == 49
+    fused = m.bn1  # was BatchNormAct2d(32, act=SiLU)
+    assert isinstance(fused[0], nn.GroupNorm) and isinstance(fused[-1], nn.SiLU)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_model_timm_without_a_name_is_an_error(compose):
+    cfg = compose("model=timm")
+    with pytest.raises(UserError, match="model=timm needs a timm model name: dptrain model=timm model.name="):
+        create_model(cfg.model.name, num_classes=3)

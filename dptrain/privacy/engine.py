@@ -239,7 +239,8 @@ class PrivacyEngine:
         # waits for _finish (outside the engine's hooks).
         if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
             B = self._examples(entry, rec.rows)
-            self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+            if B:
+                self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
 
     def _examples(self, entry: Entry, rows: int) -> int:
         """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
@@ -247,6 +248,8 @@ class PrivacyEngine:
         windows: B·nW rows) — the probe checked which rows belong to which example. The fallback replays row by
         row, so its rows must be the model's."""
         model_rows = self._rows or rows
+        if model_rows == 0:  # an empty batch: nothing to clip, nothing added
+            return 0
         if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
             raise CoverageError(
                 f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
@@ -293,6 +296,9 @@ class PrivacyEngine:
         if not self._audited:
             self._audit()
         groups, done, B = self._pending(records)
+        if B == 0:  # an empty batch (a Poisson batch can be): no example, no gradient to add
+            self.per_sample_norms = torch.zeros(0)
+            return None, []
         if not groups and not done:
             return None, done
         for e, rs in groups.values():

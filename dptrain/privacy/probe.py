@@ -12,7 +12,8 @@ B leading rows that a hooked call takes or returns:
   backward: the gradient of example 0's outputs alone — only row 0 may receive any.
 A row that moves with another example, or that influences another example, is not an example: CoverageError
 naming the module. An argument whose rows neither depend on the examples nor carry a gradient (a mask or table
-passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when it would be split.
+passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when the fallback would
+split it (for the other rules the backward check on their outputs decides).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
                         _refuse(e, a, what, rows)
                 if e.rule is FALLBACK and (moved.any() or g is not None):
                     e.split.add(pos)
-                if not moved.any() and g is None:
+                if e.rule is FALLBACK and not moved.any() and g is None:
                     raise CoverageError(
                         f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the "
                         "examples: a table or mask shared by all examples, or per-example copies of a constant — "

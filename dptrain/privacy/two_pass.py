@@ -92,6 +92,8 @@ class TwoPass:
         the norms were computed from. A forward or backward that changed between the passes would clip a
         gradient other than the one measured; this catches changed magnitudes (with the output check, changed
         forwards), not every conceivable change (a pure sign flip keeps the norms)."""
+        if g.shape[0] == 0:  # an empty batch: nothing was clipped
+            return
         n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
         key = (rec.place, k)
         if self.phase == "norms":
