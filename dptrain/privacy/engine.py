@@ -58,6 +58,11 @@ class PrivacyEngine:
     augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
     gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
     as one (De et al. 2022, augmentation multiplicity).
+    Mixed precision: a forward under torch.autocast (bf16/fp16) is accepted with passes=1; norms, clip factors
+    and the clipped sum are computed in float32 from the per-example quantities the forward left. With a scaled
+    loss (fp16's GradScaler) set `engine.loss_scale = S` before backward: the norms are then taken of the
+    unscaled gradients and .grad holds S·Σ c_i·g_i, which the caller divides by S; an example whose scaled
+    gradient overflowed contributes nothing (counted in `engine.dropped`).
     passes: 1 (book-keeping, one backward) or 2 (norm pass, recomputed forward, clipped pass: the memory of
     non-private training, about twice its time; the model must return one tensor whose rows are the examples,
     and its forward must be a function of its inputs and the random state).
@@ -95,6 +100,9 @@ class PrivacyEngine:
         self._calls: dict[int, int] = {}
         self._forward_id = 0
         self._rows = 0  # the model input's leading dimension in this forward (for taps of input-less modules)
+        self.loss_scale = 1.0  # the factor the loss was multiplied by before backward (fp16's GradScaler)
+        self.dropped = 0  # fp16: examples whose scaled gradient overflowed, left out of the clipped sums so far
+        self._dropped: torch.Tensor | None = None
         self._probed = False  # probe.py: have the hooked calls' rows been checked against the examples
         self._probing = False
         self._queued = False
@@ -143,10 +151,11 @@ class PrivacyEngine:
         self._rows = self._rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
-        if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        if self._two is not None and torch.is_grad_enabled() and _autocast_on():
             raise CoverageError(
-                "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
-                "in reduced precision and the clipping bound would not hold exactly; run the forward in float32")
+                "passes=2 under autocast (precision=bf16/fp16): the clipped pass relies on the backward being linear "
+                "in its output gradient, which reduced-precision rounding breaks (each example's contribution would "
+                "exceed c_i·g_i by the rounding); use passes=1 with mixed precision")
         if self._two is not None and torch.is_grad_enabled():
             self._two.save_rng(args, kwargs)
 
@@ -306,11 +315,21 @@ class PrivacyEngine:
             done.append((e, rs[0]))
         with torch.no_grad():
             n2 = sum(r.result[0] for _, r in done)
-            norms = n2.clamp_min(0).sqrt()
+            # with a scaled loss (fp16's GradScaler) every gradient is S times the true one: the norms are taken
+            # of the unscaled gradients — clipping the scaled ones at R would clip at R·S (pitfalls.md)
+            norms = n2.clamp_min(0).sqrt() / self.loss_scale
             if self.clipping == "abadi":
                 c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
             else:
                 c = self.max_grad_norm / (norms + self.gamma)
+            self._dropped = None
+            if self.loss_scale != 1.0 and not torch.isfinite(norms).all():
+                # fp16: an example whose scaled gradient overflowed contributes nothing — still a function of that
+                # example alone with norm ≤ R, so the sensitivity and the step's accounting are unchanged (a
+                # skipped step, as GradScaler does, would be a data-dependent event the accountant never saw)
+                self._dropped = ~torch.isfinite(norms)
+                c = c.masked_fill(self._dropped, 0.0)
+                self.dropped += int(self._dropped.sum())
         assert norms.shape[0] == B
         self.per_sample_norms = norms
         if not self._logged:
@@ -324,7 +343,9 @@ class PrivacyEngine:
         c, done = self._clip_factors(records)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
             for e, r in done:
-                e.rule.accumulate(e, [r], c, r.result[1])
+                state = r.result[1] if self._dropped is None else tree_map(partial(_zero_rows, self._dropped),
+                                                                            r.result[1])
+                e.rule.accumulate(e, [r], c, state)
                 r.result = None
 
     def _audit(self) -> None:
@@ -378,7 +399,10 @@ def _outside_use(name: str, grad: torch.Tensor) -> None:
 
 
 def _ready(e: Entry, recs: list[Record], B: int) -> None:
-    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples."""
+    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples. Inputs and
+    output gradients a forward under autocast left in bfloat16/float16 are cast up to float32 here, so a rule's
+    norms and its clipped sum are computed in float32 from the same per-example quantities: each example's
+    contribution is c_i times the float32 g_iᵀa_i whose norm gave c_i, ≤ R up to float32 rounding."""
     for r in recs:
         for a, v in zip(r.args, r.versions):
             if v is not None and a._version != v:
@@ -387,6 +411,24 @@ def _ready(e: Entry, recs: list[Record], B: int) -> None:
                     "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
                 )
         r.batch = B
+        r.args, r.kwargs = tree_map(_to_fp32, r.args), tree_map(_to_fp32, r.kwargs)
+        r.grads = [None if g is None else _to_fp32(g) for g in r.grads]
+
+
+def _zero_rows(bad: torch.Tensor, t):
+    """A rule's per-example state with the rows of `bad` examples (B,) zeroed (k rows per example: k·B rows)."""
+    if not (torch.is_tensor(t) and t.dim() and t.shape[0] % bad.shape[0] == 0):
+        return t
+    rows = bad.repeat_interleave(t.shape[0] // bad.shape[0]).view(-1, *([1] * (t.dim() - 1)))
+    return t.masked_fill(rows, 0)
+
+
+def _to_fp32(x):
+    return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _check_dropout(e: Entry) -> None:

@@ -102,9 +102,9 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
                         e.rule is not FALLBACK and pos != first_arg) or (e.rule is FALLBACK and a.shape[0] != B):
                     continue
                 k = a.shape[0] // B  # rows of example 0: [0, k)
-                moved = _rows(a != b, a.shape[0])
+                moved = _rows(_differ(a, b), a.shape[0])
                 g = grads.get((id(e), c, pos))
-                reach = None if g is None else _rows(g != 0, a.shape[0])
+                reach = None if g is None else _rows(_nonzero(g), a.shape[0])
                 for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
                     if rows is not None and rows[k:].any():
                         _refuse(e, a, what, rows)
@@ -120,9 +120,9 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
         for c, call in enumerate(live[id(e)]):  # outputs too: a row that reaches example 0 must be row 0
             for pos in range(len(first[id(e)][c]) if c < len(first[id(e)]) else 0, len(call)):
                 g = grads.get((id(e), c, pos))
-                if g is not None and g.dim() and g.shape[0] % B == 0 and _rows(g != 0, g.shape[0])[
+                if g is not None and g.dim() and g.shape[0] % B == 0 and _rows(_nonzero(g), g.shape[0])[
                         g.shape[0] // B:].any():
-                    _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, g.shape[0]))
+                    _refuse(e, call[pos], "reached example 0's output", _rows(_nonzero(g), g.shape[0]))
     return True
 
 
@@ -154,3 +154,17 @@ def _refuse(e: Entry, a: torch.Tensor, what: str, rows: torch.Tensor) -> None:
         f"{e.label()}: rows {moved[:6]}{' …' if len(moved) > 6 else ''} of its {tuple(a.shape)} input or output "
         f"{what}, so its rows are not the examples (a sequence-first (T, B, …) layout, a transpose, or a tensor "
         "shared by the batch); keep the batch dimension first (e.g. batch_first=True)")
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a != b, with NaN equal to NaN (an example that is already non-finite has not 'moved')."""
+    same = a == b
+    if a.is_floating_point():
+        same |= a.isnan() & b.isnan()
+    return ~same
+
+
+def _nonzero(g: torch.Tensor) -> torch.Tensor:
+    """Where a gradient is non-zero; NaN/inf count as zero (0·NaN in the backward of an example that is already
+    non-finite is not a path from example 0)."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) != 0
