@@ -41,19 +41,32 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
     model_name, extra = SIZED.get(model_name, (model_name, {}))
     model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    name, passes = (engine.removesuffix("_2pass"), 2) if engine.endswith("_2pass") else (engine, 1)
+    name, passes, precision = parse_engine(engine)
     eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                        passes=passes)
+                        passes=passes, precision=precision)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return eng, x, y
+
+
+def parse_engine(label: str) -> tuple[str, int, str]:
+    """An engine label → (engine, passes, precision): <engine>[_2pass][_bf16|_fp16], e.g. mixed_ghost_bf16."""
+    precision = "fp32"
+    for p in ("bf16", "fp16"):
+        if label.endswith("_" + p):
+            label, precision = label.removesuffix("_" + p), p
+    if label.endswith("_2pass"):
+        return label.removesuffix("_2pass"), 2, precision
+    return label, 1, precision
 
 
 def one_step(eng, x, y, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
-    eng.backward(eng.model(x), y, last=True)
+    with eng.autocast():
+        out = eng.model(x)
+    eng.backward(out, y, last=True)
     eng.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -86,6 +86,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # per-example clipping bound R
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
+    # fp32 (default); bf16: the forward under autocast, norms/clipping/noise/optimizer in float32 (the GPU choice:
+    # same range as fp32, no loss scaling); fp16: as bf16 plus a static loss scale (older GPUs without bf16)
+    precision: str = "fp32"
     progress: bool = True
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory

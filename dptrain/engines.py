@@ -7,6 +7,7 @@ N(0, σ²R²) once per logical batch, so their ε and their updates are comparab
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Protocol
 
@@ -33,6 +34,7 @@ class Engine(Protocol):
     - `step()`: noise N(0, σ²R²) added once to the clipped sum, ÷ L (the *expected* logical batch size),
       optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
     - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
+    - `autocast()`: the context the loop runs the forward in (torch.autocast for precision=bf16/fp16).
     """
 
     model: nn.Module
@@ -43,6 +45,31 @@ class Engine(Protocol):
 
     def detach(self) -> nn.Module: ...
 
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+
+# precision → the autocast dtype of the forward (None: float32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16's loss scale for the private engines: static. GradScaler's dynamic scale skips a step when some gradient
+# overflowed — an event that depends on the batch and that the accountant never saw; with a fixed scale an
+# overflowed example contributes nothing instead (PrivacyEngine.loss_scale), and every step is taken.
+FP16_LOSS_SCALE = 2.0**10
+
+
+class _Precision:
+    """The forward of an engine under torch.autocast (`autocast()`, entered by the loop around model(x));
+    parameters, gradients, noise and the optimizer stay float32."""
+
+    def _set_precision(self, precision: str, model: nn.Module) -> None:
+        self.precision = precision
+        self.amp_dtype = lookup("precision", precision, PRECISIONS)
+        self.device_type = next(model.parameters()).device.type
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
 
 def _loss(out, y, augmult: int):
     """Summed cross-entropy; with K augmented rows per example, each example's loss is the mean of its K."""
@@ -51,42 +78,63 @@ def _loss(out, y, augmult: int):
     return F.cross_entropy(out, y.repeat_interleave(augmult), reduction="sum") / augmult
 
 
-class BuiltIn:
+class BuiltIn(_Precision):
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1):
+                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32"):
         self.model, self.augmult = model, augmult
+        self._set_precision(precision, model)
+        if self.amp_dtype is not None and passes == 2:
+            raise UserError(f"precision={precision} needs engine.passes=1: the clipped pass of passes=2 relies on the "
+                            "backward being linear in its output gradient, which reduced-precision rounding breaks")
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
                                     augmult=augmult, passes=passes)
+        self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                      expected_batch_size=expected_batch_size, streams=streams)
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = _loss(out, y, self.augmult)
-        loss.backward()  # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside)
+        loss = _loss(out.float(), y, self.augmult)
+        # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside); fp16: S times them
+        (loss * self.engine.loss_scale if self.engine.loss_scale != 1.0 else loss).backward()
         return loss.item()
 
     def step(self) -> None:
+        if self.engine.loss_scale != 1.0:  # fp16: .grad holds S·Σ c_i g_i
+            for g in self.optimizer.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.engine.loss_scale)
         self.optimizer.step()  # noise once, ÷ L, step, zero
 
     def detach(self) -> nn.Module:
         return self.engine.detach()
 
 
-class NonPrivate:
-    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, **_):
+class NonPrivate(_Precision):
+    """fp16: torch's GradScaler (dynamic scale, skipped steps on overflow: no privacy to keep here)."""
+
+    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, precision="fp32", **_):
         self.model, self.optimizer, self.L, self.augmult = model, optimizer, expected_batch_size, augmult
+        self._set_precision(precision, model)
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = _loss(out, y, self.augmult)
-        loss.backward()
+        loss = _loss(out.float(), y, self.augmult)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.item()
 
     def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         for g in self.optimizer.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
                     p.grad.div_(self.L)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def detach(self) -> nn.Module:
@@ -98,9 +146,12 @@ class Opacus:
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
-                 clipping="abadi", augmult=1, **_):
+                 clipping="abadi", augmult=1, precision="fp32", **_):
         from opacus.validators import ModuleValidator
 
+        if precision != "fp32":
+            raise UserError(f"precision={precision} needs a built-in engine ({', '.join(MODES)}) or nonprivate: "
+                            "Opacus' per-sample gradient hooks are not checked under autocast here")
         if clipping != "abadi" or augmult != 1:
             raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
                             f"({', '.join(MODES)}) or nonprivate")
@@ -157,6 +208,9 @@ class Opacus:
             opt.original_optimizer.step()
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
     def detach(self) -> nn.Module:
         return _unclone(self.model._module)
@@ -215,7 +269,8 @@ ENGINES = {
 
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1) -> Engine:
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1,
+                  precision="fp32") -> Engine:
     """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure)."""
     factory = lookup("engine", name, ENGINES)
     if passes not in (1, 2) or (passes == 2 and name not in MODES):
@@ -223,4 +278,4 @@ def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_nor
     return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma,
                    streams=streams if streams is not None else Streams(seed, secure=secure), augmult=augmult,
-                   passes=passes)
+                   passes=passes, precision=precision)

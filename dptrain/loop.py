@@ -34,7 +34,9 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                 x = augment(x, augment_gen)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            loss_sum += engine.backward(model(x), y, last=j == len(cs) - 1)
+            with engine.autocast():  # precision=bf16/fp16: the forward only; backward and noise stay float32
+                out = model(x)
+            loss_sum += engine.backward(out, y, last=j == len(cs) - 1)
             seen += len(y)
         engine.step()
         if ema is not None:

@@ -52,7 +52,7 @@ def run(cfg, run_dir: str) -> dict:
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
-                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision)
     sampling = budget.sampling or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
