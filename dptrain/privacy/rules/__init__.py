@@ -34,14 +34,14 @@ def _timm_rules() -> dict[type, Rule]:
         from timm.layers import LayerNorm2d as TimmLN2d
         from timm.layers import LayerScale, LayerScale2d
         from timm.layers import Linear as TimmLinear
-        from timm.models import beit, cait, convnext, swin_transformer
+        from timm.models import beit, cait, convnext, eva, swin_transformer
     except ImportError:  # pragma: no cover - timm is a dependency
         return {}
     gamma = GammaRule()
     # timm's Linear overrides forward only to cast dtypes under torchscript: the same function as nn.Linear
     return {TimmLinear: LinearRule(), TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True),
             LayerScale: ScaleRule(-1), LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
-            cait.LayerScaleBlockClassAttn: gamma, beit.Attention: AttentionRule(),
+            cait.LayerScaleBlockClassAttn: gamma, eva.EvaBlock: gamma, beit.Attention: AttentionRule(),
             beit.RelativePositionBias: SharedBiasRule(), convnext.ConvNeXtBlock: ConvNeXtGammaRule(),
             swin_transformer.WindowAttention: WindowAttentionRule()}
 
