@@ -21,7 +21,7 @@ V = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)  # a vis
 FAMILIES = {  # family: (timm name, kwargs, input size) — every model through create_model (BatchNorm → GroupNorm)
     "resnet": ("resnet18", dict(), 16),
     "resnet-d": ("resnet18d", dict(), 16),
-    "vgg": ("vgg11_bn", dict(feature_window_size=1), 32),
+    "vgg": ("vgg11_bn", dict(mlp_ratio=0.01), 32),  # a 40-wide classifier MLP instead of 4096
     "vit": ("vit_tiny_patch16_224", dict(V, reg_tokens=1, init_values=0.1), 16),
     "deit (distilled)": ("deit_tiny_distilled_patch16_224", V, 16),
     "beit": ("beit_base_patch16_224", dict(V, init_values=0.1), 16),
