@@ -127,6 +127,8 @@ class PrivacyEngine:
             names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
             log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
                         100 * self.fallback_share, names)
+        else:
+            log.info("privacy engine: fallback share 0%% (every trainable parameter on a ghost/instantiation rule)")
 
     @property
     def _phase(self) -> str:
