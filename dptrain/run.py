@@ -16,6 +16,7 @@ from tqdm import tqdm
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
+from .config import validate
 from .data import Data, create_dataset
 from .engines import ENGINES, Engine, create_engine
 from .errors import UserError, check_name
@@ -31,6 +32,7 @@ log = logging.getLogger("dptrain")
 
 def run(cfg, run_dir: str) -> dict:
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
     os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
@@ -192,8 +194,6 @@ def _ema(model, decay):
     Copied before the engine attaches, so the copy is a plain module."""
     if decay is None:
         return None
-    if not 0 < decay < 1:
-        raise UserError(f"privacy.ema must be in (0, 1), got {decay}")
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -36,6 +36,10 @@ def test_sigma_is_calibrated_to_eps(compose):
     ("privacy.sampling=fixed", "unknown privacy.sampling 'fixed'; valid: poisson, shuffle"),
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier must be > 0"),
     ("max_grad_norm=0", "max_grad_norm must be > 0"),
+    ("privacy.noise_multiplier=nan", "privacy.noise_multiplier must be > 0 and finite, got nan"),
+    ("eps=inf", "eps must be > 0 and finite, got inf"),  # was calibrated to sigma = 10
+    ("delta=nan", r"delta must be in \(0, 1\), got nan"),
+    ("epochs=nan", "epochs must be > 0 and finite, got nan"),
 ])
 def test_bad_privacy_input_is_one_clear_error(compose, override, message):
     with pytest.raises(UserError, match=message):

@@ -86,7 +86,7 @@ def test_missing_folder(quick, tmp_path):
 
 def test_cli_error_exit_code_and_no_summary(tmp_path):
     r = cli(*TINY, "eps=-1", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "dptrain: error: eps must be > 0" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "r" / "summary.json").exists()
@@ -213,3 +213,32 @@ def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
         run(compose(*base, "dataset.features=scattering", "dataset.augment=true"), str(tmp_path / "b"))
     with pytest.raises(UserError, match="scatter_cnn takes ScatterNet features"):
         run(compose(*base), str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eps=nan", "eps must be > 0 and finite, got nan"),  # issue #14: eps=inf trained at sigma = 10
+    ("eps=inf", "eps must be > 0 and finite, got inf"),
+    ("delta=nan", "delta must be in (0, 1), got nan"),
+    ("privacy.noise_multiplier=nan", "privacy.noise_multiplier must be > 0 and finite, got nan"),  # hung
+    ("privacy.noise_multiplier=inf", "privacy.noise_multiplier must be > 0 and finite, got inf"),
+    ("max_grad_norm=inf", "max_grad_norm must be > 0 and finite, got inf"),
+    ("optimizer.lr=nan", "optimizer.lr must be >= 0 and finite, got nan"),  # trained to NaN weights, exit 0
+    ("optimizer.lr=inf", "optimizer.lr must be >= 0 and finite, got inf"),
+    ("optimizer.lr=-0.1", "optimizer.lr must be >= 0 and finite, got -0.1"),
+    ("optimizer.momentum=1", "optimizer.momentum must be in [0, 1), got 1.0"),
+    ("optimizer.weight_decay=nan", "optimizer.weight_decay must be >= 0 and finite, got nan"),
+    ("epochs=inf", "epochs must be > 0 and finite, got inf"),
+    ("privacy.ema=nan", "privacy.ema must be in (0, 1), got nan"),
+    ("engine.gamma=0", "engine.gamma must be > 0 and finite, got 0.0"),
+    ("dataset.val_fraction=nan", "dataset.val_fraction must be in [0, 1), got nan"),
+    ("physical_batch_size=0", "physical_batch_size must be >= 1, got 0"),
+])
+def test_bad_numbers_are_refused_before_the_data_loads(quick, monkeypatch, override, message):
+    """Non-finite and out-of-range numbers: one line, at start (config.RANGES), before any data is read."""
+    def no_data(*a, **k):
+        raise AssertionError("the data loaded before the config was validated")
+
+    monkeypatch.setattr("dptrain.run.create_dataset", no_data)
+    with pytest.raises(UserError) as err:
+        quick(override)
+    assert str(err.value) == message
