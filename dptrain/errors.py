@@ -13,6 +13,15 @@ class UserError(Exception):
     pass
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss or non-finite weights (loop.py's guard); `steps`: the optimizer steps
+    that count as spent. run.py marks the run failed (failed.json, with the ε of those steps) and stops."""
+
+    def __init__(self, what: str, *, steps: int):
+        super().__init__(what)
+        self.what, self.steps = what, steps
+
+
 def check_name(what: str, name: str, valid: Collection[str]) -> None:
     """Raise the one-line error for an unknown `name`, listing `valid` — the registry itself, so that the
     names a user is offered are always the names that work."""

@@ -19,7 +19,7 @@ from .budget import Budget, create_budget
 from .config import validate
 from .data import Data, create_dataset
 from .engines import ENGINES, Engine, create_engine
-from .errors import UserError, check_name
+from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
 from .models import create_model, data_config
 from .optim import create_optimizer, create_schedule
@@ -65,8 +65,11 @@ def run(cfg, run_dir: str) -> dict:
     tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
                       config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     augment = streams.generator("augment") if cfg.dataset.augment else None
-    trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
-                     augment=augment, device=device)
+    try:
+        trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                         tracker=tracker, augment=augment, device=device)
+    except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
+        raise _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit) from None
     torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
     summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
                        commit=commit)
@@ -130,10 +133,15 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
 
-        stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
-                                augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
-                                memory_format=_memory_format(cfg), on_step=on_step)
+        try:
+            stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
+                                    device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
+                                    augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
+                                    memory_format=_memory_format(cfg), on_step=on_step)
+        except Diverged as e:
+            bar.close()
+            e.steps += done  # the run's steps, not the epoch's
+            raise
         done += len(logical)
         seen += stats["examples"]
         times += stats["step_times"]
@@ -162,6 +170,20 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
         key.NAME: cfg.name, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _failed(cfg, data: Data, budget: Budget, e: Diverged, *, tracker, t_start: float, commit) -> UserError:
+    """Mark the run failed — failed.json: the error, the steps spent and their ε (schema.FAILED) — and return the
+    one-line error the CLI prints."""
+    record = {key.STATUS: "failed", key.ERROR: f"training diverged: {e.what}", key.STEP: e.steps,
+              **budget.summary(e.steps), key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name,
+              key.DATASET: data.name, key.WALL_S: time.time() - t_start, key.COMMIT: commit, key.NAME: cfg.name,
+              key.CONFIG: OmegaConf.to_container(cfg, resolve=True)}
+    path = tracker.fail(record)
+    eps = record[key.EPS_SPENT]
+    spent = "" if eps is None else f", eps spent {eps:.4g} (delta {budget.delta:.3g})"
+    return UserError(f"training diverged in step {e.steps} of {budget.steps}: {e.what}{spent}; run marked failed "
+                     f"in {path} (no summary.json); lower optimizer.lr")
 
 
 def _device(name: str) -> torch.device:

@@ -45,6 +45,13 @@ SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, SAMPLES_PER_S, PEAK_MEM_MB, 
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
 
 
+# failed.json, written instead of summary.json when a run stops after its budget began to be spent (a divergence):
+# what went wrong, the steps that count as spent (STEP) and the privacy keys with the ε of those steps
+STATUS = "status"  # "failed"
+ERROR = "error"  # the one-line error
+FAILED = (STATUS, ERROR, STEP, *PRIVACY, ENGINE, MODEL, DATASET, WALL_S, COMMIT, NAME, CONFIG)
+
+
 def column(key: str) -> str:
     """A key's dptrain-report csv column: privacy/ and perf/ drop their prefix (eps_spent, step_ms); the others
     join with "_" (test_acc)."""

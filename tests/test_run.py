@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TINY, cli
+from conftest import TINY, accountant_eps, assert_eps_spent, cli
 
 from dptrain import schema as key
 from dptrain.engines import ENGINES
@@ -11,13 +11,17 @@ from dptrain.errors import UserError
 
 
 def test_summary_keys_are_the_published_ones():
-    """Other tools read summary.json and metrics.jsonl by these strings: a rename must fail here."""
+    """Other tools read summary.json, metrics.jsonl and failed.json by these strings: a rename must fail here."""
     assert key.SUMMARY == (
         "test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
         "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
         "privacy/steps", "privacy/eps_spent", "privacy/streams", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset",
         "epochs", "wall_s", "device", "machine", "commit", "name", "config")
     assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
+    assert key.FAILED == (
+        "status", "error", "step", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
+        "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
+        "privacy/steps", "privacy/eps_spent", "engine", "model", "dataset", "wall_s", "commit", "name", "config")
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -242,3 +246,69 @@ def test_bad_numbers_are_refused_before_the_data_loads(quick, monkeypatch, overr
     with pytest.raises(UserError) as err:
         quick(override)
     assert str(err.value) == message
+
+
+class _Stub:
+    """An engine whose loss turns nan at optimizer step `nan_loss_at`, or whose step writes inf into the weights
+    at step `inf_weight_at` (steps counted from 1)."""
+
+    def __init__(self, *, nan_loss_at=None, inf_weight_at=None):
+        import torch
+
+        self.model, self.steps = torch.nn.Linear(3, 2), 0
+        self.nan_loss_at, self.inf_weight_at = nan_loss_at, inf_weight_at
+
+    def backward(self, out, y, *, last):
+        return float("nan") if self.steps + 1 == self.nan_loss_at else 1.0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.inf_weight_at:
+            self.model.bias.data[1] = float("inf")
+
+
+@pytest.mark.parametrize("stub,steps", [(dict(nan_loss_at=3), 3), (dict(inf_weight_at=2), 2)])
+def test_divergence_guard_stops_at_the_step(stub, steps):
+    """A non-finite loss stops the run inside step k (k counts as spent: its loss was seen, and Opacus steps
+    inside backward); non-finite weights stop it right after step k."""
+    import torch
+
+    from dptrain.errors import Diverged
+    from dptrain.loop import train_one_epoch
+
+    engine = _Stub(**stub)
+    data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long))
+    with pytest.raises(Diverged) as err:
+        train_one_epoch(engine, data, list(torch.arange(20).split(4)), physical_batch_size=2,
+                        device=torch.device("cpu"))
+    assert err.value.steps == steps and engine.steps == (2 if "nan_loss_at" in stub else steps)
+
+
+def test_divergence_marks_the_run_failed_with_the_eps_spent(quick, tmp_path):
+    """lr = 1e38: the loss overflows in step 3 of 4. The run stops with one line, leaves failed.json with the ε
+    of the 3 steps spent (no summary.json, no model.pt), and dptrain-report lists it as failed with that ε."""
+    from dptrain.report import collect
+
+    with pytest.raises(UserError) as err:
+        quick("optimizer.lr=1e38", "eps=null", "privacy.noise_multiplier=1.0")  # σ given: no 6 s calibration
+    run_dir = tmp_path / "run"
+    f = json.loads((run_dir / "failed.json").read_text())
+    assert tuple(f) == key.FAILED and f[key.STATUS] == "failed" and f[key.STEP] == 3 and f[key.STEPS] == 4
+    assert_eps_spent(f, steps=3)
+    assert f[key.EPS_SPENT] < accountant_eps(f)  # 3 of the 4 steps
+    assert str(err.value) == (f"training diverged in step 3 of 4: non-finite training loss (inf), eps spent "
+                              f"{f[key.EPS_SPENT]:.4g} (delta 1e-05); run marked failed in {run_dir}/failed.json "
+                              "(no summary.json); lower optimizer.lr")
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model.pt").exists()
+    rows, failed = collect([str(tmp_path)])
+    assert rows == [] and failed == [f"{run_dir} (failed: training diverged: non-finite training loss (inf); "
+                                     f"3 steps, eps spent {f[key.EPS_SPENT]:.4g} at delta 1e-05)"]
+
+
+def test_cli_divergence_is_one_line_and_exit_2(tmp_path):
+    sigma = ["eps=null", "privacy.noise_multiplier=1"]
+    r = cli(*TINY, *sigma, "epochs=2", "optimizer.lr=1e38", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
+    assert r.stderr.startswith("dptrain: error: training diverged in step 3 of 4: non-finite training loss (inf)")
+    assert (tmp_path / "r" / "failed.json").exists() and not (tmp_path / "r" / "summary.json").exists()
