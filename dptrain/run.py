@@ -21,7 +21,7 @@ from .data import Data, create_dataset
 from .engines import ENGINES, Engine, create_engine
 from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
-from .models import create_model, data_config
+from .models import checkpoint_provenance, create_model, data_config
 from .optim import create_optimizer, create_schedule
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
@@ -48,6 +48,7 @@ def run(cfg, run_dir: str) -> dict:
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device)
+    checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
@@ -71,8 +72,8 @@ def run(cfg, run_dir: str) -> dict:
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
         raise _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit) from None
     torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
-    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
-                       commit=commit)
+    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint, device=device,
+                       t_start=t_start, commit=commit)
     tracker.finish(summary)
     return summary
 
@@ -156,13 +157,14 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                    train_s=time.perf_counter() - t_train)
 
 
-def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, device, t_start: float,
-             commit) -> dict:
+def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,
+             t_start: float, commit) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
         key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS], **budget.summary(t.steps),
-        key.STREAMS: streams,
+        key.STREAMS: streams, key.CHECKPOINT: checkpoint,
+        key.CHECKPOINT_EPS_SPENT: (checkpoint or {}).get(key.EPS_SPENT),
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
         key.PEAK_MEM_MB: peak_memory_mb(device),
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,

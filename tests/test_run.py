@@ -15,8 +15,9 @@ def test_summary_keys_are_the_published_ones():
     assert key.SUMMARY == (
         "test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
         "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
-        "privacy/steps", "privacy/eps_spent", "privacy/streams", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset",
-        "epochs", "wall_s", "device", "machine", "commit", "name", "config")
+        "privacy/steps", "privacy/eps_spent", "privacy/streams", "privacy/checkpoint", "privacy/checkpoint_eps_spent",
+        "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "dataset", "epochs", "wall_s",
+        "device", "machine", "commit", "name", "config")
     assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
     assert key.FAILED == (
         "status", "error", "step", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
@@ -312,3 +313,32 @@ def test_cli_divergence_is_one_line_and_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
     assert r.stderr.startswith("dptrain: error: training diverged in step 3 of 4: non-finite training loss (inf)")
     assert (tmp_path / "r" / "failed.json").exists() and not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
+    """Continuing from a dptrain run's model.pt: the summary records that run's ε, δ and dataset (the budgets
+    compose where the data overlap) and says so; a bare weights file records its path only."""
+    import shutil
+
+    from dptrain.run import run
+
+    sigma = ["eps=null", "privacy.noise_multiplier=1.0"]  # no calibration: 6 s less per run
+    first = run(compose(*TINY, *sigma, "privacy.accountant=rdp"), str(tmp_path / "a"))
+    with caplog.at_level("WARNING", logger="dptrain.models"):
+        s = run(compose(*TINY, *sigma, f"model.checkpoint={tmp_path}/a/model.pt"), str(tmp_path / "b"))
+    ck = s[key.CHECKPOINT]
+    assert ck["path"] == f"{tmp_path}/a/model.pt" and ck["summary"] == f"{tmp_path}/a/summary.json"
+    assert (ck[key.EPS_SPENT], ck[key.DELTA], ck[key.DATASET], ck[key.ACCOUNTANT]) == (
+        first[key.EPS_SPENT], first[key.DELTA], "fake", "rdp")
+    assert s[key.CHECKPOINT_EPS_SPENT] == first[key.EPS_SPENT] != s[key.EPS_SPENT]
+    assert_eps_spent(s)  # this run's own ε, as before
+    assert "the budgets compose" in caplog.text and f"spent eps={first[key.EPS_SPENT]:.4g}" in caplog.text
+    from dptrain.cli import format_summary
+
+    assert f"its checkpoint's run spent eps {first[key.EPS_SPENT]:.3f}" in format_summary(s)
+
+    (tmp_path / "bare").mkdir()
+    shutil.copy(tmp_path / "a" / "model.pt", tmp_path / "bare" / "w.pt")
+    s = run(compose(*TINY, *sigma, f"model.checkpoint={tmp_path}/bare/w.pt"), str(tmp_path / "c"))
+    assert s[key.CHECKPOINT] == {"path": f"{tmp_path}/bare/w.pt", "summary": None}
+    assert s[key.CHECKPOINT_EPS_SPENT] is None
