@@ -1,6 +1,7 @@
 """The privacy budget fixed before training: q, steps, σ, δ, and the ε it reports."""
 
 import pytest
+from conftest import accountant_eps
 
 from dptrain import schema as key
 from dptrain.budget import Budget, create_budget
@@ -27,8 +28,10 @@ def test_non_private_budget_has_only_q_and_steps(compose):
 
 def test_sigma_is_calibrated_to_eps(compose):
     b = create_budget(compose("eps=2", "batch_size=100", "epochs=2"), 1000, private=True)
-    assert b.delta == 1e-5 and b.noise_multiplier > 0 and b.eps == 2.0
-    assert 0.99 * 2 <= b.eps_spent(b.steps) <= 2.0
+    assert (b.delta, b.eps, b.steps, b.sample_rate) == (1e-5, 2.0, 20, 0.1)
+    assert b.noise_multiplier == pytest.approx(1.3672, abs=1e-4)  # Opacus' bisection, to 0.5% of ε
+    assert 2.0 * (1 - 0.005) <= b.eps_spent(b.steps) <= 2.0
+    assert accountant_eps(b.summary(b.steps)) == pytest.approx(b.eps_spent(b.steps), rel=1e-6)
 
 
 @pytest.mark.parametrize("override,message", [
