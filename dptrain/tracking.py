@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from . import schema as key
 from .errors import check_name
 
 LOGGERS = ("none", "wandb")
@@ -75,6 +76,15 @@ class Tracker:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         if self.wandb is not None:
             self.wandb.log(row)
+
+    def fail(self, record: dict) -> str:
+        """failed.json instead of summary.json (dptrain-report lists the run as failed); returns its path."""
+        path = os.path.join(self.run_dir, "failed.json")
+        write_json(path, record)
+        if self.wandb is not None:
+            self.wandb.summary[key.ERROR] = record.get(key.ERROR)
+            self.wandb.finish(exit_code=1)
+        return path
 
     def finish(self, summary: dict) -> None:
         write_json(os.path.join(self.run_dir, "summary.json"), summary)
