@@ -295,6 +295,11 @@ class _Stub:
         if self.steps == self.inf_weight_at:
             self.model.bias.data[1] = float("inf")
 
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
 
 @pytest.mark.parametrize("stub,steps", [(dict(nan_loss_at=3), 3), (dict(inf_weight_at=2), 2)])
 def test_divergence_guard_stops_at_the_step(stub, steps):
