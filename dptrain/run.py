@@ -30,7 +30,10 @@ from .tracking import Tracker, git_commit, machine, peak_memory_mb
 log = logging.getLogger("dptrain")
 
 
-def run(cfg, run_dir: str) -> dict:
+def run(cfg, run_dir: str, *, hooks=None) -> dict:
+    """hooks (None for a plain run): an object with data(Data) → Data, model(module) → module and
+    sampler(iterable of index tensors) → iterable, applied where the run makes each — dptrain-audit (audit.py)
+    adds its canaries through them; a plain run never builds one."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
     validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
     os.makedirs(run_dir, exist_ok=True)
@@ -43,12 +46,14 @@ def run(cfg, run_dir: str) -> dict:
     check_name("precision", cfg.precision, PRECISIONS)
 
     data = _data(cfg)
+    if hooks is not None:
+        data = hooks.data(data)
     n = len(data.train)
     # q, steps and σ, fixed before training; training takes exactly `steps`
     budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure)
     q, steps = budget.sample_rate, budget.steps
 
-    model = _model(cfg, data, device)
+    model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
     checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
@@ -60,6 +65,8 @@ def run(cfg, run_dir: str) -> dict:
     sampling = budget.sampling or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
+    if hooks is not None:
+        sampler = hooks.sampler(sampler)
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)
@@ -92,10 +99,12 @@ def _data(cfg) -> Data:
                           channels=ds.channels, data_dir=cfg.data_dir, features=ds.features)
 
 
-def _model(cfg, data: Data, device: torch.device) -> torch.nn.Module:
+def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
                          img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    if wrap is not None:
+        model = wrap(model)
     _check_input(model, data, cfg.model.name, device)
     fmt = _memory_format(cfg)
     return model if fmt is None else model.to(memory_format=fmt)
