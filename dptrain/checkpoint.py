@@ -104,10 +104,15 @@ def resume_config(cfg, overrides: list[str]):
             OmegaConf.update(out, k, new, merge=False)
             continue
         old = OmegaConf.select(out, k, default=_MISSING)
-        if new is _MISSING or old is _MISSING or _plain(new) != _plain(old):
-            raise UserError(f"resume={run_dir}: refusing {o.input_line}: a resumed run keeps its saved config "
-                            f"({k}={_plain(old) if old is not _MISSING else 'not a config key'}), as a change could "
-                            f"change its privacy or its result; allowed: {', '.join(HARMLESS[1:])}")
+        if new is _MISSING or old is _MISSING:
+            saved = f"{k} is not a config key"
+        elif _plain(new) != _plain(old):
+            path, a, b = _difference(k, _plain(new), _plain(old))
+            saved = f"{path}={b}, not {a}"
+        else:
+            continue
+        raise UserError(f"resume={run_dir}: refusing {o.input_line}: a resumed run keeps its saved config ({saved}), "
+                        f"as a change could change its privacy or its result; allowed: {', '.join(HARMLESS[1:])}")
     out.resume = run_dir
     return out
 
@@ -135,6 +140,15 @@ _MISSING = object()
 
 def _harmless(k: str) -> bool:
     return any(k == h or k.startswith(h + ".") for h in HARMLESS)
+
+
+def _difference(k: str, new, old) -> tuple[str, object, object]:
+    """The first leaf where two values differ: (dotted key, new, old)."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        for sub in sorted(new.keys() | old.keys()):
+            if new.get(sub) != old.get(sub):
+                return _difference(f"{k}.{sub}", new.get(sub), old.get(sub))
+    return k, new, old
 
 
 def _plain(v):
