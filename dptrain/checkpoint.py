@@ -105,13 +105,13 @@ def resume_config(cfg, overrides: list[str]):
             continue
         old = OmegaConf.select(out, k, default=_MISSING)
         if new is _MISSING or old is _MISSING:
-            saved = f"{k} is not a config key"
+            why = f"{k} is not one of its keys"
         elif _plain(new) != _plain(old):
             path, a, b = _difference(k, _plain(new), _plain(old))
-            saved = f"{path}={b}, not {a}"
+            why = f"{path}={b}, not {a}"
         else:
             continue
-        raise UserError(f"resume={run_dir}: refusing {o.input_line}: a resumed run keeps its saved config ({saved}), "
+        raise UserError(f"resume={run_dir}: refusing {o.input_line}: a resumed run keeps its saved config ({why}), "
                         f"as a change could change its privacy or its result; allowed: {', '.join(HARMLESS[1:])}")
     out.resume = run_dir
     return out
@@ -189,7 +189,7 @@ def _read(run_dir: str, *, mmap: bool) -> dict:
                         "ran with checkpoint.every_s=0); start it again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 — any unreadable file is the same one-line error
+    except Exception as e:  # any unreadable file is the same one-line error
         raise UserError(f"resume={run_dir}: unreadable {FILE} ({type(e).__name__}: {_first_line(e)})") from None
     if state.get("format") != FORMAT:
         raise UserError(f"resume={run_dir}: {FILE} has format {state.get('format')}, this dptrain reads {FORMAT}")
@@ -327,13 +327,18 @@ class Checkpointer:
             for _ in range(self.position.done):
                 next(it)
             self.drawn = self.position.done
+        self._verify()
         for batch in it:
             self.drawn += 1
-            if self._check is not None and self.drawn == self._check[0]:
-                if not torch.equal(self.sampler_gen.get_state(), self._check[1]):
-                    raise RuntimeError(f"resume: the sampler does not redraw the batches of {self.path}")
-                self._check = None
+            self._verify()
             yield batch
+
+    def _verify(self) -> None:
+        if self._check is not None and self.drawn == self._check[0]:
+            if not torch.equal(self.sampler_gen.get_state(), self._check[1]):
+                raise RuntimeError(f"resume: the sampler does not redraw the batches of {self.path} (after "
+                                   f"{self.drawn} batches its generator is elsewhere)")
+            self._check = None
 
     # --- saving ----------------------------------------------------------------------------------------------
     def due(self) -> bool:
@@ -364,7 +369,10 @@ class Checkpointer:
                     "sampler": {"drawn": self.drawn, "state": self.sampler_gen.get_state()
                                 if self.sampler_gen is not None else None}},
         }
+        t0 = time.perf_counter()
         _atomic(self.path, lambda f: torch.save(state, f))
+        log.info("checkpoint at step %d: %.1f MB written in %.2f s", steps, os.path.getsize(self.path) / 2**20,
+                 time.perf_counter() - t0)
         self.last = time.monotonic()
         self._write_status("running", step=steps, eps=eps, checkpoint=FILE)
 
