@@ -8,8 +8,8 @@ number of logical batches drawn, and its generator's state as a tripwire), the p
 epoch's running loss, the metrics rows so far, the budget (σ, q, δ, steps, accountant) with the accountant's
 history (σ, q, steps taken), the resolved config and the commit. It is written (`Checkpointer.save`)
 
-- at every epoch end, after the evaluation and BEFORE the epoch's metrics.jsonl line: nothing a step produced
-  leaves the process before a checkpoint holds that step, so a resumed run never releases a step twice;
+- at every epoch end, after the evaluation and BEFORE the epoch's metrics.jsonl line (and wandb log): no logged
+  value depends on a step that no checkpoint holds, so a resumed run never logs a step's outcome twice;
 - inside an epoch, after the first step that ends at least `checkpoint.every_s` seconds after the last write
   (0: no checkpoints at all);
 
@@ -31,7 +31,7 @@ before and after the crash, each counted once. Steps taken after the last checkp
 process are replayed identically (same seeded streams), so they are the same mechanism output, not a second
 one. In secure mode (privacy.secure) the sampler and the noise come from OS entropy and cannot be replayed: the
 resumed run draws fresh batches and noise for the lost steps. That is as private — each step is a fresh
-Poisson-subsampled Gaussian step, and the lost steps' outputs never left the process (see above) — but not
+Poisson-subsampled Gaussian step, and nothing derived from the lost steps was logged (see above) — but not
 bit-identical to anything.
 """
 

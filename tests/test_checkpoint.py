@@ -300,6 +300,10 @@ def test_every_s_0_writes_no_checkpoint(tmp_path, monkeypatch):
     assert status(d) | {"pid": 0, "updated": 0, "host": 0, key.COMMIT: 0} == {
         key.STATUS: "running", key.STEP: 0, key.STEPS: 8, key.EPS_SPENT: None, "checkpoint": None, "resumed": [],
         key.COMMIT: 0, "host": 0, "pid": 0, "updated": 0}
+    from dptrain.report import collect
+
+    assert collect([str(tmp_path)])[1] == [f"{d} (unfinished: running, or killed before its first checkpoint "
+                                           "(start it again))"]
 
 
 def test_the_checkpoint_holds_the_run_state(killed):
