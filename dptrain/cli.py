@@ -19,11 +19,14 @@ log = logging.getLogger("dptrain")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg) -> float:
+    from .checkpoint import resume_config
     from .errors import UserError
     from .privacy import CoverageError
     from .run import run
 
     try:
+        if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
+            cfg = resume_config(cfg, HydraConfig.get().overrides.task)
         summary = run(cfg, HydraConfig.get().runtime.output_dir)
     except (UserError, CoverageError) as e:
         log.error("%s", e)

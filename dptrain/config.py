@@ -73,6 +73,13 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # checkpoint.pt in the run directory at every epoch end and at least every `every_s` seconds of training
+    # (checkpoint.py); 0: no checkpoints at all (a killed run cannot be resumed)
+    every_s: float = 300.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -80,6 +87,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eps: float | None = 3.0  # target ε
     delta: float | None = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
     epochs: float = 15.0  # may be fractional; steps = round(epochs / q)
@@ -95,6 +103,7 @@ class TrainConfig:
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
+    resume: str | None = None  # a run directory: continue that run from its checkpoint.pt, with its saved config
 
 
 # Every numeric knob's range, checked by `validate` at start, before the data loads: nan, inf and out-of-range
@@ -108,7 +117,7 @@ RANGES = {
     "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
     "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
-    "model.img_size": "[1, inf)",
+    "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)",
 }
 UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
 
@@ -140,5 +149,12 @@ def validate(cfg) -> None:
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    # conf/train.yaml's hydra.run.dir and output_subdir: `resume=<run dir>` runs in that run's directory, and keeps
+    # its first .hydra/ (the original command) beside the resumes' own
+    OmegaConf.register_new_resolver("dptrain_run_dir", lambda resume, new: resume or new, replace=True)
+    OmegaConf.register_new_resolver("dptrain_hydra_subdir", lambda resume, now: f".hydra/resume-{now}" if resume
+                                    else ".hydra", replace=True)

@@ -237,7 +237,10 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0):
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers)
+    # generator: the loader draws its workers' base seed when it starts; from torch's global generator (dropout's)
+    # that draw would shift dropout after a mid-epoch resume (checkpoint.py). The transforms are deterministic.
+    loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,
+                        generator=torch.Generator())
     yield from loader
 
 

@@ -14,7 +14,8 @@ from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None) -> dict:
+                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None,
+                    totals=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
     augmult K: each example enters as K independently augmented rows, clipped as one example.
@@ -22,13 +23,17 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
     scheduler: a learning-rate scheduler stepped after every optimizer step.
     Divergence guard: a non-finite loss (any physical batch) or non-finite weights (after every step) raise
     Diverged with the steps spent so far; the step in progress counts, as its loss was seen and an engine may
-    already have applied it (Opacus steps inside backward)."""
+    already have applied it (Opacus steps inside backward).
+    totals: the epoch's running sums {"loss", "examples", "step_times"}, updated after every step (what a
+    mid-epoch checkpoint saves); a run resumed inside an epoch passes its checkpoint's, with the batches left."""
     model = engine.model
     model.train()
     params = list(model.parameters())
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
     stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers)
-    loss_sum, seen, times = 0.0, 0, []
+    totals = totals if totals is not None else {}
+    loss_sum, seen = totals.setdefault("loss", 0.0), totals.setdefault("examples", 0)
+    times = totals.setdefault("step_times", [])  # appended in place
     for cs in chunks:
         t0 = time.perf_counter()
         for j, _ in enumerate(cs):
@@ -57,6 +62,7 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         times.append(time.perf_counter() - t0)
         if not all_finite(params):
             raise Diverged("non-finite weights after the update", steps=len(times))
+        totals["loss"], totals["examples"] = loss_sum, seen
         if on_step is not None:
             on_step(loss_sum / max(seen, 1), seen, sum(times))
     return {"loss": loss_sum / max(seen, 1), "examples": seen, "step_times": times}

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
@@ -36,6 +37,8 @@ def run(cfg, run_dir: str, *, hooks=None) -> dict:
     adds its canaries through them; a plain run never builds one."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
     validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
+    resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
+    run_dir = str(cfg.resume) if cfg.resume else run_dir
     os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
@@ -50,7 +53,8 @@ def run(cfg, run_dir: str, *, hooks=None) -> dict:
         data = hooks.data(data)
     n = len(data.train)
     # q, steps and σ, fixed before training; training takes exactly `steps`
-    budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure)
+    budget = (ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size) if resumed  # the σ its steps used
+              else create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure))
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
@@ -74,15 +78,23 @@ def run(cfg, run_dir: str, *, hooks=None) -> dict:
     tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
                       config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     augment = streams.generator("augment") if cfg.dataset.augment else None
+    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s, config=OmegaConf.to_container(cfg, resolve=True),
+                              commit=commit, budget=budget, model=model, optimizer=optimizer, scheduler=scheduler,
+                              ema=ema, engine=engine, sampler=sampler, augment=augment, t_start=t_start)
+    saver.start(resumed)  # status.json "running"; a resumed run's state restored
+    t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
         trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                         tracker=tracker, augment=augment, device=device)
+                         tracker=tracker, augment=augment, device=device, saver=saver)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
-        raise _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit) from None
+        err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
+        saver.failed()
+        raise err from None
     torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
     summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint, device=device,
-                       t_start=t_start, commit=commit)
+                       t_start=t_start, commit=commit, resumed=saver.resumed)
     tracker.finish(summary)
+    saver.finished()  # status.json "finished"; checkpoint.pt removed
     return summary
 
 
@@ -127,28 +139,37 @@ class Trained:
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device) -> Trained:
+           device, saver: ckpt.Checkpointer) -> Trained:
     """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
-    each, evaluate `model` (its EMA if any) and log one metrics.jsonl line."""
+    each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line. Also checkpoints after a
+    step when `saver` is due. A resumed run starts at its checkpoint's position."""
     steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
-    bar = tqdm(total=steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
-    it, done, seen, times, epoch, row = iter(sampler), 0, 0, [], 0, {}
-    t_train = time.perf_counter()
+    at = saver.position  # zeros, or where a resumed run's checkpoint left off
+    bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
+    it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
+    row = rows[-1] if rows else {}
+    t_train = time.perf_counter() - at.train_s
     while done < steps:
         epoch += 1
         logical = [next(it) for _ in range(min(per_epoch, steps - done))]
-        eps_so_far = row.get(key.EPS_SPENT)
+        totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
+        eps_so_far, n = row.get(key.EPS_SPENT), len(logical)
+        here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
-        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far):
+        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
+            if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
+                here.train_s = time.perf_counter() - t_train
+                saver.save(here)
 
         try:
-            stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                    device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
+            stats = train_one_epoch(engine, data.train, logical[len(totals.get("step_times", ())):],
+                                    physical_batch_size=cfg.physical_batch_size, device=device,
+                                    num_workers=cfg.dataset.num_workers, augment_gen=augment,
                                     augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
-                                    memory_format=_memory_format(cfg), on_step=on_step)
+                                    memory_format=_memory_format(cfg), on_step=on_step, totals=totals)
         except Diverged as e:
             bar.close()
             e.steps += done  # the run's steps, not the epoch's
@@ -160,6 +181,10 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                         num_workers=cfg.dataset.num_workers)
         row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
+        rows.append(row)
+        # before the line leaves the process: a resumed run then never logs (releases) a step twice
+        saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
+                   eps_spent=row[key.EPS_SPENT])
         tracker.log(row)
         bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row[key.EPS_SPENT], acc=f"{test['acc']:.3f}")
     bar.close()
@@ -168,7 +193,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
 
 
 def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,
-             t_start: float, commit) -> dict:
+             t_start: float, commit, resumed: list) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
@@ -180,7 +205,7 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
         key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, key.DATASET: data.name, key.EPOCHS: t.epochs,
         key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
-        key.NAME: cfg.name, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
+        key.NAME: cfg.name, key.RESUMED: resumed, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
 
 

@@ -43,10 +43,11 @@ EPOCHS = "epochs"  # epochs run (the last may be partial); the requested number 
 WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
 CONFIG = "config"  # the resolved config
+RESUMED = "resumed"  # one {step, commit, at} per resume (resume=<run dir>, checkpoint.py); [] if never interrupted
 
 # summary.json's keys, in file order
 SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, CHECKPOINT, CHECKPOINT_EPS_SPENT, SAMPLES_PER_S, PEAK_MEM_MB,
-           STEP_MS, ENGINE, MODEL, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT, NAME, CONFIG)
+           STEP_MS, ENGINE, MODEL, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT, NAME, RESUMED, CONFIG)
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
 
 

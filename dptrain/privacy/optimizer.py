@@ -114,3 +114,12 @@ class DPOptimizer:
 
     def state_dict(self):
         return self.optimizer.state_dict()
+
+    def generator_states(self) -> dict[str, list[torch.Tensor]]:
+        """Each noise chunk generator's state, by device (a checkpoint's; none in secure mode: OS entropy)."""
+        return {device: [g.get_state() for g in gens] for device, gens in self._gens.items()}
+
+    def set_generator_states(self, states: dict[str, list[torch.Tensor]]) -> None:
+        for device, chunks in states.items():
+            for g, state in zip(self._generators(torch.device(device)), chunks, strict=True):
+                g.set_state(state)
