@@ -32,6 +32,10 @@ def main(cfg) -> float:
         log.error("%s", e)
         print(f"dptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the run directory says how far it got (status.json)
+        print(f"dptrain: interrupted; the run directory {HydraConfig.get().runtime.output_dir} keeps its last "
+              "checkpoint (continue with dptrain resume=<that directory>)", file=sys.stderr)
+        sys.exit(130)
     print(format_summary(summary))
     return summary[key.TEST_ACC]
 

@@ -138,14 +138,34 @@ def numeric_fields(cls=None, prefix: str = "") -> dict[str, bool]:
 
 
 def validate(cfg) -> None:
-    """Raise a UserError (one line) for the first numeric knob outside its RANGES entry."""
+    """Raise a UserError (one line) for a key the schema does not know (`+epoch=1`, Hydra's own suggestion for a
+    misspelled key, would otherwise be accepted and ignored) or the first numeric knob outside its RANGES entry."""
     from omegaconf import OmegaConf
 
-    from .errors import check_range
+    from .errors import UserError, check_range
 
+    schema = OmegaConf.get_type(cfg) if OmegaConf.is_config(cfg) else None  # TrainConfig, or a subclass (audit)
+    schema = schema if isinstance(schema, type) and issubclass(schema, TrainConfig) else TrainConfig
+    _check_known(OmegaConf.to_container(cfg, resolve=False), schema(), "", UserError)
     nullable = numeric_fields()
     for path, interval in RANGES.items():
         check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
+
+
+def _check_known(node: dict, schema, prefix: str, error) -> None:
+    import dataclasses
+    import difflib
+
+    if not dataclasses.is_dataclass(schema):
+        return  # free-form dicts (model.kwargs) take any key
+    fields = {f.name: getattr(schema, f.name) for f in dataclasses.fields(schema)}
+    for k, v in node.items():
+        if k not in fields:
+            near = difflib.get_close_matches(k, fields, n=1)
+            raise error(f"unknown config key '{prefix}{k}'" + (f"; did you mean '{prefix}{near[0]}'?" if near else
+                                                                f"; valid: {', '.join(fields)}"))
+        if isinstance(v, dict):
+            _check_known(v, fields[k], f"{prefix}{k}.", error)
 
 
 def register() -> None:

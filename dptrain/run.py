@@ -24,6 +24,7 @@ from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
 from .models import checkpoint_provenance, create_model, data_config
 from .optim import create_optimizer, create_schedule
+from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
 from .tracking import Tracker, git_commit, machine, peak_memory_mb
@@ -47,6 +48,7 @@ def run(cfg, run_dir: str, *, hooks=None) -> dict:
     device = _device(cfg.device)
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
     check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
 
     data = _data(cfg)
     if hooks is not None:

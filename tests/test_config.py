@@ -87,3 +87,15 @@ def test_validate_passes_the_shipped_configs(compose):
         for f in sorted(os.listdir(os.path.join(CONF, group))):
             extra = ["model.name=convnext_atto"] if f == "timm.yaml" else []
             validate(compose(f"{group}={f[:-5]}", *extra))
+
+
+def test_unknown_keys_are_refused_with_the_nearest_name(compose):
+    """Hydra suggests `+epoch=1` for a misspelled key; the schema cannot refuse an added key, validate() does."""
+    from dptrain.config import validate
+    from dptrain.errors import UserError
+
+    with pytest.raises(UserError, match="unknown config key 'epoch'; did you mean 'epochs'"):
+        validate(compose("+epoch=1"))
+    with pytest.raises(UserError, match="unknown config key 'privacy.foo'; valid: accountant"):
+        validate(compose("+privacy.foo=2"))
+    validate(compose("model=timm", "model.name=resnet18", "+model.kwargs.drop_rate=0.1"))  # kwargs are free-form

@@ -375,3 +375,12 @@ def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
     s = run(compose(*TINY, *sigma, f"model.checkpoint={tmp_path}/bare/w.pt"), str(tmp_path / "c"))
     assert s[key.CHECKPOINT] == {"path": f"{tmp_path}/bare/w.pt", "summary": None}
     assert s[key.CHECKPOINT_EPS_SPENT] is None
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (("engine.clipping=foo",), "unknown engine.clipping 'foo'; valid: abadi, automatic"),
+    (("dataset=folder",), "dataset=folder needs dataset.root="),
+])
+def test_one_line_errors_for_names_and_a_missing_folder_root(quick, overrides, match):
+    with pytest.raises(UserError, match=match):
+        quick(*overrides)
