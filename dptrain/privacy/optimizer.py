@@ -30,11 +30,17 @@ class DPOptimizer:
     The noise comes from `streams` ("noise" stream, one sub-stream per chunk; default Streams(seed, secure)):
     seeded generators (reproducible experiments; seed=None: a fresh root seed), or in secure mode OS entropy
     on every draw (streams.os_normal) for deployments.
+
+    Data-parallel (`dist`: an object with `rank` and `all_reduce_sum_(tensors)`, dptrain/distributed.py; None in
+    one process): each rank's .grad holds the clipped sum of its shard of the logical batch; rank 0 ALONE adds the
+    noise to it, then one all-reduce sums the ranks' gradients — Σ_i c_i·g_i + N(0, σ²R²), the noise once in
+    total and the same on every rank (rank 0 draws it from the same streams as a 1-process run) — then ÷ L.
+    Every rank calls step() for every logical batch, also when its shard was empty: the all-reduce is collective.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, seed: int | None = None, secure: bool = False,
-                 streams: Streams | None = None):
+                 streams: Streams | None = None, dist=None):
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if expected_batch_size <= 0:
@@ -45,6 +51,8 @@ class DPOptimizer:
         self.streams = streams if streams is not None else Streams(seed, secure=secure)
         self.secure = self.streams.secure
         self._gens: dict[str, list[torch.Generator]] = {}
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        self.adds_noise = self.dist is None or self.dist.rank == 0  # noise once in total: on rank 0 only
 
     @property
     def param_groups(self):
@@ -87,7 +95,8 @@ class DPOptimizer:
 
     @torch.no_grad()
     def add_noise(self) -> None:
-        """grad ← (grad + σR·N(0, I)) / L for every trainable parameter (zeros where grad is None)."""
+        """grad ← (grad + σR·N(0, I)) / L for every trainable parameter (zeros where grad is None); data-parallel:
+        grad ← (Σ_ranks grad + σR·N(0, I)) / L, the noise added on rank 0 before the one all-reduce."""
         std = self.noise_multiplier * self.max_grad_norm
         groups: dict[tuple, list[torch.Tensor]] = {}
         for group in self.optimizer.param_groups:
@@ -99,9 +108,12 @@ class DPOptimizer:
                         p.grad = p.grad.contiguous()
                     groups.setdefault((p.device, p.dtype), []).append(p.grad)
         for grads in groups.values():
-            if std > 0:
+            if std > 0 and self.adds_noise:
                 with record_function("dptrain::noise"):
                     self._add_noise(grads, std)
+            if self.dist is not None:
+                with record_function("dptrain::all_reduce"):
+                    self.dist.all_reduce_sum_(grads)
             torch._foreach_div_(grads, float(self.expected_batch_size))
 
     def step(self) -> None:
