@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -34,9 +35,12 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                 x = augment(x, augment_gen)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            with engine.autocast():  # precision=bf16/fp16: the forward only; backward and noise stay float32
+            last = j == len(cs) - 1
+            # precision=bf16/fp16: the forward only; backward and noise stay float32. sync: DDP (nonprivate on N
+            # processes) all-reduces only in the logical batch's last backward
+            with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
                 out = model(x)
-            loss_sum += engine.backward(out, y, last=j == len(cs) - 1)
+            loss_sum += engine.backward(out, y, last=last)
             seen += len(y)
         engine.step()
         if ema is not None:
