@@ -17,6 +17,7 @@ from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
 from .data import Data, create_dataset
+from .distributed import SINGLE, Dist
 from .engines import ENGINES, Engine, create_engine
 from .errors import UserError, check_name
 from .loop import evaluate, train_one_epoch
@@ -24,52 +25,68 @@ from .models import create_model, data_config
 from .optim import create_optimizer, create_schedule
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import Tracker, git_commit, machine, peak_memory_mb
+from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
 
 
-def run(cfg, run_dir: str) -> dict:
+def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
+    """dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = dist.agree(run_dir)  # rank 0's; the other ranks write nothing there
+    dist.check_same(OmegaConf.to_yaml(cfg), "config")
+    if dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
-    device = _device(cfg.device)
+    device = dist.place(_device(cfg.device))
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
 
-    data = _data(cfg)
+    with dist.rank0_first():  # one download
+        data = _data(cfg)
     n = len(data.train)
-    # q, steps and σ, fixed before training; training takes exactly `steps`
-    budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure)
+    # q, steps and σ, fixed before training (by rank 0's accountant); training takes exactly `steps`
+    budget = dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
+                                                   secure=streams.secure))
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device)
+    dist.broadcast_module(model)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
-                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision)
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision, dist=dist)
     sampling = budget.sampling or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
+    sampler = dist.shard(sampler)  # the same logical batch on every rank; this rank's part of it
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)
 
-    tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
-                      config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    tracker = NullTracker() if not dist.is_main else Tracker(
+        run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
+        config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     augment = streams.generator("augment") if cfg.dataset.augment else None
     trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
-                     augment=augment, device=device)
-    torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
-    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
-                       commit=commit)
-    tracker.finish(summary)
-    return summary
+                     augment=augment, device=device, dist=dist)
+    dist.check_replicas(model)
+    if dist.is_main:
+        torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
+
+    def finish():
+        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
+                           commit=commit)
+        summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
+        tracker.finish(summary)
+        return summary
+
+    return dist.from_rank0(finish)  # written by rank 0, returned on every rank
 
 
 def _data(cfg) -> Data:
@@ -111,11 +128,11 @@ class Trained:
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device) -> Trained:
+           device, dist: Dist = SINGLE) -> Trained:
     """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
-    each, evaluate `model` (its EMA if any) and log one metrics.jsonl line."""
+    each, evaluate `model` (its EMA if any) and log one metrics.jsonl line (rank 0: the evaluation, ε, the bar)."""
     steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
-    bar = tqdm(total=steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, disable=None if cfg.progress and dist.is_main else True, dynamic_ncols=True, leave=False)
     it, done, seen, times, epoch, row = iter(sampler), 0, 0, [], 0, {}
     t_train = time.perf_counter()
     while done < steps:
@@ -133,8 +150,12 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                                 augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
                                 memory_format=_memory_format(cfg), on_step=on_step)
         done += len(logical)
+        loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
+        stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
         times += stats["step_times"]
+        if not dist.is_main:
+            continue
         test = evaluate(ema.module if ema is not None else model, data.test, device=device,
                         num_workers=cfg.dataset.num_workers)
         row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
