@@ -17,12 +17,15 @@ The contract (issue #17), and where each part is kept:
   empty Poisson batch) still calls engine.step(), which holds the step's only collective: no rank skips it.
 - Clipped sums and noise (privacy/optimizer.py `DPOptimizer`, given this object): each rank's engine writes its
   clipped sum into .grad (book-keeping: autograd never produces the parameter gradients DDP's reducer waits for,
-  so the reducer is not used for the private engines); rank 0 ALONE adds N(0, σ²R²) (fp32) to its local sum;
-  then ONE all-reduce (`all_reduce_sum_`, flat buckets) sums the ranks' sums — Σ_i c_i g_i + noise, the noise
-  exactly once — identical on every rank; ÷ L (the expected logical batch size of the whole run); every rank
-  takes the same optimizer step. Rank 0 drawing the noise (rather than every rank drawing the same noise from a
-  shared stream after the all-reduce) keeps one collective per step, works unchanged in secure mode (OS entropy
-  differs per rank), and draws the same noise as the 1-process run of the same seed.
+  so the reducer is not used for the private engines); the fp32 noise N(0, σ²R²) is partitioned by range: noise
+  chunk i (a fixed range of the flat gradient, its own sub-stream of the run's seed) is drawn and added by rank
+  i mod world alone; then ONE all-reduce (`all_reduce_sum_`, flat buckets) sums the ranks' gradients —
+  Σ_i c_i g_i + noise, each coordinate's noise drawn exactly once — identical on every rank; ÷ L (the expected
+  logical batch size of the whole run); every rank takes the same optimizer step. Why not every rank drawing
+  the same noise from a shared stream after the all-reduce: that draws the noise N times (once counted) and
+  cannot work in secure mode (OS entropy differs per rank). Partitioned noise keeps one collective per step,
+  works unchanged in secure mode, splits the drawing between the ranks, and is the 1-process run's noise
+  draw for draw (a chunk's stream does not depend on which rank draws it).
 - Opacus baselines: Opacus' own distributed support (DPDDP + DistributedDPOptimizer[FastGradientClipping]: noise
   on rank 0, all-reduce, ÷ world), with expected_batch_size L/world so the update is again ÷ L. nonprivate:
   torch's DistributedDataParallel (its reducer overlaps the all-reduce with the backward of the logical batch's
@@ -72,6 +75,12 @@ class Dist:
     def comm_device(self) -> torch.device:
         """Where collective buffers live: NCCL needs them on this rank's GPU."""
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    @property
+    def substream(self) -> tuple[int, ...]:
+        """The sub-key of a per-rank random stream (augmentation, dropout): () in one process, so a 1-process
+        run keeps its streams; (rank,) on N, so ranks do not draw the same crops and masks for their shards."""
+        return (self.rank,) if self.enabled else ()
 
     def place(self, device: torch.device) -> torch.device:
         """The run's device for this rank: cuda → cuda:<local rank>."""

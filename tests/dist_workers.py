@@ -62,7 +62,7 @@ SCENARIOS = {
     "sum_mixed_ghost": dict(engine="mixed_ghost", batches="poisson", sigma=0.0, R=1.0),
     "sum_ghost_2pass": dict(engine="ghost", batches="poisson", sigma=0.0, R=1.0, passes=2),
     "sum_per_sample": dict(engine="per_sample", batches=[list(range(N))], sigma=0.0, R=1.0),
-    # with noise: the same update as 1 process, noise included (rank 0 draws the 1-process run's noise)
+    # with noise: the same update as 1 process, noise included (the ranks draw the 1-process run's noise chunks)
     "noisy_mixed_ghost": dict(engine="mixed_ghost", batches="poisson", sigma=0.7, R=1.0),
     # a step where rank 1's local batch is empty ([5]: rank 0 takes it), then one where both are
     "empty_mixed_ghost": dict(engine="mixed_ghost", batches=[[5], [], [2, 7, 9]], sigma=0.5),

@@ -49,7 +49,7 @@ def _same_on_both_ranks(results):
                                   "empty_mixed_ghost", "empty_opacus", "empty_opacus_ghost", "nonprivate"])
 def test_two_ranks_take_the_one_process_step(two_ranks, name):
     """Same examples, same clipping, one all-reduce, the noise once and ÷ L: the 2-rank update is the 1-process
-    update (σ = 0: the clipped sums; σ > 0: rank 0 draws the 1-process run's noise), on both ranks alike."""
+    update (σ = 0: the clipped sums; σ > 0: the ranks draw the 1-process run's noise chunks), on both ranks alike."""
     results = two_ranks[name]
     update = _same_on_both_ranks(results)
     ref = reference(name)
@@ -78,6 +78,19 @@ def test_noise_std_is_sigma_R_over_L(two_ranks, name):
     assert abs(std - 1) < 0.01, std
     if not kw.get("secure"):  # seeded: the very noise of the 1-process run (secure: OS entropy, fresh each run)
         assert torch.allclose(update, reference(name)["update"], rtol=1e-4, atol=1e-5)
+
+
+def test_noise_chunks_partition_the_noise():
+    """Each noise chunk is drawn by exactly one rank, for any world size (more ranks than chunks: some draw none)."""
+    from dptrain.privacy.optimizer import CHUNKS, DPOptimizer
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1)
+    assert DPOptimizer(opt, noise_multiplier=1, max_grad_norm=1, expected_batch_size=4).noise_chunks == list(
+        range(CHUNKS))
+    for world in (2, 3, 8, 11):
+        chunks = [DPOptimizer(opt, noise_multiplier=1, max_grad_norm=1, expected_batch_size=4,
+                              dist=Dist(rank=r, world_size=world, backend="gloo")).noise_chunks for r in range(world)]
+        assert sorted(sum(chunks, [])) == list(range(CHUNKS))
 
 
 def test_secure_sampling_is_one_mask_sharded(two_ranks):
@@ -189,3 +202,11 @@ def test_submitit_local_sweep(tmp_path):
 def test_joblib_sweep(tmp_path):
     """Hydra's joblib launcher: parallel local jobs."""
     _sweep(tmp_path, "joblib", "hydra.launcher.n_jobs=2")
+
+
+def test_slurm_launcher_config_composes(compose):
+    """`hydra/launcher=slurm`: the plugin's SlurmLauncher with one task and one GPU per job (no cluster here)."""
+    cfg = compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (1, 1, "gpu")
