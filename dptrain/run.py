@@ -54,6 +54,8 @@ def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
 
     model = _model(cfg, data, device)
     dist.broadcast_module(model)
+    if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
+        torch.manual_seed(streams.seed_for("model", *dist.substream))
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
@@ -72,7 +74,7 @@ def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
     tracker = NullTracker() if not dist.is_main else Tracker(
         run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
         config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
-    augment = streams.generator("augment") if cfg.dataset.augment else None
+    augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment else None
     trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
                      augment=augment, device=device, dist=dist)
     dist.check_replicas(model)
