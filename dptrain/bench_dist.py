@@ -82,6 +82,9 @@ def measure(model_name: str, size: int, batch: int, engine: str, device: str, pr
     import torch.multiprocessing as mp
 
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    if device.startswith("cuda") and processes > torch.cuda.device_count():
+        raise SystemExit(f"--processes {processes} on CUDA needs {processes} GPUs (one per process); "
+                         f"this machine has {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
         mp.start_processes(_worker, args=(processes, _port(), (model_name, size, batch, engine, device, steps, threads),

@@ -35,6 +35,9 @@ class Engine(Protocol):
       optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
     - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
     - `autocast()`: the context the loop runs the forward in (torch.autocast for precision=bf16/fp16).
+    - optional `sync(last) -> context`: entered around the forward too; DDP (nonprivate on N processes) skips its
+      all-reduce unless `last`. On N processes (distributed.py) `step()` is also collective: every rank calls it
+      for every logical batch, its shard empty or not.
     """
 
     model: nn.Module
