@@ -210,3 +210,17 @@ def test_slurm_launcher_config_composes(compose):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (1, 1, "gpu")
+
+
+@pytest.mark.slow
+def test_bench_processes(tmp_path):
+    """`dptrain-bench --processes 1 2`: one row per process count, samples/s and the speed-up over 1 process."""
+    import pandas as pd
+
+    from dptrain.bench import main
+
+    main(["--processes", "1", "2", "--models", "cnn", "--engines", "mixed_ghost", "--batches", "8", "--steps", "2",
+          "--out", str(tmp_path / "b")])
+    df = pd.read_csv(tmp_path / "b.csv")
+    assert list(df.processes) == [1, 2] and (df.samples_s > 0).all() and df.speedup.iloc[0] == 1.0
+    assert df.comm_ms.iloc[1] > 0 and "speedup" in (tmp_path / "b.md").read_text()
