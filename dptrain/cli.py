@@ -49,6 +49,8 @@ def format_summary(s: dict) -> str:
     priv = "non-private" if eps is None else (
         f"eps spent {eps:.3f} (target {s[key.EPS]}, delta {s[key.DELTA]:.3g}, "
         f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
+    if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
+        priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
     return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s")

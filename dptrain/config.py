@@ -3,7 +3,9 @@ YAML files under conf/ only fill in values."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -93,6 +95,48 @@ class TrainConfig:
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
+
+
+# Every numeric knob's range, checked by `validate` at start, before the data loads: nan, inf and out-of-range
+# values are one-line errors there, not a hang in the accountant or a run of NaN weights. A knob typed
+# `X | None` may also be None. A test checks that every int/float field of TrainConfig is here or in UNRANGED.
+RANGES = {
+    "eps": "(0, inf)", "delta": "(0, 1)",  # δ < 1/n is checked once n is known (budget.py)
+    "privacy.noise_multiplier": "(0, inf)", "max_grad_norm": "(0, inf)", "engine.gamma": "(0, inf)",
+    "epochs": "(0, inf)", "batch_size": "[1, inf)", "physical_batch_size": "[1, inf)", "privacy.augmult": "[1, inf)",
+    "privacy.ema": "(0, 1)",
+    "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
+    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
+    "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
+    "model.img_size": "[1, inf)",
+}
+UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
+
+
+def numeric_fields(cls=None, prefix: str = "") -> dict[str, bool]:
+    """Dotted path → whether None is allowed, for every int/float field of TrainConfig (nested configs too)."""
+    cls = cls or TrainConfig
+    out, hints = {}, typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            out |= numeric_fields(t, f"{prefix}{f.name}.")
+            continue
+        args = set(t.__args__) if isinstance(t, types.UnionType) else {t}
+        if args - {type(None)} <= {int, float} and args != {type(None)}:
+            out[prefix + f.name] = type(None) in args
+    return out
+
+
+def validate(cfg) -> None:
+    """Raise a UserError (one line) for the first numeric knob outside its RANGES entry."""
+    from omegaconf import OmegaConf
+
+    from .errors import check_range
+
+    nullable = numeric_fields()
+    for path, interval in RANGES.items():
+        check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
 
 
 def register() -> None:

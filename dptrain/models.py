@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from . import schema as key
 from .errors import UserError
 
 log = logging.getLogger("dptrain.models")
@@ -188,9 +190,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint '{path}' (corrupt or not a torch file): {type(e).__name__}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for k in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(k), dict):
+            obj = obj[k]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError(f"checkpoint '{path}' holds no state_dict")
     obj = {k.removeprefix("module.").removeprefix("_module."): v for k, v in obj.items()}
@@ -203,3 +205,37 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint '{path}' does not match the model: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
     log.info("loaded checkpoint %s%s", path, f" (skipped shape-mismatched {skipped})" if skipped else "")
+
+
+# what a checkpoint's provenance keeps of the summary.json beside it (schema.py's key strings)
+PROVENANCE = (key.EPS_SPENT, key.EPS, key.DELTA, key.ACCOUNTANT, key.EPS_GUARANTEED, key.STEPS, key.DATASET, key.MODEL,
+              key.ENGINE, key.NAME, key.COMMIT, key.CHECKPOINT)
+
+
+def checkpoint_provenance(path: str | None, *, dataset: str) -> dict | None:
+    """Where model.checkpoint's weights came from, for this run's summary: when the file sits in a dptrain run
+    directory (its model.pt beside its summary.json), that run's ε, δ, dataset, ... — and its own checkpoint's,
+    so a chain of continued runs stays visible. Training on weights that were trained privately is fine only on
+    other data: where the data overlap, the two runs' budgets compose (ε and δ add up at most), and this run's
+    privacy/eps_spent counts this run alone. Says so as a warning."""
+    if not path:
+        return None
+    summary_path = os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json")
+    prov = {"path": os.path.abspath(path), "summary": None}
+    if not os.path.isfile(summary_path):
+        log.info("model.checkpoint %s: no dptrain summary.json beside it; if its weights were trained on private "
+                 "data, that cost is not counted here", path)
+        return prov
+    try:
+        s = json.load(open(summary_path))
+    except (OSError, ValueError) as e:
+        log.warning("model.checkpoint %s: unreadable summary.json beside it (%s)", path, type(e).__name__)
+        return prov
+    prov["summary"] = summary_path
+    prov |= {k: s.get(k) for k in PROVENANCE}
+    eps = s.get(key.EPS_SPENT)
+    spent = f"spent eps={eps:.4g} (delta={s.get(key.DELTA)})" if eps is not None else "trained WITHOUT privacy"
+    log.warning("model.checkpoint comes from a dptrain run (%s) that %s on dataset '%s'; this run trains on '%s'. "
+                "Where the data overlap, the budgets compose (eps and delta add up at most): this run's eps_spent "
+                "counts this run only", summary_path, spent, s.get(key.DATASET), dataset)
+    return prov

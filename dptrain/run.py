@@ -16,12 +16,13 @@ from tqdm import tqdm
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
+from .config import validate
 from .data import Data, create_dataset
 from .distributed import SINGLE, Dist
-from .engines import ENGINES, Engine, create_engine
-from .errors import UserError, check_name
+from .engines import ENGINES, PRECISIONS, Engine, create_engine
+from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
-from .models import create_model, data_config
+from .models import checkpoint_provenance, create_model, data_config
 from .optim import create_optimizer, create_schedule
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
@@ -33,6 +34,7 @@ log = logging.getLogger("dptrain")
 def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
     """dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
     run_dir = dist.agree(run_dir)  # rank 0's; the other ranks write nothing there
     dist.check_same(OmegaConf.to_yaml(cfg), "config")
     if dist.is_main:
@@ -43,6 +45,7 @@ def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
     torch.manual_seed(streams.seed_for("model"))
     device = dist.place(_device(cfg.device))
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
+    check_name("precision", cfg.precision, PRECISIONS)
 
     with dist.rank0_first():  # one download
         data = _data(cfg)
@@ -56,6 +59,7 @@ def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
     dist.broadcast_module(model)
     if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
         torch.manual_seed(streams.seed_for("model", *dist.substream))
+    checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
@@ -75,15 +79,18 @@ def run(cfg, run_dir: str, dist: Dist = SINGLE) -> dict:
         run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
         config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment else None
-    trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
-                     augment=augment, device=device, dist=dist)
+    try:
+        trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                         tracker=tracker, augment=augment, device=device, dist=dist)
+    except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
+        raise _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit) from None
     dist.check_replicas(model)
     if dist.is_main:
         torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
 
     def finish():
-        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
-                           commit=commit)
+        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
+                           device=device, t_start=t_start, commit=commit)
         summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
         tracker.finish(summary)
         return summary
@@ -147,10 +154,15 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
 
-        stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
-                                augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
-                                memory_format=_memory_format(cfg), on_step=on_step)
+        try:
+            stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
+                                    device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
+                                    augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
+                                    memory_format=_memory_format(cfg), on_step=on_step)
+        except Diverged as e:
+            bar.close()
+            e.steps += done  # the run's steps, not the epoch's
+            raise
         done += len(logical)
         loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
         stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
@@ -169,13 +181,14 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                    train_s=time.perf_counter() - t_train)
 
 
-def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, device, t_start: float,
-             commit) -> dict:
+def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,
+             t_start: float, commit) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
         key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS], **budget.summary(t.steps),
-        key.STREAMS: streams,
+        key.STREAMS: streams, key.CHECKPOINT: checkpoint,
+        key.CHECKPOINT_EPS_SPENT: (checkpoint or {}).get(key.EPS_SPENT),
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
         key.PEAK_MEM_MB: peak_memory_mb(device),
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
@@ -183,6 +196,20 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
         key.NAME: cfg.name, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _failed(cfg, data: Data, budget: Budget, e: Diverged, *, tracker, t_start: float, commit) -> UserError:
+    """Mark the run failed — failed.json: the error, the steps spent and their ε (schema.FAILED) — and return the
+    one-line error the CLI prints."""
+    record = {key.STATUS: "failed", key.ERROR: f"training diverged: {e.what}", key.STEP: e.steps,
+              **budget.summary(e.steps), key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name,
+              key.DATASET: data.name, key.WALL_S: time.time() - t_start, key.COMMIT: commit, key.NAME: cfg.name,
+              key.CONFIG: OmegaConf.to_container(cfg, resolve=True)}
+    path = tracker.fail(record)
+    eps = record[key.EPS_SPENT]
+    spent = "" if eps is None else f", eps spent {eps:.4g} (delta {budget.delta:.3g})"
+    return UserError(f"training diverged in step {e.steps} of {budget.steps}: {e.what}{spent}; run marked failed "
+                     f"in {path} (no summary.json); lower optimizer.lr")
 
 
 def _device(name: str) -> torch.device:
@@ -215,8 +242,6 @@ def _ema(model, decay):
     Copied before the engine attaches, so the copy is a plain module."""
     if decay is None:
         return None
-    if not 0 < decay < 1:
-        raise UserError(f"privacy.ema must be in (0, 1), got {decay}")
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -80,20 +80,10 @@ class PrivacyEngine:
         augmult: int = 1,
         passes: int = 1,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        if clipping not in CLIPPING:
-            raise ValueError(f"unknown clipping '{clipping}'; valid: {', '.join(CLIPPING)}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        _check_arguments(mode=mode, clipping=clipping, max_grad_norm=max_grad_norm, augmult=augmult, passes=passes)
         self.model, self.mode, self.max_grad_norm = model, mode, float(max_grad_norm)
         self.clipping, self.gamma = clipping, float(gamma)
-        if int(augmult) < 1:
-            raise ValueError(f"augmult must be >= 1, got {augmult}")
-        self.augmult = int(augmult)
-        if passes not in (1, 2):
-            raise ValueError(f"passes must be 1 or 2, got {passes}")
-        self.passes = passes
+        self.augmult, self.passes = int(augmult), passes
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
@@ -120,13 +110,7 @@ class PrivacyEngine:
         self._two = TwoPass(self, model) if passes == 2 else None
         if self._two is not None:
             self._handles.append(self._two.handle)
-        total = sum(p.numel() for e in self.entries for _, p in e.params)
-        slow = [e for e in self.entries if e.rule is FALLBACK]
-        self.fallback_share = sum(p.numel() for e in slow for _, p in e.params) / total if total else 0.0
-        if slow:
-            names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
-            log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
-                        100 * self.fallback_share, names)
+        self.fallback_share = _fallback_share(self.entries)
 
     @property
     def _phase(self) -> str:
@@ -373,6 +357,33 @@ class PrivacyEngine:
                 m.forward = saved
         self._handles, self._saved_forward, self._records = [], [], []
         return self.model
+
+
+def _check_arguments(*, mode, clipping, max_grad_norm, augmult, passes) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+    if clipping not in CLIPPING:
+        raise ValueError(f"unknown clipping '{clipping}'; valid: {', '.join(CLIPPING)}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if int(augmult) < 1:
+        raise ValueError(f"augmult must be >= 1, got {augmult}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes}")
+
+
+def _fallback_share(entries: list[Entry]) -> float:
+    """The fraction of trainable parameters on the generic (slow) fallback, logged with the modules behind it."""
+    total = sum(p.numel() for e in entries for _, p in e.params)
+    slow = [e for e in entries if e.rule is FALLBACK]
+    share = sum(p.numel() for e in slow for _, p in e.params) / total if total else 0.0
+    if slow:
+        names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
+        log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
+                    100 * share, names)
+    else:
+        log.info("privacy engine: fallback share 0%% (every trainable parameter on a ghost/instantiation rule)")
+    return share
 
 
 def _batch(entry: Entry, args, kwargs, default: int = 0) -> int:
