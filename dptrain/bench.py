@@ -32,7 +32,8 @@ SIZED = {"beit_tiny": ("beit_base", {"embed_dim": 192, "num_heads": 3})}
 ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + per_sample, <mode>_2pass on request
 
 
-def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0):
+def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0, dist=None,
+          expected_batch_size: int | None = None):
     from .engines import create_engine
     from .models import create_model
 
@@ -42,8 +43,8 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
     model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     name, passes, precision = parse_engine(engine)
-    eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                        passes=passes, precision=precision)
+    eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0,
+                        expected_batch_size=expected_batch_size or batch, passes=passes, precision=precision, dist=dist)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return eng, x, y
@@ -207,7 +208,15 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown per engine, no table")
     ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
+    ap.add_argument("--processes", nargs="*", type=int, help="samples/s of 1 vs N data-parallel processes "
+                    "(bench_dist.py; default out: results/bench-dist-<device>)")
+    ap.add_argument("--threads-per-process", type=int, help="with --processes: torch threads per process "
+                    "(default: the cores split between the processes)")
     args = ap.parse_args(argv)
+    if args.processes:
+        from .bench_dist import main as bench_processes
+
+        return bench_processes(args)
 
     device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())

@@ -266,8 +266,12 @@ class Checkpointer:
     """Writes a run's checkpoint.pt and status.json, and restores a resumed run's objects (`start`)."""
 
     def __init__(self, run_dir: str, *, every_s: float, config: dict, commit, budget: Budget, model, optimizer,
-                 scheduler, ema, engine, sampler, augment, t_start: float):
+                 scheduler, ema, engine, sampler, augment, t_start: float, writes: bool = True):
+        """writes=False (a torchrun rank other than 0): nothing is written; rank 0 owns the run directory."""
         self.run_dir, self.every_s, self.config, self.commit, self.budget = run_dir, every_s, config, commit, budget
+        self.writes = writes
+        if not writes:
+            self.every_s = 0
         self.model, self.optimizer, self.scheduler, self.ema, self.engine = model, optimizer, scheduler, ema, engine
         self.sampler_gen, self.augment, self.t_start = getattr(sampler, "generator", None), augment, t_start
         self.path = os.path.join(run_dir, FILE)
@@ -386,6 +390,8 @@ class Checkpointer:
 
     def _remove(self) -> None:
         """No checkpoint after the end: model.pt holds the weights, and the run cannot be resumed."""
+        if not self.writes:
+            return
         for p in (self.path, self.path + ".tmp"):
             if os.path.exists(p):
                 os.remove(p)
@@ -393,6 +399,8 @@ class Checkpointer:
 
     def _write_status(self, status: str, **last) -> None:
         """status.json: the run's state, and its last checkpoint's step and ε (kept until the next)."""
+        if not self.writes:
+            return
         if last:
             self.status.update({key.STEP: last["step"], key.EPS_SPENT: last["eps"], "checkpoint": last["checkpoint"]})
         write_json(os.path.join(self.run_dir, STATUS_FILE), {

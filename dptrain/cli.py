@@ -17,9 +17,18 @@ register()
 log = logging.getLogger("dptrain")
 
 
+def main():
+    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's."""
+    from .distributed import worker_overrides
+
+    sys.argv += worker_overrides()
+    return _main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg) -> float:
+def _main(cfg) -> float:
     from .checkpoint import resume_config
+    from .distributed import init
     from .errors import UserError
     from .privacy import CoverageError
     from .run import run
@@ -27,7 +36,8 @@ def main(cfg) -> float:
     try:
         if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
             cfg = resume_config(cfg, HydraConfig.get().overrides.task)
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        dist = init(cfg.device)  # torchrun's environment → the process group; one process: a no-op
+        summary = run(cfg, HydraConfig.get().runtime.output_dir, dist=dist)
     except (UserError, CoverageError) as e:
         log.error("%s", e)
         print(f"dptrain: error: {e}", file=sys.stderr)
@@ -36,7 +46,8 @@ def main(cfg) -> float:
         print(f"dptrain: interrupted; the run directory {HydraConfig.get().runtime.output_dir} keeps its last "
               "checkpoint (continue with dptrain resume=<that directory>)", file=sys.stderr)
         sys.exit(130)
-    print(format_summary(summary))
+    if dist.is_main:
+        print(format_summary(summary))
     return summary[key.TEST_ACC]
 
 

@@ -35,6 +35,9 @@ class Engine(Protocol):
       optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
     - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
     - `autocast()`: the context the loop runs the forward in (torch.autocast for precision=bf16/fp16).
+    - optional `sync(last) -> context`: entered around the forward too; DDP (nonprivate on N processes) skips its
+      all-reduce unless `last`. On N processes (distributed.py) `step()` is also collective: every rank calls it
+      for every logical batch, its shard empty or not.
     """
 
     model: nn.Module
@@ -80,7 +83,7 @@ def _loss(out, y, augmult: int):
 
 class BuiltIn(_Precision):
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32"):
+                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32", dist=None):
         self.model, self.augmult = model, augmult
         self._set_precision(precision, model)
         if self.amp_dtype is not None and passes == 2:
@@ -90,7 +93,7 @@ class BuiltIn(_Precision):
                                     augmult=augmult, passes=passes)
         self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, streams=streams)
+                                     expected_batch_size=expected_batch_size, streams=streams, dist=dist)
 
     def backward(self, out, y, *, last: bool) -> float:
         loss = _loss(out.float(), y, self.augmult)
@@ -111,12 +114,25 @@ class BuiltIn(_Precision):
 
 
 class NonPrivate(_Precision):
-    """fp16: torch's GradScaler (dynamic scale, skipped steps on overflow: no privacy to keep here)."""
+    """fp16: torch's GradScaler (dynamic scale, skipped steps on overflow: no privacy to keep here).
+    Data-parallel: torch's DistributedDataParallel (distributed.py `ddp`), its gradients all-reduced in the
+    backward of each logical batch's last physical batch (`sync`, entered by the loop around the forward)."""
 
-    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, precision="fp32", **_):
+    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, precision="fp32", dist=None, **_):
         self.model, self.optimizer, self.L, self.augmult = model, optimizer, expected_batch_size, augmult
         self._set_precision(precision, model)
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.raw = model
+        if dist is not None and dist.enabled:
+            from .distributed import ddp
+
+            self.model = ddp(model, dist, expected_batch_size=expected_batch_size)
+
+    def sync(self, last: bool):
+        """DDP: no all-reduce before the logical batch's last backward (gradient accumulation)."""
+        if last or self.model is self.raw:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def backward(self, out, y, *, last: bool) -> float:
         loss = _loss(out.float(), y, self.augmult)
@@ -138,7 +154,7 @@ class NonPrivate(_Precision):
         self.optimizer.zero_grad(set_to_none=True)
 
     def detach(self) -> nn.Module:
-        return self.model
+        return self.raw
 
 
 class Opacus:
@@ -146,7 +162,7 @@ class Opacus:
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
-                 clipping="abadi", augmult=1, precision="fp32", **_):
+                 clipping="abadi", augmult=1, precision="fp32", dist=None, **_):
         from opacus.validators import ModuleValidator
 
         if precision != "fp32":
@@ -169,9 +185,17 @@ class Opacus:
         # divides the noisy sum by L (with "sum" it would not divide at all)
         kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   expected_batch_size=expected_batch_size, loss_reduction="mean", generator=gen)
+        self.dist = dist if dist is not None and dist.enabled else None
+        if self.dist is not None:  # Opacus' own data parallelism: DPDDP + its distributed optimizers
+            model, kw = _opacus_distributed(model, kw, self.dist)
         if ghost:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
+
+            if self.dist is not None:
+                from opacus.optimizers import (
+                    DistributedDPOptimizerFastGradientClipping as DPOptimizerFastGradientClipping,
+                )
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
             self.model = GradSampleModuleFastGradientClipping(model, max_grad_norm=max_grad_norm,
@@ -182,6 +206,9 @@ class Opacus:
         else:
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
+
+            if self.dist is not None:
+                from opacus.optimizers import DistributedDPOptimizer as OpacusDPOptimizer
 
             self.model = GradSampleModule(model, loss_reduction="mean")
             self.optimizer = OpacusDPOptimizer(optimizer, **kw)
@@ -204,7 +231,12 @@ class Opacus:
             opt = self.optimizer
             std = opt.noise_multiplier * opt.max_grad_norm
             for p in opt.params:
-                p.grad = _generate_noise(std, p, opt.generator, opt.secure_mode) / opt.expected_batch_size
+                if self.dist is None or self.dist.is_main:  # data-parallel: noise on rank 0, as Opacus does
+                    p.grad = _generate_noise(std, p, opt.generator, opt.secure_mode) / opt.expected_batch_size
+                else:  # this rank's shard was empty: it joins the all-reduce with zeros
+                    p.grad = torch.zeros_like(p)
+            if self.dist is not None:
+                opt.reduce_gradients()  # the all-reduce the ranks with examples run in opt.step()
             opt.original_optimizer.step()
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
@@ -213,7 +245,16 @@ class Opacus:
         return contextlib.nullcontext()
 
     def detach(self) -> nn.Module:
-        return _unclone(self.model._module)
+        inner = self.model._module
+        return _unclone(inner.module if self.dist is not None else inner)  # DPDDP holds the model in .module
+
+
+def _opacus_distributed(model, kw: dict, dist):
+    """DPDDP (broadcasts rank 0's weights) and Opacus' distributed optimizers, which add the noise on rank 0
+    only, all-reduce (sum) and divide by the world size — so each rank divides by L/world: ÷ L in total."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+    return DPDDP(model), {**kw, "expected_batch_size": kw["expected_batch_size"] / dist.world_size}
 
 
 def _check_opacus_supports(model: nn.Module, name: str) -> None:
@@ -270,12 +311,13 @@ ENGINES = {
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
                   clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1,
-                  precision="fp32") -> Engine:
-    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure)."""
+                  precision="fp32", dist=None) -> Engine:
+    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure).
+    dist: this process's place in a data-parallel run (distributed.py); None: one process."""
     factory = lookup("engine", name, ENGINES)
     if passes not in (1, 2) or (passes == 2 and name not in MODES):
         raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
     return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma,
                    streams=streams if streams is not None else Streams(seed, secure=secure), augmult=augmult,
-                   passes=passes, precision=precision)
+                   passes=passes, precision=precision, dist=dist)

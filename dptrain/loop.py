@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -45,9 +46,12 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                 x = augment(x, augment_gen)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            with engine.autocast():  # precision=bf16/fp16: the forward only; backward and noise stay float32
+            last = j == len(cs) - 1
+            # precision=bf16/fp16: the forward only; backward and noise stay float32. sync: DDP (nonprivate on N
+            # processes) all-reduces only in the logical batch's last backward
+            with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
                 out = model(x)
-            loss = engine.backward(out, y, last=j == len(cs) - 1)
+            loss = engine.backward(out, y, last=last)
             if not math.isfinite(loss):  # a float already: free to check
                 raise Diverged(f"non-finite training loss ({loss})", steps=len(times) + 1)
             loss_sum += loss

@@ -19,6 +19,7 @@ from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
 from .config import validate
 from .data import Data, create_dataset
+from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
 from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
@@ -27,39 +28,49 @@ from .optim import create_optimizer, create_schedule
 from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import Tracker, git_commit, machine, peak_memory_mb
+from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
 
 
-def run(cfg, run_dir: str, *, hooks=None) -> dict:
+def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     """hooks (None for a plain run): an object with data(Data) → Data, model(module) → module and
     sampler(iterable of index tensors) → iterable, applied where the run makes each — dptrain-audit (audit.py)
-    adds its canaries through them; a plain run never builds one."""
+    adds its canaries through them; a plain run never builds one.
+    dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
     validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
+    if cfg.resume and dist.enabled:
+        raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
     resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
-    run_dir = str(cfg.resume) if cfg.resume else run_dir
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = dist.agree(str(cfg.resume) if cfg.resume else run_dir)  # rank 0's; the others write nothing there
+    dist.check_same(OmegaConf.to_yaml(cfg), "config")
+    if dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
-    device = _device(cfg.device)
+    device = dist.place(_device(cfg.device))
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
     check_name("precision", cfg.precision, PRECISIONS)
     check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
 
-    data = _data(cfg)
+    with dist.rank0_first():  # one download
+        data = _data(cfg)
     if hooks is not None:
         data = hooks.data(data)
     n = len(data.train)
-    # q, steps and σ, fixed before training; training takes exactly `steps`
+    # q, steps and σ, fixed before training (by rank 0's accountant); training takes exactly `steps`
     budget = (ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size) if resumed  # the σ its steps used
-              else create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure))
+              else dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
+                                                         secure=streams.secure)))
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
+    dist.broadcast_module(model)
+    if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
+        torch.manual_seed(streams.seed_for("model", *dist.substream))
     checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
@@ -67,37 +78,47 @@ def run(cfg, run_dir: str, *, hooks=None) -> dict:
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
-                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision)
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision, dist=dist)
     sampling = budget.sampling or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
     if hooks is not None:
         sampler = hooks.sampler(sampler)
+    sampler = dist.shard(sampler)  # the same logical batch on every rank; this rank's part of it
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)
 
-    tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
-                      config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
-    augment = streams.generator("augment") if cfg.dataset.augment else None
-    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s, config=OmegaConf.to_container(cfg, resolve=True),
-                              commit=commit, budget=budget, model=model, optimizer=optimizer, scheduler=scheduler,
-                              ema=ema, engine=engine, sampler=sampler, augment=augment, t_start=t_start)
+    tracker = NullTracker() if not dist.is_main else Tracker(
+        run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
+        config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment else None
+    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s if not dist.enabled else 0,
+                              config=OmegaConf.to_container(cfg, resolve=True), commit=commit, budget=budget,
+                              model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, engine=engine,
+                              sampler=sampler, augment=augment, t_start=t_start, writes=dist.is_main)
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
         trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                         tracker=tracker, augment=augment, device=device, saver=saver)
+                         tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
         err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
         saver.failed()
         raise err from None
-    torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
-    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint, device=device,
-                       t_start=t_start, commit=commit, resumed=saver.resumed)
-    tracker.finish(summary)
-    saver.finished()  # status.json "finished"; checkpoint.pt removed
-    return summary
+    dist.check_replicas(model)
+    if dist.is_main:
+        torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
+
+    def finish():
+        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
+                           device=device, t_start=t_start, commit=commit, resumed=saver.resumed)
+        summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
+        tracker.finish(summary)
+        saver.finished()  # status.json "finished"; checkpoint.pt removed
+        return summary
+
+    return dist.from_rank0(finish)  # written by rank 0, returned on every rank
 
 
 def _data(cfg) -> Data:
@@ -141,13 +162,15 @@ class Trained:
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device, saver: ckpt.Checkpointer) -> Trained:
+           device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
     """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
-    each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line. Also checkpoints after a
-    step when `saver` is due. A resumed run starts at its checkpoint's position."""
+    each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
+    ε, the bar, the checkpoint). Also checkpoints after a step when `saver` is due. A resumed run starts at its
+    checkpoint's position."""
     steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
     at = saver.position  # zeros, or where a resumed run's checkpoint left off
-    bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
+               dynamic_ncols=True, leave=False)
     it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
     row = rows[-1] if rows else {}
     t_train = time.perf_counter() - at.train_s
@@ -177,8 +200,12 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
+        loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
+        stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
         times += stats["step_times"]
+        if not dist.is_main:
+            continue
         test = evaluate(ema.module if ema is not None else model, data.test, device=device,
                         num_workers=cfg.dataset.num_workers)
         row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],

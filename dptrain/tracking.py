@@ -93,3 +93,16 @@ class Tracker:
                 if isinstance(v, (int, float, str)) or v is None:
                     self.wandb.summary[k] = v
             self.wandb.finish()
+
+
+class NullTracker:
+    """A data-parallel rank other than 0: rank 0's Tracker writes the run's files; this one writes nothing."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def fail(self, record: dict) -> str:
+        return "rank 0's run directory"
+
+    def finish(self, summary: dict) -> None:
+        pass
