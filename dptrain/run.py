@@ -84,7 +84,8 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
     if hooks is not None:
         sampler = hooks.sampler(sampler)
-    sampler = dist.shard(sampler)  # the same logical batch on every rank; this rank's part of it
+    if dist.enabled:  # the same logical batch on every rank; this rank's part of it
+        sampler = dist.shard(sampler)
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)

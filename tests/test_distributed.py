@@ -132,7 +132,7 @@ def _check_run_dir(s: dict, path, one: dict) -> None:
     for k in (key.EPS_SPENT, key.NOISE_MULTIPLIER, key.SAMPLE_RATE, key.STEPS, key.DELTA):
         assert s[k] == (pytest.approx(one[k]) if isinstance(one[k], float) else one[k]), k
     files = sorted(p.name for p in path.parent.iterdir())
-    assert files == [".hydra", "cli.log", "metrics.jsonl", "model.pt", "summary.json"], files
+    assert files == [".hydra", "cli.log", "metrics.jsonl", "model.pt", "status.json", "summary.json"], files
 
 
 def test_torchrun_multirun(tmp_path, quick):
