@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint bench bench-gpu report clean
+.PHONY: help install demo test test-all lint bench bench-dist bench-gpu gpu-check report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,7 +36,19 @@ bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
 
 bench-gpu: $(STAMP) ## the issue's GPU benchmark at 224×224 → results/bench-gpu.{csv,md,png}
 	$(BIN)/dptrain-bench --device cuda --models resnet18 vgg19 vit_base beit_base --sizes 224 --batches 32 \
-		--engines nonprivate mixed_ghost mixed_ghost_2pass opacus --steps 5 --out results/bench-gpu
+		--engines nonprivate mixed_ghost mixed_ghost_2pass opacus nonprivate_bf16 mixed_ghost_bf16 --steps 5 \
+		--out results/bench-gpu
+	$(BIN)/dptrain-bench --device cuda --models beit_large --sizes 224 --batches 8 16 \
+		--engines nonprivate_bf16 mixed_ghost_bf16 --steps 3 --out results/bench-gpu-beit-large
+
+bench-dist: $(STAMP) ## samples/s of one DP step on 1 vs 2 data-parallel processes → results/bench-dist-cpu.{csv,md}
+	$(BIN)/dptrain-bench --processes 1 2 --models cnn resnet18 --engines nonprivate mixed_ghost --batches 64 \
+		--steps 10 --out results/bench-dist-cpu
+
+# no install step: a lent GPU machine is bare and offline (torch + timm only); the venv's python when there is one
+GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check: ## every GPU check in one command (exactness, RNG replay, bf16 bound, 224×224 bench) → results/gpu-check.*
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.gpu_check --out $${OUT:-results}/gpu-check
 
 clean: ## remove run outputs
 	rm -rf outputs multirun

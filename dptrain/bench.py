@@ -32,7 +32,8 @@ SIZED = {"beit_tiny": ("beit_base", {"embed_dim": 192, "num_heads": 3})}
 ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + per_sample, <mode>_2pass on request
 
 
-def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0):
+def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0, dist=None,
+          expected_batch_size: int | None = None):
     from .engines import create_engine
     from .models import create_model
 
@@ -41,19 +42,32 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
     model_name, extra = SIZED.get(model_name, (model_name, {}))
     model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    name, passes = (engine.removesuffix("_2pass"), 2) if engine.endswith("_2pass") else (engine, 1)
-    eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                        passes=passes)
+    name, passes, precision = parse_engine(engine)
+    eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0,
+                        expected_batch_size=expected_batch_size or batch, passes=passes, precision=precision, dist=dist)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return eng, x, y
+
+
+def parse_engine(label: str) -> tuple[str, int, str]:
+    """An engine label → (engine, passes, precision): <engine>[_2pass][_bf16|_fp16], e.g. mixed_ghost_bf16."""
+    precision = "fp32"
+    for p in ("bf16", "fp16"):
+        if label.endswith("_" + p):
+            label, precision = label.removesuffix("_" + p), p
+    if label.endswith("_2pass"):
+        return label.removesuffix("_2pass"), 2, precision
+    return label, 1, precision
 
 
 def one_step(eng, x, y, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
-    eng.backward(eng.model(x), y, last=True)
+    with eng.autocast():
+        out = eng.model(x)
+    eng.backward(out, y, last=True)
     eng.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -194,7 +208,15 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown per engine, no table")
     ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
+    ap.add_argument("--processes", nargs="*", type=int, help="samples/s of 1 vs N data-parallel processes "
+                    "(bench_dist.py; default out: results/bench-dist-<device>)")
+    ap.add_argument("--threads-per-process", type=int, help="with --processes: torch threads per process "
+                    "(default: the cores split between the processes)")
     args = ap.parse_args(argv)
+    if args.processes:
+        from .bench_dist import main as bench_processes
+
+        return bench_processes(args)
 
     device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())

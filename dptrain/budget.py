@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from . import schema as key
+from .config import validate
 from .errors import UserError, check_name
 from .privacy.accounting import ACCOUNTANTS, default_delta, epsilon, noise_multiplier_for, steps_for
 
@@ -45,6 +46,7 @@ class Budget:
 
 def create_budget(cfg, n: int, *, private: bool, secure: bool = False) -> Budget:
     """Validate the training inputs (cfg: a TrainConfig) for a training set of `n` examples and fix the budget."""
+    validate(cfg)  # every number finite and in range (config.RANGES); run.py checks them before the data loads too
     _check_training_inputs(cfg, n)
     q = cfg.batch_size / n
     steps = steps_for(cfg.epochs, q)
@@ -58,14 +60,12 @@ def create_budget(cfg, n: int, *, private: bool, secure: bool = False) -> Budget
         raise UserError(f"delta={delta} must be in (0, 1/n) = (0, {1 / n:.3g}) for n={n} training examples")
     sigma = p.noise_multiplier
     if sigma is None:
-        if cfg.eps is None or not cfg.eps > 0:
-            raise UserError(f"eps must be > 0 (got {cfg.eps}), or give privacy.noise_multiplier")
+        if cfg.eps is None:
+            raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
         try:
             sigma = noise_multiplier_for(eps=cfg.eps, delta=delta, sample_rate=q, steps=steps, accountant=p.accountant)
         except ValueError as e:
             raise UserError(f"cannot reach eps={cfg.eps} in {steps} steps at q={q:.4g}: {e}") from None
-    elif sigma <= 0:
-        raise UserError(f"privacy.noise_multiplier must be > 0, got {sigma}")
     if p.sampling == "shuffle":
         log.warning("privacy.sampling=shuffle: fixed-size shuffled batches are NOT what the accountant assumes; "
                     "the reported eps is not a guarantee")
@@ -78,12 +78,6 @@ def _check_training_inputs(cfg, n: int) -> None:
     L = cfg.batch_size
     if not 1 <= L <= n:
         raise UserError(f"batch_size={L} must be between 1 and the training set size n={n}")
-    if cfg.physical_batch_size < 1:
-        raise UserError(f"physical_batch_size must be >= 1, got {cfg.physical_batch_size}")
-    if not cfg.epochs > 0:
-        raise UserError(f"epochs must be > 0, got {cfg.epochs}")
-    if not cfg.max_grad_norm > 0:
-        raise UserError(f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
-    if cfg.privacy.augmult < 1 or (cfg.privacy.augmult > 1 and not cfg.dataset.augment):
-        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs an integer >= 1, and dataset.augment=true "
-                        "when > 1 (identical copies add nothing)")
+    if cfg.privacy.augmult > 1 and not cfg.dataset.augment:
+        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs dataset.augment=true (identical copies add "
+                        "nothing)")

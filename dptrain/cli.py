@@ -17,19 +17,37 @@ register()
 log = logging.getLogger("dptrain")
 
 
+def main():
+    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's."""
+    from .distributed import worker_overrides
+
+    sys.argv += worker_overrides()
+    return _main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg) -> float:
+def _main(cfg) -> float:
+    from .checkpoint import resume_config
+    from .distributed import init
     from .errors import UserError
     from .privacy import CoverageError
     from .run import run
 
     try:
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
+            cfg = resume_config(cfg, HydraConfig.get().overrides.task)
+        dist = init(cfg.device)  # torchrun's environment → the process group; one process: a no-op
+        summary = run(cfg, HydraConfig.get().runtime.output_dir, dist=dist)
     except (UserError, CoverageError) as e:
         log.error("%s", e)
         print(f"dptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(format_summary(summary))
+    except KeyboardInterrupt:  # Ctrl-C: one line, the run directory says how far it got (status.json)
+        print(f"dptrain: interrupted; the run directory {HydraConfig.get().runtime.output_dir} keeps its last "
+              "checkpoint (continue with dptrain resume=<that directory>)", file=sys.stderr)
+        sys.exit(130)
+    if dist.is_main:
+        print(format_summary(summary))
     return summary[key.TEST_ACC]
 
 
@@ -38,6 +56,8 @@ def format_summary(s: dict) -> str:
     priv = "non-private" if eps is None else (
         f"eps spent {eps:.3f} (target {s[key.EPS]}, delta {s[key.DELTA]:.3g}, "
         f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
+    if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
+        priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
     return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s")

@@ -3,7 +3,9 @@ YAML files under conf/ only fill in values."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -71,6 +73,13 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # checkpoint.pt in the run directory at every epoch end and at least every `every_s` seconds of training
+    # (checkpoint.py); 0: no checkpoints at all (a killed run cannot be resumed)
+    every_s: float = 300.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -78,6 +87,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eps: float | None = 3.0  # target ε
     delta: float | None = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
     epochs: float = 15.0  # may be fractional; steps = round(epochs / q)
@@ -86,12 +96,85 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # per-example clipping bound R
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
+    # fp32 (default); bf16: the forward under autocast, norms/clipping/noise/optimizer in float32 (the GPU choice:
+    # same range as fp32, no loss scaling); fp16: as bf16 plus a static loss scale (older GPUs without bf16)
+    precision: str = "fp32"
     progress: bool = True
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
+    resume: str | None = None  # a run directory: continue that run from its checkpoint.pt, with its saved config
+
+
+# Every numeric knob's range, checked by `validate` at start, before the data loads: nan, inf and out-of-range
+# values are one-line errors there, not a hang in the accountant or a run of NaN weights. A knob typed
+# `X | None` may also be None. A test checks that every int/float field of TrainConfig is here or in UNRANGED.
+RANGES = {
+    "eps": "(0, inf)", "delta": "(0, 1)",  # δ < 1/n is checked once n is known (budget.py)
+    "privacy.noise_multiplier": "(0, inf)", "max_grad_norm": "(0, inf)", "engine.gamma": "(0, inf)",
+    "epochs": "(0, inf)", "batch_size": "[1, inf)", "physical_batch_size": "[1, inf)", "privacy.augmult": "[1, inf)",
+    "privacy.ema": "(0, 1)",
+    "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
+    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
+    "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
+    "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)",
+}
+UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
+
+
+def numeric_fields(cls=None, prefix: str = "") -> dict[str, bool]:
+    """Dotted path → whether None is allowed, for every int/float field of TrainConfig (nested configs too)."""
+    cls = cls or TrainConfig
+    out, hints = {}, typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            out |= numeric_fields(t, f"{prefix}{f.name}.")
+            continue
+        args = set(t.__args__) if isinstance(t, types.UnionType) else {t}
+        if args - {type(None)} <= {int, float} and args != {type(None)}:
+            out[prefix + f.name] = type(None) in args
+    return out
+
+
+def validate(cfg) -> None:
+    """Raise a UserError (one line) for a key the schema does not know (`+epoch=1`, Hydra's own suggestion for a
+    misspelled key, would otherwise be accepted and ignored) or the first numeric knob outside its RANGES entry."""
+    from omegaconf import OmegaConf
+
+    from .errors import UserError, check_range
+
+    schema = OmegaConf.get_type(cfg) if OmegaConf.is_config(cfg) else None  # TrainConfig, or a subclass (audit)
+    schema = schema if isinstance(schema, type) and issubclass(schema, TrainConfig) else TrainConfig
+    _check_known(OmegaConf.to_container(cfg, resolve=False), schema(), "", UserError)
+    nullable = numeric_fields()
+    for path, interval in RANGES.items():
+        check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
+
+
+def _check_known(node: dict, schema, prefix: str, error) -> None:
+    import dataclasses
+    import difflib
+
+    if not dataclasses.is_dataclass(schema):
+        return  # free-form dicts (model.kwargs) take any key
+    fields = {f.name: getattr(schema, f.name) for f in dataclasses.fields(schema)}
+    for k, v in node.items():
+        if k not in fields:
+            near = difflib.get_close_matches(k, fields, n=1)
+            raise error(f"unknown config key '{prefix}{k}'" + (f"; did you mean '{prefix}{near[0]}'?" if near else
+                                                                f"; valid: {', '.join(fields)}"))
+        if isinstance(v, dict):
+            _check_known(v, fields[k], f"{prefix}{k}.", error)
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    # conf/train.yaml's hydra.run.dir and output_subdir: `resume=<run dir>` runs in that run's directory, and keeps
+    # its first .hydra/ (the original command) beside the resumes' own
+    OmegaConf.register_new_resolver("dptrain_run_dir", lambda resume, new: resume or new, replace=True)
+    OmegaConf.register_new_resolver("dptrain_hydra_subdir", lambda resume, now: f".hydra/resume-{now}" if resume
+                                    else ".hydra", replace=True)

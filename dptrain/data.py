@@ -46,6 +46,8 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
     """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
     seed: the run's seed; fake data and the validation split use its "data" and "split" streams."""
     load = lookup("dataset", name, DATASETS)
+    if name == "folder" and not root:  # not the data_dir default: a path the user never gave
+        raise UserError("dataset=folder needs dataset.root=<a folder with train/<class>/*.jpg and test/<class>/*.jpg>")
     featurize = lookup("dataset.features", features, FEATURES)
     data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
                 download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
@@ -237,7 +239,10 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0):
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers)
+    # generator: the loader draws its workers' base seed when it starts; from torch's global generator (dropout's)
+    # that draw would shift dropout after a mid-epoch resume (checkpoint.py). The transforms are deterministic.
+    loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,
+                        generator=torch.Generator())
     yield from loader
 
 

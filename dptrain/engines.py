@@ -7,6 +7,7 @@ N(0, σ²R²) once per logical batch, so their ε and their updates are comparab
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Protocol
 
@@ -33,6 +34,10 @@ class Engine(Protocol):
     - `step()`: noise N(0, σ²R²) added once to the clipped sum, ÷ L (the *expected* logical batch size),
       optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
     - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
+    - `autocast()`: the context the loop runs the forward in (torch.autocast for precision=bf16/fp16).
+    - optional `sync(last) -> context`: entered around the forward too; DDP (nonprivate on N processes) skips its
+      all-reduce unless `last`. On N processes (distributed.py) `step()` is also collective: every rank calls it
+      for every logical batch, its shard empty or not.
     """
 
     model: nn.Module
@@ -43,6 +48,31 @@ class Engine(Protocol):
 
     def detach(self) -> nn.Module: ...
 
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+
+# precision → the autocast dtype of the forward (None: float32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16's loss scale for the private engines: static. GradScaler's dynamic scale skips a step when some gradient
+# overflowed — an event that depends on the batch and that the accountant never saw; with a fixed scale an
+# overflowed example contributes nothing instead (PrivacyEngine.loss_scale), and every step is taken.
+FP16_LOSS_SCALE = 2.0**10
+
+
+class _Precision:
+    """The forward of an engine under torch.autocast (`autocast()`, entered by the loop around model(x));
+    parameters, gradients, noise and the optimizer stay float32."""
+
+    def _set_precision(self, precision: str, model: nn.Module) -> None:
+        self.precision = precision
+        self.amp_dtype = lookup("precision", precision, PRECISIONS)
+        self.device_type = next(model.parameters()).device.type
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
 
 def _loss(out, y, augmult: int):
     """Summed cross-entropy; with K augmented rows per example, each example's loss is the mean of its K."""
@@ -51,46 +81,80 @@ def _loss(out, y, augmult: int):
     return F.cross_entropy(out, y.repeat_interleave(augmult), reduction="sum") / augmult
 
 
-class BuiltIn:
+class BuiltIn(_Precision):
     def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1):
+                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32", dist=None):
         self.model, self.augmult = model, augmult
+        self._set_precision(precision, model)
+        if self.amp_dtype is not None and passes == 2:
+            raise UserError(f"precision={precision} needs engine.passes=1: the clipped pass of passes=2 relies on the "
+                            "backward being linear in its output gradient, which reduced-precision rounding breaks")
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
                                     augmult=augmult, passes=passes)
+        self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, streams=streams)
+                                     expected_batch_size=expected_batch_size, streams=streams, dist=dist)
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = _loss(out, y, self.augmult)
-        loss.backward()  # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside)
+        loss = _loss(out.float(), y, self.augmult)
+        # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside); fp16: S times them
+        (loss * self.engine.loss_scale if self.engine.loss_scale != 1.0 else loss).backward()
         return loss.item()
 
     def step(self) -> None:
+        if self.engine.loss_scale != 1.0:  # fp16: .grad holds S·Σ c_i g_i
+            for g in self.optimizer.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.engine.loss_scale)
         self.optimizer.step()  # noise once, ÷ L, step, zero
 
     def detach(self) -> nn.Module:
         return self.engine.detach()
 
 
-class NonPrivate:
-    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, **_):
+class NonPrivate(_Precision):
+    """fp16: torch's GradScaler (dynamic scale, skipped steps on overflow: no privacy to keep here).
+    Data-parallel: torch's DistributedDataParallel (distributed.py `ddp`), its gradients all-reduced in the
+    backward of each logical batch's last physical batch (`sync`, entered by the loop around the forward)."""
+
+    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, precision="fp32", dist=None, **_):
         self.model, self.optimizer, self.L, self.augmult = model, optimizer, expected_batch_size, augmult
+        self._set_precision(precision, model)
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.raw = model
+        if dist is not None and dist.enabled:
+            from .distributed import ddp
+
+            self.model = ddp(model, dist, expected_batch_size=expected_batch_size)
+
+    def sync(self, last: bool):
+        """DDP: no all-reduce before the logical batch's last backward (gradient accumulation)."""
+        if last or self.model is self.raw:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = _loss(out, y, self.augmult)
-        loss.backward()
+        loss = _loss(out.float(), y, self.augmult)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.item()
 
     def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         for g in self.optimizer.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
                     p.grad.div_(self.L)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def detach(self) -> nn.Module:
-        return self.model
+        return self.raw
 
 
 class Opacus:
@@ -98,9 +162,12 @@ class Opacus:
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
-                 clipping="abadi", augmult=1, **_):
+                 clipping="abadi", augmult=1, precision="fp32", dist=None, **_):
         from opacus.validators import ModuleValidator
 
+        if precision != "fp32":
+            raise UserError(f"precision={precision} needs a built-in engine ({', '.join(MODES)}) or nonprivate: "
+                            "Opacus' per-sample gradient hooks are not checked under autocast here")
         if clipping != "abadi" or augmult != 1:
             raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
                             f"({', '.join(MODES)}) or nonprivate")
@@ -118,9 +185,17 @@ class Opacus:
         # divides the noisy sum by L (with "sum" it would not divide at all)
         kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   expected_batch_size=expected_batch_size, loss_reduction="mean", generator=gen)
+        self.dist = dist if dist is not None and dist.enabled else None
+        if self.dist is not None:  # Opacus' own data parallelism: DPDDP + its distributed optimizers
+            model, kw = _opacus_distributed(model, kw, self.dist)
         if ghost:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
+
+            if self.dist is not None:
+                from opacus.optimizers import (
+                    DistributedDPOptimizerFastGradientClipping as DPOptimizerFastGradientClipping,
+                )
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
             self.model = GradSampleModuleFastGradientClipping(model, max_grad_norm=max_grad_norm,
@@ -131,6 +206,9 @@ class Opacus:
         else:
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
+
+            if self.dist is not None:
+                from opacus.optimizers import DistributedDPOptimizer as OpacusDPOptimizer
 
             self.model = GradSampleModule(model, loss_reduction="mean")
             self.optimizer = OpacusDPOptimizer(optimizer, **kw)
@@ -153,13 +231,30 @@ class Opacus:
             opt = self.optimizer
             std = opt.noise_multiplier * opt.max_grad_norm
             for p in opt.params:
-                p.grad = _generate_noise(std, p, opt.generator, opt.secure_mode) / opt.expected_batch_size
+                if self.dist is None or self.dist.is_main:  # data-parallel: noise on rank 0, as Opacus does
+                    p.grad = _generate_noise(std, p, opt.generator, opt.secure_mode) / opt.expected_batch_size
+                else:  # this rank's shard was empty: it joins the all-reduce with zeros
+                    p.grad = torch.zeros_like(p)
+            if self.dist is not None:
+                opt.reduce_gradients()  # the all-reduce the ranks with examples run in opt.step()
             opt.original_optimizer.step()
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
     def detach(self) -> nn.Module:
-        return _unclone(self.model._module)
+        inner = self.model._module
+        return _unclone(inner.module if self.dist is not None else inner)  # DPDDP holds the model in .module
+
+
+def _opacus_distributed(model, kw: dict, dist):
+    """DPDDP (broadcasts rank 0's weights) and Opacus' distributed optimizers, which add the noise on rank 0
+    only, all-reduce (sum) and divide by the world size — so each rank divides by L/world: ÷ L in total."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+    return DPDDP(model), {**kw, "expected_batch_size": kw["expected_batch_size"] / dist.world_size}
 
 
 def _check_opacus_supports(model: nn.Module, name: str) -> None:
@@ -215,12 +310,14 @@ ENGINES = {
 
 
 def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1) -> Engine:
-    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure)."""
+                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1,
+                  precision="fp32", dist=None) -> Engine:
+    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure).
+    dist: this process's place in a data-parallel run (distributed.py); None: one process."""
     factory = lookup("engine", name, ENGINES)
     if passes not in (1, 2) or (passes == 2 and name not in MODES):
         raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
     return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                    expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma,
                    streams=streams if streams is not None else Streams(seed, secure=secure), augmult=augmult,
-                   passes=passes)
+                   passes=passes, precision=precision, dist=dist)

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from .data import augment, batches
+from .errors import Diverged
 from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None) -> dict:
+                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None,
+                    totals=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
     augmult K: each example enters as K independently augmented rows, clipped as one example.
     ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates);
-    scheduler: a learning-rate scheduler stepped after every optimizer step."""
+    scheduler: a learning-rate scheduler stepped after every optimizer step.
+    Divergence guard: a non-finite loss (any physical batch) or non-finite weights (after every step) raise
+    Diverged with the steps spent so far; the step in progress counts, as its loss was seen and an engine may
+    already have applied it (Opacus steps inside backward).
+    totals: the epoch's running sums {"loss", "examples", "step_times"}, updated after every step (what a
+    mid-epoch checkpoint saves); a run resumed inside an epoch passes its checkpoint's, with the batches left."""
     model = engine.model
     model.train()
+    params = list(model.parameters())
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
     stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers)
-    loss_sum, seen, times = 0.0, 0, []
+    totals = totals if totals is not None else {}
+    loss_sum, seen = totals.setdefault("loss", 0.0), totals.setdefault("examples", 0)
+    times = totals.setdefault("step_times", [])  # appended in place
     for cs in chunks:
         t0 = time.perf_counter()
         for j, _ in enumerate(cs):
@@ -34,7 +46,15 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                 x = augment(x, augment_gen)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            loss_sum += engine.backward(model(x), y, last=j == len(cs) - 1)
+            last = j == len(cs) - 1
+            # precision=bf16/fp16: the forward only; backward and noise stay float32. sync: DDP (nonprivate on N
+            # processes) all-reduces only in the logical batch's last backward
+            with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
+                out = model(x)
+            loss = engine.backward(out, y, last=last)
+            if not math.isfinite(loss):  # a float already: free to check
+                raise Diverged(f"non-finite training loss ({loss})", steps=len(times) + 1)
+            loss_sum += loss
             seen += len(y)
         engine.step()
         if ema is not None:
@@ -44,9 +64,24 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        if not all_finite(params):
+            raise Diverged("non-finite weights after the update", steps=len(times))
+        totals["loss"], totals["examples"] = loss_sum, seen
         if on_step is not None:
             on_step(loss_sum / max(seen, 1), seen, sum(times))
     return {"loss": loss_sum / max(seen, 1), "examples": seen, "step_times": times}
+
+
+@torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No nan or inf anywhere. The fused 2-norms first (ResNet-18's 11M weights: 2 ms on one CPU thread, <1% of
+    a step); only if one is not finite — nan, inf, or a finite |w| > ~1e19 whose square overflows — the max |w|
+    (16× slower, cannot overflow) decides."""
+    if not tensors:
+        return True
+    if torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all():
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
 
 
 @torch.no_grad()

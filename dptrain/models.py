@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import math
 import os
 
 import torch
 from torch import nn
 
+from . import schema as key
 from .errors import UserError
 
 log = logging.getLogger("dptrain.models")
@@ -81,13 +85,29 @@ class ScatterCNN(nn.Module):
 
 
 def fix_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace every BatchNorm by GroupNorm (opacus ModuleValidator.fix): BatchNorm mixes the examples
-    of a batch, so per-example gradients are undefined under it. Returns (model, number replaced)."""
-    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if n:
-        from opacus.validators import ModuleValidator
+    """Replace every BatchNorm — any `_BatchNorm` subclass, timm's BatchNormAct2d (EfficientNet, MobileNetV3,
+    RegNet, DenseNet…) included, which Opacus' ModuleValidator.fix misses — by GroupNorm with gcd(32, C) groups
+    (Opacus' choice): BatchNorm mixes the examples of a batch, so per-example gradients are undefined under it.
+    timm's fused activation and dropout are kept after the GroupNorm. Returns (model, number replaced)."""
+    n = 0
 
-        model = ModuleValidator.fix(model)
+    def convert(bn: nn.Module) -> nn.Module:
+        gn = nn.GroupNorm(math.gcd(32, bn.num_features), bn.num_features, affine=bn.affine)
+        act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)  # timm BatchNormAct2d
+        if isinstance(act, nn.Module) or isinstance(drop, nn.Module):
+            return nn.Sequential(gn, *(m for m in (drop, act) if isinstance(m, nn.Module)))
+        return gn
+
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return convert(model), 1
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, 0
+    model = copy.deepcopy(model)  # the caller's model stays as it was (e.g. to load a BatchNorm checkpoint)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, convert(child))
+                n += 1
     return model, n
 
 
@@ -110,6 +130,9 @@ def data_config(name: str, pretrained: bool) -> dict:
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int | None = None,
                  pretrained: bool = False, checkpoint: str | None = None, fix_bn: bool = True, **kwargs) -> nn.Module:
     name = timm_name(name)
+    if name == "timm":  # conf/model/timm.yaml's placeholder: the user gave no name
+        raise UserError("model=timm needs a timm model name: dptrain model=timm model.name=<name> (e.g. convnext_atto; "
+                        "python -c 'import timm; print(timm.list_models())')")
     if name == "cnn":
         model = CNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif name == "scatter_cnn":
@@ -167,9 +190,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint '{path}' (corrupt or not a torch file): {type(e).__name__}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for k in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(k), dict):
+            obj = obj[k]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError(f"checkpoint '{path}' holds no state_dict")
     obj = {k.removeprefix("module.").removeprefix("_module."): v for k, v in obj.items()}
@@ -182,3 +205,37 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint '{path}' does not match the model: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
     log.info("loaded checkpoint %s%s", path, f" (skipped shape-mismatched {skipped})" if skipped else "")
+
+
+# what a checkpoint's provenance keeps of the summary.json beside it (schema.py's key strings)
+PROVENANCE = (key.EPS_SPENT, key.EPS, key.DELTA, key.ACCOUNTANT, key.EPS_GUARANTEED, key.STEPS, key.DATASET, key.MODEL,
+              key.ENGINE, key.NAME, key.COMMIT, key.CHECKPOINT)
+
+
+def checkpoint_provenance(path: str | None, *, dataset: str) -> dict | None:
+    """Where model.checkpoint's weights came from, for this run's summary: when the file sits in a dptrain run
+    directory (its model.pt beside its summary.json), that run's ε, δ, dataset, ... — and its own checkpoint's,
+    so a chain of continued runs stays visible. Training on weights that were trained privately is fine only on
+    other data: where the data overlap, the two runs' budgets compose (ε and δ add up at most), and this run's
+    privacy/eps_spent counts this run alone. Says so as a warning."""
+    if not path:
+        return None
+    summary_path = os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json")
+    prov = {"path": os.path.abspath(path), "summary": None}
+    if not os.path.isfile(summary_path):
+        log.info("model.checkpoint %s: no dptrain summary.json beside it; if its weights were trained on private "
+                 "data, that cost is not counted here", path)
+        return prov
+    try:
+        s = json.load(open(summary_path))
+    except (OSError, ValueError) as e:
+        log.warning("model.checkpoint %s: unreadable summary.json beside it (%s)", path, type(e).__name__)
+        return prov
+    prov["summary"] = summary_path
+    prov |= {k: s.get(k) for k in PROVENANCE}
+    eps = s.get(key.EPS_SPENT)
+    spent = f"spent eps={eps:.4g} (delta={s.get(key.DELTA)})" if eps is not None else "trained WITHOUT privacy"
+    log.warning("model.checkpoint comes from a dptrain run (%s) that %s on dataset '%s'; this run trains on '%s'. "
+                "Where the data overlap, the budgets compose (eps and delta add up at most): this run's eps_spent "
+                "counts this run only", summary_path, spent, s.get(key.DATASET), dataset)
+    return prov

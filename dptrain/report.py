@@ -4,7 +4,10 @@
     dptrain-report outputs/a outputs/b --table mine              # some runs
 
 Every directory below the given paths that holds a summary.json is a finished run; one that holds a
-Hydra config (.hydra/) but no summary.json is listed as failed or unfinished, not fatal.
+failed.json (a run stopped by the divergence guard) is listed as failed, with the ε it spent; one whose
+status.json says "running" (a run still going, or killed: checkpoint.py) is listed as unfinished, with its last
+checkpoint's step and ε and the command that continues it; one that holds a Hydra config (.hydra/) but none of
+these is listed as failed or unfinished. None of them is fatal.
 """
 
 from __future__ import annotations
@@ -38,9 +41,40 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
                            epochs=cfg.get("epochs"), eps=row["eps"] if row["eps"] is not None else cfg.get("eps"),
                            run_dir=d)
                 rows.append(row)
+            elif "failed.json" in files:
+                failed.append(f"{d} ({_failure(os.path.join(d, 'failed.json'))})")
+            elif "status.json" in files:
+                failed.append(f"{d} ({_unfinished(d)})")
             elif os.path.isdir(os.path.join(d, ".hydra")):
                 failed.append(f"{d} (no summary.json: failed or unfinished)")
     return rows, failed
+
+
+def _failure(path: str) -> str:
+    """failed.json in one line: its error and the ε spent before the run stopped."""
+    try:
+        f = json.load(open(path))
+    except (OSError, ValueError) as e:
+        return f"failed; unreadable failed.json: {type(e).__name__}"
+    eps = f.get(key.EPS_SPENT)
+    spent = "non-private" if eps is None else f"eps spent {eps:.4g} at delta {f.get(key.DELTA)}"
+    return f"failed: {f.get(key.ERROR)}; {f.get(key.STEP)} steps, {spent}"
+
+
+def _unfinished(d: str) -> str:
+    """status.json without summary.json in one line: how far its last checkpoint got, and how to continue."""
+    try:
+        st = json.load(open(os.path.join(d, "status.json")))
+    except (OSError, ValueError) as e:
+        return f"unfinished; unreadable status.json: {type(e).__name__}"
+    if st.get(key.STATUS) != "running":
+        return f"no summary.json; status.json says {st.get(key.STATUS)}"
+    if not st.get("checkpoint"):
+        return "unfinished: running, or killed before its first checkpoint (start it again)"
+    eps = st.get(key.EPS_SPENT)
+    spent = "non-private" if eps is None else f"eps spent {eps:.4g}"
+    return (f"unfinished: running, or killed; checkpoint at step {st.get(key.STEP)} of {st.get(key.STEPS)}, "
+            f"{spent}; continue with: dptrain resume={d}")
 
 
 def pivot_md(df, value="test_acc") -> str:

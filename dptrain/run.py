@@ -13,70 +13,113 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
+from .config import validate
 from .data import Data, create_dataset
-from .engines import ENGINES, Engine, create_engine
-from .errors import UserError, check_name
+from .distributed import SINGLE, Dist
+from .engines import ENGINES, PRECISIONS, Engine, create_engine
+from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
-from .models import create_model, data_config
+from .models import checkpoint_provenance, create_model, data_config
 from .optim import create_optimizer, create_schedule
+from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import Tracker, git_commit, machine, peak_memory_mb
+from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb
 
 log = logging.getLogger("dptrain")
 
 
-def run(cfg, run_dir: str, *, hooks=None) -> dict:
+def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     """hooks (None for a plain run): an object with data(Data) → Data, model(module) → module and
     sampler(iterable of index tensors) → iterable, applied where the run makes each — dptrain-audit (audit.py)
-    adds its canaries through them; a plain run never builds one."""
+    adds its canaries through them; a plain run never builds one.
+    dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
-    os.makedirs(run_dir, exist_ok=True)
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
+    if cfg.resume and dist.enabled:
+        raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
+    resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
+    run_dir = dist.agree(str(cfg.resume) if cfg.resume else run_dir)  # rank 0's; the others write nothing there
+    dist.check_same(OmegaConf.to_yaml(cfg), "config")
+    if dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
-    device = _device(cfg.device)
+    device = dist.place(_device(cfg.device))
     check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
 
-    data = _data(cfg)
+    with dist.rank0_first():  # one download
+        data = _data(cfg)
     if hooks is not None:
         data = hooks.data(data)
     n = len(data.train)
-    # q, steps and σ, fixed before training; training takes exactly `steps`
-    budget = create_budget(cfg, n, private=cfg.engine.name != "nonprivate", secure=streams.secure)
+    # q, steps and σ, fixed before training (by rank 0's accountant); training takes exactly `steps`
+    budget = (ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size) if resumed  # the σ its steps used
+              else dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
+                                                         secure=streams.secure)))
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
+    dist.broadcast_module(model)
+    if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
+        torch.manual_seed(streams.seed_for("model", *dist.substream))
+    checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
     engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
                            max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
                            clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
-                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes)
+                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision, dist=dist)
     sampling = budget.sampling or "shuffle"
     sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
                else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
     if hooks is not None:
         sampler = hooks.sampler(sampler)
+    if dist.enabled:  # the same logical batch on every rank; this rank's part of it
+        sampler = dist.shard(sampler)
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
              steps, budget.noise_multiplier, budget.delta)
 
-    tracker = Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
-                      config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
-    augment = streams.generator("augment") if cfg.dataset.augment else None
-    trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler, tracker=tracker,
-                     augment=augment, device=device)
-    torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
-    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), device=device, t_start=t_start,
-                       commit=commit)
-    tracker.finish(summary)
-    return summary
+    tracker = NullTracker() if not dist.is_main else Tracker(
+        run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
+        config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment else None
+    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s if not dist.enabled else 0,
+                              config=OmegaConf.to_container(cfg, resolve=True), commit=commit, budget=budget,
+                              model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, engine=engine,
+                              sampler=sampler, augment=augment, t_start=t_start, writes=dist.is_main)
+    saver.start(resumed)  # status.json "running"; a resumed run's state restored
+    t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
+    try:
+        trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                         tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
+    except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
+        err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
+        saver.failed()
+        raise err from None
+    dist.check_replicas(model)
+    if dist.is_main:
+        torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
+
+    def finish():
+        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
+                           device=device, t_start=t_start, commit=commit, resumed=saver.resumed)
+        summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
+        tracker.finish(summary)
+        saver.finished()  # status.json "finished"; checkpoint.pt removed
+        return summary
+
+    return dist.from_rank0(finish)  # written by rank 0, returned on every rank
 
 
 def _data(cfg) -> Data:
@@ -120,34 +163,58 @@ class Trained:
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device) -> Trained:
+           device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
     """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
-    each, evaluate `model` (its EMA if any) and log one metrics.jsonl line."""
+    each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
+    ε, the bar, the checkpoint). Also checkpoints after a step when `saver` is due. A resumed run starts at its
+    checkpoint's position."""
     steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
-    bar = tqdm(total=steps, disable=None if cfg.progress else True, dynamic_ncols=True, leave=False)
-    it, done, seen, times, epoch, row = iter(sampler), 0, 0, [], 0, {}
-    t_train = time.perf_counter()
+    at = saver.position  # zeros, or where a resumed run's checkpoint left off
+    bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
+               dynamic_ncols=True, leave=False)
+    it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
+    row = rows[-1] if rows else {}
+    t_train = time.perf_counter() - at.train_s
     while done < steps:
         epoch += 1
         logical = [next(it) for _ in range(min(per_epoch, steps - done))]
-        eps_so_far = row.get(key.EPS_SPENT)
+        totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
+        eps_so_far, n = row.get(key.EPS_SPENT), len(logical)
+        here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
-        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far):
+        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
+            if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
+                here.train_s = time.perf_counter() - t_train
+                saver.save(here)
 
-        stats = train_one_epoch(engine, data.train, logical, physical_batch_size=cfg.physical_batch_size,
-                                device=device, num_workers=cfg.dataset.num_workers, augment_gen=augment,
-                                augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
-                                memory_format=_memory_format(cfg), on_step=on_step)
+        try:
+            stats = train_one_epoch(engine, data.train, logical[len(totals.get("step_times", ())):],
+                                    physical_batch_size=cfg.physical_batch_size, device=device,
+                                    num_workers=cfg.dataset.num_workers, augment_gen=augment,
+                                    augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
+                                    memory_format=_memory_format(cfg), on_step=on_step, totals=totals)
+        except Diverged as e:
+            bar.close()
+            e.steps += done  # the run's steps, not the epoch's
+            raise
         done += len(logical)
+        loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
+        stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
         times += stats["step_times"]
+        if not dist.is_main:
+            continue
         test = evaluate(ema.module if ema is not None else model, data.test, device=device,
                         num_workers=cfg.dataset.num_workers)
         row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
+        rows.append(row)
+        # before the line leaves the process: a resumed run then never logs (releases) a step twice
+        saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
+                   eps_spent=row[key.EPS_SPENT])
         tracker.log(row)
         bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row[key.EPS_SPENT], acc=f"{test['acc']:.3f}")
     bar.close()
@@ -155,20 +222,35 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                    train_s=time.perf_counter() - t_train)
 
 
-def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, device, t_start: float,
-             commit) -> dict:
+def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,
+             t_start: float, commit, resumed: list) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
         key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS], **budget.summary(t.steps),
-        key.STREAMS: streams,
+        key.STREAMS: streams, key.CHECKPOINT: checkpoint,
+        key.CHECKPOINT_EPS_SPENT: (checkpoint or {}).get(key.EPS_SPENT),
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
         key.PEAK_MEM_MB: peak_memory_mb(device),
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
         key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, key.DATASET: data.name, key.EPOCHS: t.epochs,
         key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
-        key.NAME: cfg.name, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
+        key.NAME: cfg.name, key.RESUMED: resumed, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _failed(cfg, data: Data, budget: Budget, e: Diverged, *, tracker, t_start: float, commit) -> UserError:
+    """Mark the run failed — failed.json: the error, the steps spent and their ε (schema.FAILED) — and return the
+    one-line error the CLI prints."""
+    record = {key.STATUS: "failed", key.ERROR: f"training diverged: {e.what}", key.STEP: e.steps,
+              **budget.summary(e.steps), key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name,
+              key.DATASET: data.name, key.WALL_S: time.time() - t_start, key.COMMIT: commit, key.NAME: cfg.name,
+              key.CONFIG: OmegaConf.to_container(cfg, resolve=True)}
+    path = tracker.fail(record)
+    eps = record[key.EPS_SPENT]
+    spent = "" if eps is None else f", eps spent {eps:.4g} (delta {budget.delta:.3g})"
+    return UserError(f"training diverged in step {e.steps} of {budget.steps}: {e.what}{spent}; run marked failed "
+                     f"in {path} (no summary.json); lower optimizer.lr")
 
 
 def _device(name: str) -> torch.device:
@@ -201,8 +283,6 @@ def _ema(model, decay):
     Copied before the engine attaches, so the copy is a plain module."""
     if decay is None:
         return None
-    if not 0 < decay < 1:
-        raise UserError(f"privacy.ema must be in (0, 1), got {decay}")
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

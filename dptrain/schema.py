@@ -26,6 +26,10 @@ EPS_SPENT = "privacy/eps_spent"  # the accountant's ε for the steps taken (also
 PRIVACY = (EPS, DELTA, NOISE_MULTIPLIER, ACCOUNTANT, SAMPLING, EPS_GUARANTEED, SECURE, SECURE_NOISE, SAMPLE_RATE,
            STEPS, EPS_SPENT)
 STREAMS = "privacy/streams"  # where each random stream came from (privacy/streams.py: seed keys, or OS entropy)
+# model.checkpoint's provenance (models.checkpoint_provenance): path, and when it came from a dptrain run, that
+# run's ε spent, δ, dataset, ... (its own checkpoint's nested); None without a checkpoint
+CHECKPOINT = "privacy/checkpoint"
+CHECKPOINT_EPS_SPENT = "privacy/checkpoint_eps_spent"  # that run's ε spent: it composes with ours if data overlap
 
 # performance
 SAMPLES_PER_S = "perf/samples_per_s"
@@ -39,10 +43,19 @@ EPOCHS = "epochs"  # epochs run (the last may be partial); the requested number 
 WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
 CONFIG = "config"  # the resolved config
+RESUMED = "resumed"  # one {step, commit, at} per resume (resume=<run dir>, checkpoint.py); [] if never interrupted
 
-SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, SAMPLES_PER_S, PEAK_MEM_MB, STEP_MS, ENGINE, MODEL, DATASET, EPOCHS,
-           WALL_S, DEVICE, MACHINE, COMMIT, NAME, CONFIG)  # summary.json's keys, in file order
+# summary.json's keys, in file order
+SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, CHECKPOINT, CHECKPOINT_EPS_SPENT, SAMPLES_PER_S, PEAK_MEM_MB,
+           STEP_MS, ENGINE, MODEL, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT, NAME, RESUMED, CONFIG)
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
+
+
+# failed.json, written instead of summary.json when a run stops after its budget began to be spent (a divergence):
+# what went wrong, the steps that count as spent (STEP) and the privacy keys with the ε of those steps
+STATUS = "status"  # "failed"
+ERROR = "error"  # the one-line error
+FAILED = (STATUS, ERROR, STEP, *PRIVACY, ENGINE, MODEL, DATASET, WALL_S, COMMIT, NAME, CONFIG)
 
 
 def column(key: str) -> str:
@@ -54,5 +67,6 @@ def column(key: str) -> str:
 
 # the summary keys dptrain-report tabulates, in csv column order
 REPORTED = (MODEL, DATASET, ENGINE, EPS, EPS_SPENT, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, ACCOUNTANT,
-            SAMPLING, TEST_ACC, TRAIN_LOSS, SAMPLES_PER_S, STEP_MS, PEAK_MEM_MB, WALL_S, COMMIT, MACHINE)
+            SAMPLING, TEST_ACC, TRAIN_LOSS, SAMPLES_PER_S, STEP_MS, PEAK_MEM_MB, WALL_S, COMMIT, MACHINE,
+            CHECKPOINT_EPS_SPENT)
 COLUMNS = {column(k): k for k in REPORTED}  # csv column → summary key

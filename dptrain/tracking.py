@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from . import schema as key
 from .errors import check_name
 
 LOGGERS = ("none", "wandb")
@@ -76,6 +77,15 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(row)
 
+    def fail(self, record: dict) -> str:
+        """failed.json instead of summary.json (dptrain-report lists the run as failed); returns its path."""
+        path = os.path.join(self.run_dir, "failed.json")
+        write_json(path, record)
+        if self.wandb is not None:
+            self.wandb.summary[key.ERROR] = record.get(key.ERROR)
+            self.wandb.finish(exit_code=1)
+        return path
+
     def finish(self, summary: dict) -> None:
         write_json(os.path.join(self.run_dir, "summary.json"), summary)
         if self.wandb is not None:
@@ -83,3 +93,16 @@ class Tracker:
                 if isinstance(v, (int, float, str)) or v is None:
                     self.wandb.summary[k] = v
             self.wandb.finish()
+
+
+class NullTracker:
+    """A data-parallel rank other than 0: rank 0's Tracker writes the run's files; this one writes nothing."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def fail(self, record: dict) -> str:
+        return "rank 0's run directory"
+
+    def finish(self, summary: dict) -> None:
+        pass

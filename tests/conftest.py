@@ -55,3 +55,22 @@ def cli(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+def accountant_eps(s: dict, steps: int | None = None) -> float:
+    """ε of a summary's (σ, q, δ) after `steps` (default: its privacy/steps), recomputed with Opacus' accountant
+    classes directly — not through dptrain's accounting — to check the privacy/eps_spent a run reports."""
+    from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+
+    acc = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}[s["privacy/accountant"]]()
+    acc.history = [(s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"] if steps is None
+                    else steps)]
+    return acc.get_epsilon(delta=s["privacy/delta"])
+
+
+def assert_eps_spent(s: dict, *, target: float | None = None, steps: int | None = None) -> None:
+    """privacy/eps_spent is the accountant's ε for the steps taken (under-reporting fails too); a run calibrated
+    to `target` spends it to within the calibration's tolerance, 0.5% of ε (accounting.noise_multiplier_for)."""
+    assert s["privacy/eps_spent"] == pytest.approx(accountant_eps(s, steps), rel=1e-6)
+    if target is not None:
+        assert target * (1 - 0.005) <= s["privacy/eps_spent"] <= target

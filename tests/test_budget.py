@@ -1,6 +1,7 @@
 """The privacy budget fixed before training: q, steps, σ, δ, and the ε it reports."""
 
 import pytest
+from conftest import accountant_eps
 
 from dptrain import schema as key
 from dptrain.budget import Budget, create_budget
@@ -27,8 +28,10 @@ def test_non_private_budget_has_only_q_and_steps(compose):
 
 def test_sigma_is_calibrated_to_eps(compose):
     b = create_budget(compose("eps=2", "batch_size=100", "epochs=2"), 1000, private=True)
-    assert b.delta == 1e-5 and b.noise_multiplier > 0 and b.eps == 2.0
-    assert 0.99 * 2 <= b.eps_spent(b.steps) <= 2.0
+    assert (b.delta, b.eps, b.steps, b.sample_rate) == (1e-5, 2.0, 20, 0.1)
+    assert b.noise_multiplier == pytest.approx(1.3672, abs=1e-4)  # Opacus' bisection, to 0.5% of ε
+    assert 2.0 * (1 - 0.005) <= b.eps_spent(b.steps) <= 2.0
+    assert accountant_eps(b.summary(b.steps)) == pytest.approx(b.eps_spent(b.steps), rel=1e-6)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -36,6 +39,10 @@ def test_sigma_is_calibrated_to_eps(compose):
     ("privacy.sampling=fixed", "unknown privacy.sampling 'fixed'; valid: poisson, shuffle"),
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier must be > 0"),
     ("max_grad_norm=0", "max_grad_norm must be > 0"),
+    ("privacy.noise_multiplier=nan", "privacy.noise_multiplier must be > 0 and finite, got nan"),
+    ("eps=inf", "eps must be > 0 and finite, got inf"),  # was calibrated to sigma = 10
+    ("delta=nan", r"delta must be in \(0, 1\), got nan"),
+    ("epochs=nan", "epochs must be > 0 and finite, got nan"),
 ])
 def test_bad_privacy_input_is_one_clear_error(compose, override, message):
     with pytest.raises(UserError, match=message):

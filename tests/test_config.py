@@ -48,3 +48,54 @@ def test_defaults_have_one_source(compose):
     cfg, schema = compose(), TrainConfig()
     assert cfg.epochs == schema.epochs == 15  # what `make demo` runs
     assert (cfg.eps, cfg.delta, cfg.batch_size, cfg.seed) == (schema.eps, schema.delta, schema.batch_size, schema.seed)
+
+
+def test_every_numeric_knob_has_a_range():
+    """A new int/float knob must get its range in config.RANGES (or a reason in UNRANGED): nothing numeric reaches
+    training unchecked."""
+    from dptrain.config import RANGES, UNRANGED, numeric_fields
+
+    fields = numeric_fields()
+    assert set(fields) == set(RANGES) | set(UNRANGED) and not set(RANGES) & set(UNRANGED)
+    assert {k for k, nullable in fields.items() if nullable} == {
+        "eps", "delta", "privacy.noise_multiplier", "privacy.ema", "model.img_size", "dataset.image_size"}
+
+
+@pytest.mark.parametrize("value,interval,ok", [
+    (1e-300, "(0, inf)", True), (0.0, "(0, inf)", False), (float("nan"), "(0, inf)", False),
+    (float("inf"), "(0, inf)", False), (-float("inf"), "[0, inf)", False), (0, "[0, 1)", True), (1, "[0, 1)", False),
+    (0.999, "[0, 1)", True), (1.0, "(0, 1]", True), (None, "(0, 1)", False), ("1", "(0, 2)", False),
+    (True, "[0, 2)", False),
+])
+def test_check_range(value, interval, ok):
+    from dptrain.errors import UserError, check_range
+
+    if ok:
+        check_range("x", value, interval)
+    else:
+        with pytest.raises(UserError, match=r"^x must be .*, got "):
+            check_range("x", value, interval)
+    check_range("x", None, interval, optional=True)
+
+
+def test_validate_passes_the_shipped_configs(compose):
+    """Every conf file and experiment satisfies the ranges (a range too strict would break a paper row)."""
+    from dptrain.config import validate
+
+    validate(compose())
+    for group in ("model", "dataset", "engine", "optimizer", "experiment"):
+        for f in sorted(os.listdir(os.path.join(CONF, group))):
+            extra = ["model.name=convnext_atto"] if f == "timm.yaml" else []
+            validate(compose(f"{group}={f[:-5]}", *extra))
+
+
+def test_unknown_keys_are_refused_with_the_nearest_name(compose):
+    """Hydra suggests `+epoch=1` for a misspelled key; the schema cannot refuse an added key, validate() does."""
+    from dptrain.config import validate
+    from dptrain.errors import UserError
+
+    with pytest.raises(UserError, match="unknown config key 'epoch'; did you mean 'epochs'"):
+        validate(compose("+epoch=1"))
+    with pytest.raises(UserError, match="unknown config key 'privacy.foo'; valid: accountant"):
+        validate(compose("+privacy.foo=2"))
+    validate(compose("model=timm", "model.name=resnet18", "+model.kwargs.drop_rate=0.1"))  # kwargs are free-form

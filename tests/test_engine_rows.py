@@ -104,6 +104,10 @@ def test_fallback_never_splits_a_shared_table(passes):
     data = [(torch.randn(3, 5, 4), torch.tensor([0, 1, 2])), (torch.randn(2, 5, 4), torch.tensor([2, 0]))]
     err, engine = check(WithTable(T=5), data, mode="mixed_ghost", max_grad_norm=0.3, passes=passes)
     assert err < 1e-12 and 0 < engine.fallback_share < 1
+    # the probe (on the first 3 rows) saw the table as shared, so a later batch of 4 = T leaves it whole
+    data = [(torch.randn(3, 4, 4), torch.tensor([0, 1, 2])), (torch.randn(4, 4, 4), torch.tensor([2, 0, 1, 1]))]
+    err, _ = check(WithTable(T=4), data, mode="mixed_ghost", max_grad_norm=0.3, passes=passes)
+    assert err < 1e-12
 
 
 @pytest.mark.parametrize("passes", PASSES)

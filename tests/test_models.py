@@ -91,3 +91,64 @@ def test_opacus_on_beit_is_one_line_naming_the_module(engine):
     msg = str(err.value)
     assert "\n" not in msg and "'blocks.0.attn' (Attention" in msg and "engine=mixed_ghost" in msg
     assert not any(type(m).__name__ == "_Cloned" for m in model.modules())  # refused before anything was wrapped
+
+
+def test_every_batchnorm_subclass_is_converted_keeping_timm_fused_activation(caplog):
+    """timm's BatchNormAct2d (EfficientNet & co.) is a BatchNorm subclass Opacus' fixer misses: converted to
+    GroupNorm followed by its activation, and the log counts what was converted."""
+    import logging
+
+    import timm
+
+    want = sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in timm.create_model("efficientnet_b0", num_classes=3).modules())
+    with caplog.at_level(logging.INFO, logger="dptrain.models"):
+        m = create_model("efficientnet_b0", num_classes=3)
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert f"converted {want} BatchNorm layers" in caplog.text and want == 49
+    fused = m.bn1  # was BatchNormAct2d(32, act=SiLU)
+    assert isinstance(fused[0], nn.GroupNorm) and isinstance(fused[-1], nn.SiLU)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_model_timm_without_a_name_is_an_error(compose):
+    cfg = compose("model=timm")
+    with pytest.raises(UserError, match="model=timm needs a timm model name: dptrain model=timm model.name="):
+        create_model(cfg.model.name, num_classes=3)
+
+
+def test_checkpoint_provenance_reads_the_run_beside_it(tmp_path, caplog):
+    """model.pt in a dptrain run directory: that run's ε, δ, dataset and its own checkpoint's provenance (a chain
+    of continued runs stays visible); a warning says the budgets compose. No summary: the path only."""
+    import json
+
+    from dptrain import schema as key
+    from dptrain.models import checkpoint_provenance
+
+    assert checkpoint_provenance(None, dataset="digits") is None
+    earlier = {"path": "/runs/0/model.pt", "summary": "/runs/0/summary.json", key.EPS_SPENT: 1.0}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    (run / "summary.json").write_text(json.dumps({
+        key.EPS_SPENT: 2.5, key.EPS: 3.0, key.DELTA: 1e-5, key.ACCOUNTANT: "prv", key.EPS_GUARANTEED: True,
+        key.STEPS: 90, key.DATASET: "digits", key.MODEL: "cnn", key.ENGINE: "ghost", key.NAME: "a", key.COMMIT: "c0",
+        key.CHECKPOINT: earlier, key.TEST_ACC: 0.9}))
+    with caplog.at_level("WARNING", logger="dptrain.models"):
+        p = checkpoint_provenance(str(run / "model.pt"), dataset="digits")
+    assert p == {"path": str(run / "model.pt"), "summary": str(run / "summary.json"), key.EPS_SPENT: 2.5,
+                 key.EPS: 3.0, key.DELTA: 1e-5, key.ACCOUNTANT: "prv", key.EPS_GUARANTEED: True, key.STEPS: 90,
+                 key.DATASET: "digits", key.MODEL: "cnn", key.ENGINE: "ghost", key.NAME: "a", key.COMMIT: "c0",
+                 key.CHECKPOINT: earlier}
+    assert "spent eps=2.5 (delta=1e-05) on dataset 'digits'; this run trains on 'digits'" in caplog.text
+    assert "the budgets compose" in caplog.text
+
+    (run / "summary.json").write_text(json.dumps({key.EPS_SPENT: None, key.DATASET: "cifar10"}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dptrain.models"):
+        assert checkpoint_provenance(str(run / "model.pt"), dataset="digits")[key.EPS_SPENT] is None
+    assert "trained WITHOUT privacy on dataset 'cifar10'" in caplog.text
+
+    (tmp_path / "w.pt").write_bytes(b"")
+    assert checkpoint_provenance(str(tmp_path / "w.pt"), dataset="digits") == {"path": str(tmp_path / "w.pt"),
+                                                                               "summary": None}

@@ -1,12 +1,42 @@
 """A table is one sweep; dptrain-report turns its runs into csv, md and png, tolerating failures."""
 
+import json
 import os
 
 import pandas as pd
+import pytest
 from conftest import TINY, cli
 
 from dptrain import schema as key
 from dptrain.report import report
+
+# csv column → the summary.json key it reads, written out here rather than taken from schema.py, so that a column
+# that reads the wrong key (test_acc from train/loss) fails whether the slip is in schema.py or in report.py
+PUBLISHED = {
+    "model": "model", "dataset": "dataset", "engine": "engine", "eps": "privacy/eps", "eps_spent": "privacy/eps_spent",
+    "delta": "privacy/delta", "noise_multiplier": "privacy/noise_multiplier", "sample_rate": "privacy/sample_rate",
+    "steps": "privacy/steps", "accountant": "privacy/accountant", "sampling": "privacy/sampling",
+    "test_acc": "test/acc", "train_loss": "train/loss", "samples_per_s": "perf/samples_per_s",
+    "step_ms": "perf/step_ms", "peak_mem_mb": "perf/peak_mem_mb", "wall_s": "wall_s", "commit": "commit",
+    "machine": "machine", "checkpoint_eps_spent": "privacy/checkpoint_eps_spent",
+}
+
+
+def assert_rows_match_summaries(df):
+    """Every csv cell equals the value in the summary.json of the run directory that row names."""
+    def same(cell, want):
+        if want is None:
+            return pd.isna(cell)
+        return cell == pytest.approx(want, rel=1e-12) if isinstance(want, float) else cell == want
+
+    for _, row in df.iterrows():
+        s = json.loads(open(os.path.join(row.run_dir, "summary.json")).read())
+        for col, k in PUBLISHED.items():
+            want = s[k] if not (col == "eps" and s[k] is None) else s["config"]["eps"]  # σ given: the config's
+            assert same(row[col], want), (row.run_dir, col, row[col], want)
+        for col in ("seed", "batch_size", "epochs"):
+            assert same(row[col], s["config"][col]), (row.run_dir, col)
+        assert same(row["name"], s["name"])
 
 
 def test_table_sweep_narrowed_then_report(tmp_path):
@@ -14,13 +44,25 @@ def test_table_sweep_narrowed_then_report(tmp_path):
             "hydra.sweeper.params.engine=mixed_ghost", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (tmp_path / "sweep" / "9" / ".hydra").mkdir(parents=True)  # a job that died before its summary
+    (tmp_path / "sweep" / "8").mkdir()  # a job the divergence guard stopped
+    (tmp_path / "sweep" / "8" / "failed.json").write_text(json.dumps(
+        {key.STATUS: "failed", key.ERROR: "training diverged: non-finite training loss (nan)", key.STEP: 7,
+         key.EPS_SPENT: 0.5, key.DELTA: 1e-5}))
     out = report([str(tmp_path / "sweep")], out=str(tmp_path / "results"))
-    assert out["runs"] == 2 and len(out["failed"]) == 1
+    assert out["runs"] == 2 and sorted(out["failed"]) == [
+        f"{tmp_path}/sweep/8 (failed: training diverged: non-finite training loss (nan); 7 steps, eps spent 0.5 at "
+        "delta 1e-05)", f"{tmp_path}/sweep/9 (no summary.json: failed or unfinished)"]
     df = pd.read_csv(tmp_path / "results" / "acc_vs_eps.csv")
     assert sorted(df.eps) == [1.0, 8.0] and set(df.engine) == {"mixed_ghost"}
-    assert {"commit", "machine", "test_acc", "eps_spent"} <= set(df.columns)
+    assert list(df.columns[: len(PUBLISHED)]) == list(PUBLISHED)
+    assert_rows_match_summaries(df)
     md = (tmp_path / "results" / "acc_vs_eps.md").read_text()
-    assert "eps=1.0" in md and "failed or unfinished" in md
+    assert "eps=1.0" in md and "failed or unfinished" in md and "7 steps, eps spent 0.5" in md
+    pivot = md.split("## test accuracy")[1].split("##")[0].strip().splitlines()[2:]  # one seed per cell
+    header, *rows = [[c.strip() for c in line.split("|")[1:-1]] for line in pivot if not line.startswith("|:")]
+    cells = {(r[0], r[1]): dict(zip(header, r)) for r in rows}
+    for _, row in df.iterrows():
+        assert float(cells[(row.model, row.engine)][f"eps={row.eps}"]) == pytest.approx(row.test_acc, abs=5e-5)
     assert (tmp_path / "results" / "acc_vs_eps.png").stat().st_size > 1000
 
 
@@ -53,8 +95,6 @@ def test_optuna_search_runs_when_the_extra_is_installed(tmp_path):
 
 def write_run(d, **values):
     """A finished run's directory: a summary.json with every schema key (None unless given)."""
-    import json
-
     d.mkdir(parents=True)
     s = dict.fromkeys(key.SUMMARY) | {key.MODEL: "cnn", key.ENGINE: "mixed_ghost", key.TEST_ACC: 0.5,
                                       key.STEP_MS: 10.0, key.PEAK_MEM_MB: 100.0, key.CONFIG: {"eps": 3.0}} | values
@@ -62,11 +102,19 @@ def write_run(d, **values):
 
 
 def test_csv_columns_come_from_the_schema(tmp_path):
-    write_run(tmp_path / "runs" / "a", **{key.EPS_SPENT: 2.9, key.SAMPLES_PER_S: 123.0})
+    """Every reported key holds a different value, so a column reading another key's value fails."""
+    assert key.COLUMNS == PUBLISHED
+    distinct = {k: 0.001 * (i + 1) for i, k in enumerate(PUBLISHED.values())} | {
+        key.MODEL: "cnn", key.DATASET: "fake", key.ENGINE: "ghost", key.ACCOUNTANT: "rdp", key.SAMPLING: "poisson",
+        key.COMMIT: "abc123", key.MACHINE: "x86", key.STEPS: 17}
+    write_run(tmp_path / "runs" / "a", **distinct, config={"eps": 3.0, "seed": 4, "batch_size": 32, "epochs": 2.0})
+    write_run(tmp_path / "runs" / "b", **{**distinct, key.EPS: None, key.TEST_ACC: 0.75},
+              config={"eps": 8.0, "seed": 5, "batch_size": 64, "epochs": 1.0})  # σ given: eps from the config
     report([str(tmp_path / "runs")], out=str(tmp_path / "results"))
     df = pd.read_csv(tmp_path / "results" / "runs.csv")
-    assert list(df.columns[: len(key.COLUMNS)]) == list(key.COLUMNS)
-    assert (df.eps_spent[0], df.samples_per_s[0], df.test_acc[0]) == (2.9, 123.0, 0.5)
+    assert list(df.columns[: len(PUBLISHED)]) == list(PUBLISHED)
+    assert len(df) == 2
+    assert_rows_match_summaries(df)
 
 
 def test_table_option_names_the_output_also_for_unnamed_runs(tmp_path):

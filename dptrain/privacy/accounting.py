@@ -26,6 +26,7 @@ def _accountant(name: str):
 
 def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
     """ε spent by `steps` Poisson-subsampled Gaussian steps (σ, q) at δ."""
+    _check_finite(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta)
     if steps == 0:
         return 0.0
     if noise_multiplier <= 0:
@@ -45,11 +46,19 @@ def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps:
     """The smallest σ (to 0.5% of ε) whose ε after `steps` is ≤ eps, by Opacus' bisection."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    _check_finite(eps=eps, delta=delta, sample_rate=sample_rate)
     _accountant(accountant)  # validates the name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=accountant, epsilon_tolerance=0.005 * eps))
+
+
+def _check_finite(**values: float) -> None:
+    """Opacus' accountants loop forever on a nan σ and calibrate eps=inf to an arbitrary σ: refuse both."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"non-finite accountant input: {bad}")
 
 
 def default_delta(n: int) -> float:

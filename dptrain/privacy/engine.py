@@ -58,6 +58,11 @@ class PrivacyEngine:
     augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
     gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
     as one (De et al. 2022, augmentation multiplicity).
+    Mixed precision: a forward under torch.autocast (bf16/fp16) is accepted with passes=1; norms, clip factors
+    and the clipped sum are computed in float32 from the per-example quantities the forward left. With a scaled
+    loss (fp16's GradScaler) set `engine.loss_scale = S` before backward: the norms are then taken of the
+    unscaled gradients and .grad holds S·Σ c_i·g_i, which the caller divides by S; an example whose scaled
+    gradient overflowed contributes nothing (counted in `engine.dropped`).
     passes: 1 (book-keeping, one backward) or 2 (norm pass, recomputed forward, clipped pass: the memory of
     non-private training, about twice its time; the model must return one tensor whose rows are the examples,
     and its forward must be a function of its inputs and the random state).
@@ -75,26 +80,19 @@ class PrivacyEngine:
         augmult: int = 1,
         passes: int = 1,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        if clipping not in CLIPPING:
-            raise ValueError(f"unknown clipping '{clipping}'; valid: {', '.join(CLIPPING)}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        _check_arguments(mode=mode, clipping=clipping, max_grad_norm=max_grad_norm, augmult=augmult, passes=passes)
         self.model, self.mode, self.max_grad_norm = model, mode, float(max_grad_norm)
         self.clipping, self.gamma = clipping, float(gamma)
-        if int(augmult) < 1:
-            raise ValueError(f"augmult must be >= 1, got {augmult}")
-        self.augmult = int(augmult)
-        if passes not in (1, 2):
-            raise ValueError(f"passes must be 1 or 2, got {passes}")
-        self.passes = passes
+        self.augmult, self.passes = int(augmult), passes
         self.entries: list[Entry] = build_plan(model, fallback=fallback)
         self.per_sample_norms: torch.Tensor | None = None
         self._records: list[tuple[Entry, Record]] = []
         self._calls: dict[int, int] = {}
         self._forward_id = 0
         self._rows = 0  # the model input's leading dimension in this forward (for taps of input-less modules)
+        self.loss_scale = 1.0  # the factor the loss was multiplied by before backward (fp16's GradScaler)
+        self.dropped = 0  # fp16: examples whose scaled gradient overflowed, left out of the clipped sums so far
+        self._dropped: torch.Tensor | None = None
         self._probed = False  # probe.py: have the hooked calls' rows been checked against the examples
         self._probing = False
         self._queued = False
@@ -112,13 +110,7 @@ class PrivacyEngine:
         self._two = TwoPass(self, model) if passes == 2 else None
         if self._two is not None:
             self._handles.append(self._two.handle)
-        total = sum(p.numel() for e in self.entries for _, p in e.params)
-        slow = [e for e in self.entries if e.rule is FALLBACK]
-        self.fallback_share = sum(p.numel() for e in slow for _, p in e.params) / total if total else 0.0
-        if slow:
-            names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
-            log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
-                        100 * self.fallback_share, names)
+        self.fallback_share = _fallback_share(self.entries)
 
     @property
     def _phase(self) -> str:
@@ -130,19 +122,24 @@ class PrivacyEngine:
             return
         if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
             self._probing = True
+            for e in self.entries:
+                e.split = set()
             try:
-                probe_rows(self.model, self.entries, args, kwargs)
+                self._probed = probe_rows(self.model, self.entries, args, kwargs)
             finally:
                 self._probing = False
-            self._probed = True
+            if not self._probed:
+                for e in self.entries:
+                    e.split = None
         self._forward_id += 1
         self._rows = self._rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
-        if torch.is_grad_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        if self._two is not None and torch.is_grad_enabled() and _autocast_on():
             raise CoverageError(
-                "the privacy engine does not support autocast (mixed precision): per-example norms would be computed "
-                "in reduced precision and the clipping bound would not hold exactly; run the forward in float32")
+                "passes=2 under autocast (precision=bf16/fp16): the clipped pass relies on the backward being linear "
+                "in its output gradient, which reduced-precision rounding breaks (each example's contribution would "
+                "exceed c_i·g_i by the rounding); use passes=1 with mixed precision")
         if self._two is not None and torch.is_grad_enabled():
             self._two.save_rng(args, kwargs)
 
@@ -233,10 +230,25 @@ class PrivacyEngine:
         # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
         # waits for _finish (outside the engine's hooks).
-        if (self._calls.get(id(entry)) == 1 and entry.rule.eager and rec.rows % self.augmult == 0
-                and all(x is not None for x in rec.grads)):
-            B = rec.rows // self.augmult
-            self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+        if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
+            B = self._examples(entry, rec.rows)
+            if B:
+                self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+
+    def _examples(self, entry: Entry, rows: int) -> int:
+        """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
+        example's consecutive); a layer may see a whole multiple of them, each example's rows consecutive (Swin's
+        windows: B·nW rows) — the probe checked which rows belong to which example. The fallback replays row by
+        row, so its rows must be the model's."""
+        model_rows = self._rows or rows
+        if model_rows == 0:  # an empty batch: nothing to clip, nothing added
+            return 0
+        if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
+            raise CoverageError(
+                f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
+                "its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the batch "
+                "dimension first")
+        return model_rows // self.augmult
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         _ready(entry, recs, B)
@@ -266,23 +278,20 @@ class PrivacyEngine:
                 done.append((e, r))
             elif any(g is not None for g in r.grads):
                 groups.setdefault(id(e), (e, []))[1].append(r)
-        sizes = {r.rows for _, rs in groups.values() for r in rs} | {r.rows for _, r in done}
-        if len(sizes) > 1:
-            raise CoverageError(f"hooked layers saw different batch sizes {sorted(sizes)} in one backward")
-        rows = sizes.pop() if sizes else 0
-        if rows and self._rows and rows != self._rows:
-            raise CoverageError(
-                f"hooked layers saw {rows} rows but the model's input has {self._rows}: their rows are not the "
-                "examples (a sequence-first (T, B, …) layout or a transpose); keep the batch dimension first")
-        if rows % self.augmult:
-            raise CoverageError(f"batch of {rows} rows is not a multiple of augmult={self.augmult}")
-        return groups, done, rows // self.augmult
+        calls = [(e, r) for e, rs in groups.values() for r in rs] + done
+        if not self._rows and len({r.rows for _, r in calls}) > 1:  # no model batch to check against
+            raise CoverageError(f"hooked layers saw different batch sizes {sorted({r.rows for _, r in calls})}")
+        sizes = {self._examples(e, r.rows) for e, r in calls}
+        return groups, done, sizes.pop() if sizes else 0
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
         if not self._audited:
             self._audit()
         groups, done, B = self._pending(records)
+        if B == 0:  # an empty batch (a Poisson batch can be): no example, no gradient to add
+            self.per_sample_norms = torch.zeros(0)
+            return None, []
         if not groups and not done:
             return None, done
         for e, rs in groups.values():
@@ -290,11 +299,21 @@ class PrivacyEngine:
             done.append((e, rs[0]))
         with torch.no_grad():
             n2 = sum(r.result[0] for _, r in done)
-            norms = n2.clamp_min(0).sqrt()
+            # with a scaled loss (fp16's GradScaler) every gradient is S times the true one: the norms are taken
+            # of the unscaled gradients — clipping the scaled ones at R would clip at R·S (pitfalls.md)
+            norms = n2.clamp_min(0).sqrt() / self.loss_scale
             if self.clipping == "abadi":
                 c = (self.max_grad_norm / norms).clamp(max=1.0)  # ‖g‖ = 0 → inf → 1
             else:
                 c = self.max_grad_norm / (norms + self.gamma)
+            self._dropped = None
+            if self.loss_scale != 1.0 and not torch.isfinite(norms).all():
+                # fp16: an example whose scaled gradient overflowed contributes nothing — still a function of that
+                # example alone with norm ≤ R, so the sensitivity and the step's accounting are unchanged (a
+                # skipped step, as GradScaler does, would be a data-dependent event the accountant never saw)
+                self._dropped = ~torch.isfinite(norms)
+                c = c.masked_fill(self._dropped, 0.0)
+                self.dropped += int(self._dropped.sum())
         assert norms.shape[0] == B
         self.per_sample_norms = norms
         if not self._logged:
@@ -308,7 +327,9 @@ class PrivacyEngine:
         c, done = self._clip_factors(records)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
             for e, r in done:
-                e.rule.accumulate(e, [r], c, r.result[1])
+                state = r.result[1] if self._dropped is None else tree_map(partial(_zero_rows, self._dropped),
+                                                                            r.result[1])
+                e.rule.accumulate(e, [r], c, state)
                 r.result = None
 
     def _audit(self) -> None:
@@ -338,6 +359,33 @@ class PrivacyEngine:
         return self.model
 
 
+def _check_arguments(*, mode, clipping, max_grad_norm, augmult, passes) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+    if clipping not in CLIPPING:
+        raise ValueError(f"unknown clipping '{clipping}'; valid: {', '.join(CLIPPING)}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if int(augmult) < 1:
+        raise ValueError(f"augmult must be >= 1, got {augmult}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes}")
+
+
+def _fallback_share(entries: list[Entry]) -> float:
+    """The fraction of trainable parameters on the generic (slow) fallback, logged with the modules behind it."""
+    total = sum(p.numel() for e in entries for _, p in e.params)
+    slow = [e for e in entries if e.rule is FALLBACK]
+    share = sum(p.numel() for e in slow for _, p in e.params) / total if total else 0.0
+    if slow:
+        names = ", ".join(e.label() for e in slow[:6]) + (" …" if len(slow) > 6 else "")
+        log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
+                    100 * share, names)
+    else:
+        log.info("privacy engine: fallback share 0%% (every trainable parameter on a ghost/instantiation rule)")
+    return share
+
+
 def _batch(entry: Entry, args, kwargs, default: int = 0) -> int:
     """The batch size: the leading dimension of the call's first batched tensor argument (`default`, the
     model input's, for a module called without one)."""
@@ -362,7 +410,10 @@ def _outside_use(name: str, grad: torch.Tensor) -> None:
 
 
 def _ready(e: Entry, recs: list[Record], B: int) -> None:
-    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples."""
+    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples. Inputs and
+    output gradients a forward under autocast left in bfloat16/float16 are cast up to float32 here, so a rule's
+    norms and its clipped sum are computed in float32 from the same per-example quantities: each example's
+    contribution is c_i times the float32 g_iᵀa_i whose norm gave c_i, ≤ R up to float32 rounding."""
     for r in recs:
         for a, v in zip(r.args, r.versions):
             if v is not None and a._version != v:
@@ -371,6 +422,24 @@ def _ready(e: Entry, recs: list[Record], B: int) -> None:
                     "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
                 )
         r.batch = B
+        r.args, r.kwargs = tree_map(_to_fp32, r.args), tree_map(_to_fp32, r.kwargs)
+        r.grads = [None if g is None else _to_fp32(g) for g in r.grads]
+
+
+def _zero_rows(bad: torch.Tensor, t):
+    """A rule's per-example state with the rows of `bad` examples (B,) zeroed (k rows per example: k·B rows)."""
+    if not (torch.is_tensor(t) and t.dim() and t.shape[0] % bad.shape[0] == 0):
+        return t
+    rows = bad.repeat_interleave(t.shape[0] // bad.shape[0]).view(-1, *([1] * (t.dim() - 1)))
+    return t.masked_fill(rows, 0)
+
+
+def _to_fp32(x):
+    return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _check_dropout(e: Entry) -> None:

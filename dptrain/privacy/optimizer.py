@@ -30,11 +30,21 @@ class DPOptimizer:
     The noise comes from `streams` ("noise" stream, one sub-stream per chunk; default Streams(seed, secure)):
     seeded generators (reproducible experiments; seed=None: a fresh root seed), or in secure mode OS entropy
     on every draw (streams.os_normal) for deployments.
+
+    Data-parallel (`dist`: an object with `rank`, `world_size` and `all_reduce_sum_(tensors)`, distributed.py;
+    None in one process): each rank's .grad holds the clipped sum of its shard of the logical batch. The noise is
+    partitioned, not replicated: noise chunk i (a fixed range of the flat gradient, with its own sub-stream) is
+    drawn by rank i mod world ALONE and added to that rank's .grad (zeros elsewhere in the range on the other
+    ranks); then one all-reduce sums the ranks' gradients: Σ_i c_i·g_i + N(0, σ²R²), every coordinate's noise
+    drawn exactly once — the very draws of a 1-process run of the same seed, since a chunk's stream does not
+    depend on who draws it — and the same result on every rank; then ÷ L. Each rank draws 1/world of the
+    noise, so no rank waits for one rank's noise. Every rank calls step() for every logical batch, also when its
+    shard was empty: the all-reduce is collective.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, seed: int | None = None, secure: bool = False,
-                 streams: Streams | None = None):
+                 streams: Streams | None = None, dist=None):
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if expected_batch_size <= 0:
@@ -45,6 +55,10 @@ class DPOptimizer:
         self.streams = streams if streams is not None else Streams(seed, secure=secure)
         self.secure = self.streams.secure
         self._gens: dict[str, list[torch.Generator]] = {}
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        # the noise chunks this process draws: all of them in one process; rank r of N: those with i mod N = r
+        rank, world = (0, 1) if self.dist is None else (self.dist.rank, self.dist.world_size)
+        self.noise_chunks = [i for i in range(CHUNKS) if i % world == rank]
 
     @property
     def param_groups(self):
@@ -57,7 +71,7 @@ class DPOptimizer:
         return self._gens[key]
 
     def _add_noise(self, grads: list[torch.Tensor], std: float) -> None:
-        """grads += std · N(0, I), range by range of their flat concatenation (see CHUNKS)."""
+        """grads += std · N(0, I) on this process's chunks (`noise_chunks`) of their flat concatenation (CHUNKS)."""
         device = grads[0].device
         flat = [g.view(-1) for g in grads]
         starts, total = [], 0
@@ -80,14 +94,15 @@ class DPOptimizer:
                     f[j - s : j - s + n].add_(z, alpha=std)
 
         if device.type == "cpu":
-            list(_POOL.map(fill, range(CHUNKS)))
+            list(_POOL.map(fill, self.noise_chunks))
         else:
-            for i in range(CHUNKS):
+            for i in self.noise_chunks:
                 fill(i)
 
     @torch.no_grad()
     def add_noise(self) -> None:
-        """grad ← (grad + σR·N(0, I)) / L for every trainable parameter (zeros where grad is None)."""
+        """grad ← (grad + σR·N(0, I)) / L for every trainable parameter (zeros where grad is None); data-parallel:
+        grad ← (Σ_ranks grad + σR·N(0, I)) / L, each noise chunk added by one rank before the one all-reduce."""
         std = self.noise_multiplier * self.max_grad_norm
         groups: dict[tuple, list[torch.Tensor]] = {}
         for group in self.optimizer.param_groups:
@@ -99,9 +114,12 @@ class DPOptimizer:
                         p.grad = p.grad.contiguous()
                     groups.setdefault((p.device, p.dtype), []).append(p.grad)
         for grads in groups.values():
-            if std > 0:
+            if std > 0 and self.noise_chunks:
                 with record_function("dptrain::noise"):
                     self._add_noise(grads, std)
+            if self.dist is not None:
+                with record_function("dptrain::all_reduce"):
+                    self.dist.all_reduce_sum_(grads)
             torch._foreach_div_(grads, float(self.expected_batch_size))
 
     def step(self) -> None:
@@ -114,3 +132,12 @@ class DPOptimizer:
 
     def state_dict(self):
         return self.optimizer.state_dict()
+
+    def generator_states(self) -> dict[str, list[torch.Tensor]]:
+        """Each noise chunk generator's state, by device (a checkpoint's; none in secure mode: OS entropy)."""
+        return {device: [g.get_state() for g in gens] for device, gens in self._gens.items()}
+
+    def set_generator_states(self, states: dict[str, list[torch.Tensor]]) -> None:
+        for device, chunks in states.items():
+            for g, state in zip(self._generators(torch.device(device)), chunks, strict=True):
+                g.set_state(state)

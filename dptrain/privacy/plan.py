@@ -29,6 +29,7 @@ class Entry:
     choice: str = ""  # last decision: ghost / instantiate / fallback
     calls: int = 0
     dropouts: list[nn.Module] = field(default_factory=list)  # only for fallback units
+    split: set[int] | None = None  # fallback: flat argument positions that are per example (probe.py); None: unprobed
 
     def label(self) -> str:
         return f"{self.name or '<root>'} ({type(self.module).__name__})"
@@ -60,7 +61,9 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
                 f"BatchNorm layer '{name}' mixes examples, so per-example gradients are undefined; "
                 "replace it with GroupNorm (dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
             )
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        _unsupported(name, module)
+        inner = {id(p) for c in module.children() for p in c.parameters()}  # aliases of a child's parameter
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in inner]
         forced = isinstance(module, forced_types) or name in forced_names  # the user's fallback wins over a rule
         rule = None if forced or not own else rule_for(module) or (TOKEN if TOKEN.applies(module, own) else None)
         if rule is not None:
@@ -92,18 +95,36 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
 
 
 def _check_shared(model: nn.Module) -> None:
-    """Tied weights (one Parameter under two names) would need a joint per-example gradient."""
-    seen: dict[int, str] = {}
+    """Tied weights (one Parameter used by two modules) would need a joint per-example gradient. A parameter
+    that a module also registers under an alias of its own (Opacus' DPLSTM exposes `weight_ih_l0` for its
+    `l0.ih.weight`) is one use: allowed when every name lies on one line of ancestry."""
+    names: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        if id(p) in seen:
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(n)
+    for ns in names.values():
+        owners = sorted((n.rpartition(".")[0] for n in ns), key=len)
+        deepest = owners[-1]
+        if not all(o == "" or deepest == o or deepest.startswith(o + ".") for o in owners):
             raise CoverageError(
-                f"parameter '{n}' is the same tensor as '{seen[id(p)]}' (tied weights); its per-example "
+                f"parameter '{ns[1]}' is the same tensor as '{ns[0]}' (tied weights); its per-example "
                 "gradient would need both uses together. Untie the weights or freeze one use "
                 "(requires_grad=False)."
             )
-        seen[id(p)] = n
+
+
+def _unsupported(name: str, module: nn.Module) -> None:
+    """Layer types with trainable parameters that no rule covers and the fallback cannot replay: one line each."""
+    if isinstance(module, nn.RNNBase) and any(p.requires_grad for p in module.parameters(recurse=False)):
+        first = next(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+        dp = {"LSTM": "DPLSTM", "GRU": "DPGRU"}.get(type(module).__name__, "DPRNN")
+        raise CoverageError(
+            f"'{name}.{first}': {type(module).__name__}'s fused recurrent kernel has no per-example gradient here; "
+            f"use opacus.layers.{dp} (same interface, built from Linear layers the engine clips exactly)")
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        raise CoverageError(
+            f"InstanceNorm '{name}' has track_running_stats=True: its running statistics are computed from the "
+            "batch (they would leak the data, unnoised); set track_running_stats=False")
 
 
 def describe(entries: list[Entry]) -> str:

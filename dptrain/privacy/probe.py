@@ -12,7 +12,8 @@ B leading rows that a hooked call takes or returns:
   backward: the gradient of example 0's outputs alone — only row 0 may receive any.
 A row that moves with another example, or that influences another example, is not an example: CoverageError
 naming the module. An argument whose rows neither depend on the examples nor carry a gradient (a mask or table
-passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when it would be split.
+passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when the fallback would
+split it (for the other rules the backward check on their outputs decides).
 """
 
 from __future__ import annotations
@@ -58,20 +59,27 @@ def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool
     return seen
 
 
-def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict) -> None:
+PROBE_ROWS = 3  # the probe runs on the batch's first rows: its memory is a small step's, not a full one's
+
+
+def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict) -> bool:
     """Raises CoverageError where a hooked call's rows are not the examples, or an argument the fallback would
-    split is ambiguous. Needs a batch of at least two examples (else returns: nothing to tell apart)."""
+    split is ambiguous; sets each fallback entry's `split` (the flat argument positions that are per example).
+    Needs a batch of at least two rows; returns whether it ran."""
     flat, spec = tree_flatten((args, kwargs))
-    k = next((i for i, t in enumerate(flat) if torch.is_tensor(t) and t.dim()), None)
-    if k is None or flat[k].shape[0] < 2:
-        return
-    B = flat[k].shape[0]
+    x = next((i for i, t in enumerate(flat) if torch.is_tensor(t) and t.dim()), None)  # the batch argument
+    if x is None or flat[x].shape[0] < 2:
+        return False
+    full = flat[x].shape[0]
+    B = min(full, PROBE_ROWS)
+    flat = [t[:B] if torch.is_tensor(t) and t.dim() and t.shape[0] == full else t for t in flat]
+    args, kwargs = tree_unflatten(flat, spec)
     was = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[flat[k].device] if flat[k].is_cuda else []):
+        with torch.random.fork_rng(devices=[flat[x].device] if flat[x].is_cuda else []):
             first = _capture(model, entries, args, kwargs, grad=False)
-            changed = tree_unflatten([_perturbed(t) if i == k else t for i, t in enumerate(flat)], spec)
+            changed = tree_unflatten([_perturbed(t) if i == x else t for i, t in enumerate(flat)], spec)
             second = _capture(model, entries, *changed, grad=False)
             live = _capture(model, entries, args, kwargs, grad=True)
     finally:
@@ -79,35 +87,49 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
     grads = _example_zero_grads(live)
     for e in entries:
         for c, (call_a, call_b) in enumerate(zip(first[id(e)], second[id(e)])):
-            # the fallback splits every argument; other rules read only the first (their input, or their batch)
-            first_arg = next((i for i, t in enumerate(call_a) if torch.is_tensor(t) and t.dim()), None)
-            if e.rule is not FALLBACK and first_arg is not None and call_a[first_arg].shape[0] != B:
-                raise CoverageError(
-                    f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {call_a[first_arg].shape[0]} rows "
-                    f"but the model's batch has {B}, so its rows are not the examples (a sequence-first (T, B, …) "
-                    "layout, a transpose, or windows of examples); keep the batch dimension first")
-            for pos, (a, b) in enumerate(zip(call_a, call_b)):
-                if not (torch.is_tensor(a) and a.dim() and a.shape[0] == B) or (
-                        e.rule is not FALLBACK and pos != first_arg):
-                    continue
-                moved = _rows(a != b, B)
-                g = grads.get((id(e), c, pos))
-                reach = None if g is None else _rows(g != 0, B)
-                for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
-                    if rows is not None and rows[1:].any():
-                        _refuse(e, a, what, rows)
-                if not moved.any() and g is None:
-                    raise CoverageError(
-                        f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the "
-                        "examples: a table or mask shared by all examples, or per-example copies of a constant — "
-                        "ambiguous. Register it as a buffer of the module, or give it a size other than the batch")
-        if e.rule.expands:  # its stand-ins carry the per-example gradients, not its outputs
+            _check_inputs(e, call_a, call_b, {pos: grads.get((id(e), c, pos)) for pos in range(len(call_a))}, B)
+        if not e.rule.expands:  # an expanding rule's stand-ins carry the per-example gradients, not its outputs
+            for c, call in enumerate(live[id(e)]):
+                n_in = len(first[id(e)][c]) if c < len(first[id(e)]) else 0
+                for pos in range(n_in, len(call)):  # a row of an output that reaches example 0 must be row 0
+                    g = grads.get((id(e), c, pos))
+                    if g is not None and g.dim() and g.shape[0] % B == 0:
+                        rows = _rows(_nonzero(g), g.shape[0])
+                        if rows[g.shape[0] // B:].any():
+                            _refuse(e, call[pos], "reached example 0's output", rows)
+    return True
+
+
+def _check_inputs(e: Entry, call_a: list, call_b: list, grads: dict, B: int) -> None:
+    """One call's tensor arguments in the two forwards (example 0 changed in the second) and their gradients
+    from example 0's output. The fallback splits every argument; other rules read only the first (their input,
+    or their batch), which may have k·B rows, each example's k consecutive (Swin's windows)."""
+    first_arg = next((i for i, t in enumerate(call_a) if torch.is_tensor(t) and t.dim()), None)
+    if first_arg is not None:
+        R = call_a[first_arg].shape[0]
+        if R % B or (e.rule is FALLBACK and R != B):
+            raise CoverageError(
+                f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {R} rows but the model's batch has "
+                f"{B}, so its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the "
+                "batch dimension first")
+    for pos, (a, b) in enumerate(zip(call_a, call_b)):
+        if not (torch.is_tensor(a) and a.dim() and a.shape[0] % B == 0) or (
+                e.rule is not FALLBACK and pos != first_arg) or (e.rule is FALLBACK and a.shape[0] != B):
             continue
-        for c, call in enumerate(live[id(e)]):  # outputs too: a row that reaches example 0 must be row 0
-            for pos in range(len(first[id(e)][c]) if c < len(first[id(e)]) else 0, len(call)):
-                g = grads.get((id(e), c, pos))
-                if g is not None and g.dim() and g.shape[0] == B and _rows(g != 0, B)[1:].any():
-                    _refuse(e, call[pos], "reached example 0's output", _rows(g != 0, B))
+        k = a.shape[0] // B  # rows of example 0: [0, k)
+        moved = _rows(_differ(a, b), a.shape[0])
+        g = grads.get(pos)
+        reach = None if g is None else _rows(_nonzero(g), a.shape[0])
+        for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
+            if rows is not None and rows[k:].any():
+                _refuse(e, a, what, rows)
+        if e.rule is FALLBACK and (moved.any() or g is not None):
+            e.split.add(pos)
+        if e.rule is FALLBACK and not moved.any() and g is None:
+            raise CoverageError(
+                f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the examples: a "
+                "table or mask shared by all examples, or per-example copies of a constant — ambiguous. Register "
+                "it as a buffer of the module, or give it a size other than the batch")
 
 
 def _example_zero_grads(live: dict) -> dict[tuple[int, int, int], torch.Tensor]:
@@ -138,3 +160,17 @@ def _refuse(e: Entry, a: torch.Tensor, what: str, rows: torch.Tensor) -> None:
         f"{e.label()}: rows {moved[:6]}{' …' if len(moved) > 6 else ''} of its {tuple(a.shape)} input or output "
         f"{what}, so its rows are not the examples (a sequence-first (T, B, …) layout, a transpose, or a tensor "
         "shared by the batch); keep the batch dimension first (e.g. batch_first=True)")
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a != b, with NaN equal to NaN (an example that is already non-finite has not 'moved')."""
+    same = a == b
+    if a.is_floating_point():
+        same |= a.isnan() & b.isnan()
+    return ~same
+
+
+def _nonzero(g: torch.Tensor) -> torch.Tensor:
+    """Where a gradient is non-zero; NaN/inf count as zero (0·NaN in the backward of an example that is already
+    non-finite is not a path from example 0)."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) != 0

@@ -92,13 +92,17 @@ class TwoPass:
         the norms were computed from. A forward or backward that changed between the passes would clip a
         gradient other than the one measured; this catches changed magnitudes (with the output check, changed
         forwards), not every conceivable change (a pure sign flip keeps the norms)."""
+        if g.shape[0] == 0:  # an empty batch: nothing was clipped
+            return
         n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
         key = (rec.place, k)
         if self.phase == "norms":
             self._prints[key] = n
             return
         want = self._prints.pop(key, None)
-        want = None if want is None or want.shape != n.shape else want * self._c_rows
+        c = self._c_rows  # (model rows,); a call of k·B rows (Swin's windows) has each example's k consecutive
+        c = c.repeat_interleave(n.shape[0] // c.shape[0]) if n.shape[0] % c.shape[0] == 0 else None
+        want = None if want is None or c is None or want.shape != n.shape else want * c
         if want is None or not torch.allclose(n, want, rtol=1e-4, atol=1e-6 * float(want.max())):
             raise CoverageError(
                 "passes=2: a layer's output gradient in the clipped pass is not c_i times the one its norm came from "

@@ -2,9 +2,10 @@
 
     base.py       the Rule protocol, Record, the mixed rule's cost model, shared tensor helpers
     linear.py     nn.Linear                     conv.py       nn.Conv1d/2d/3d
-    norm.py       LayerNorm, GroupNorm, timm LayerNorm2d, LayerScale(2d)
+    norm.py       LayerNorm, GroupNorm, InstanceNorm, timm LayerNorm2d, LayerScale(2d)
     embedding.py  nn.Embedding                  expand.py     tokens / position embeddings, block layer scale
-    beit.py       timm BEiT attention (functional qkv, q/v biases, relative-position table), shared rel-pos bias
+    beit.py       timm BEiT attention (functional qkv, q/v biases, relative-position table), shared rel-pos bias,
+                  Swin's window attention
     fallback.py   any other module with parameters (torch.func replay; slow, reported)
 
 To support a new layer type: write a Rule (base.Rule's docstring says what it must provide) and add its type
@@ -16,13 +17,13 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Record, Rule, choose
-from .beit import AttentionRule, SharedBiasRule
+from .beit import AttentionRule, SharedBiasRule, WindowAttentionRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .expand import ConvNeXtGammaRule, ExpandRule, GammaRule, TokenRule
 from .fallback import FALLBACK, FallbackRule, is_replaying, replaying
 from .linear import LinearRule
-from .norm import GroupNormRule, LayerNormRule, ScaleRule
+from .norm import GroupNormRule, InstanceNormRule, LayerNormRule, ScaleRule
 
 TOKEN = TokenRule()
 
@@ -32,14 +33,17 @@ def _timm_rules() -> dict[type, Rule]:
         from timm.layers import LayerNorm as TimmLN
         from timm.layers import LayerNorm2d as TimmLN2d
         from timm.layers import LayerScale, LayerScale2d
-        from timm.models import beit, cait, convnext
+        from timm.layers import Linear as TimmLinear
+        from timm.models import beit, cait, convnext, eva, swin_transformer
     except ImportError:  # pragma: no cover - timm is a dependency
         return {}
     gamma = GammaRule()
-    return {TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True), LayerScale: ScaleRule(-1),
-            LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
-            cait.LayerScaleBlockClassAttn: gamma, beit.Attention: AttentionRule(),
-            beit.RelativePositionBias: SharedBiasRule(), convnext.ConvNeXtBlock: ConvNeXtGammaRule()}
+    # timm's Linear overrides forward only to cast dtypes under torchscript: the same function as nn.Linear
+    return {TimmLinear: LinearRule(), TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True),
+            LayerScale: ScaleRule(-1), LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
+            cait.LayerScaleBlockClassAttn: gamma, eva.EvaBlock: gamma, beit.Attention: AttentionRule(),
+            beit.RelativePositionBias: SharedBiasRule(), convnext.ConvNeXtBlock: ConvNeXtGammaRule(),
+            swin_transformer.WindowAttention: WindowAttentionRule()}
 
 
 # Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:
@@ -51,6 +55,9 @@ RULES: dict[type, Rule] = {
     nn.Conv3d: ConvRule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
+    nn.InstanceNorm1d: InstanceNormRule(),
+    nn.InstanceNorm2d: InstanceNormRule(),
+    nn.InstanceNorm3d: InstanceNormRule(),
     nn.Embedding: EmbeddingRule(),
     **_timm_rules(),
 }

@@ -116,3 +116,34 @@ class SharedBiasRule(ExpandRule):
     def per_example(self, entry, k, g):
         m = entry.module
         return [(0, _table_grad(g, m.relative_position_index, m.relative_position_bias_table.shape[0]))]
+
+
+class WindowAttentionRule(ExpandRule):
+    """timm Swin's WindowAttention: runs on B·nW window rows (each example's nW windows consecutive, as timm's
+    window_partition lays them out and the engine's probe checks); owns the relative-position table, read through
+    `_get_rel_pos_bias()` → (1, heads, N, N). The tap is that bias per window row, (B·nW, heads, N, N): folded
+    over an example's windows it is the example's gradient of the gathered bias. qkv/proj keep their Linear rules."""
+
+    name = "swin_attn"
+
+    def check(self, module, name):
+        own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if own != {"relative_position_bias_table"}:
+            raise CoverageError(f"Swin attention '{name}' owns parameters the rule does not know: {sorted(own)}")
+        x = torch.randn(2, module.window_area, module.qkv.in_features, generator=torch.Generator().manual_seed(0))
+        self.verify(module, name, x.to(next(module.parameters())))
+
+    def taps(self, module, params, rows):
+        rel = _gathered(module.relative_position_bias_table.detach(), module.relative_position_index)
+        return [rel.unsqueeze(0).expand(rows, *rel.shape)]
+
+    def run(self, module, forward, params, taps, args, kwargs):
+        module._get_rel_pos_bias = lambda: taps[0]  # the instance attribute shadows the method for this call
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            del module._get_rel_pos_bias
+
+    def per_example(self, entry, k, g):
+        m = entry.module
+        return [(0, _table_grad(g, m.relative_position_index, m.relative_position_bias_table.shape[0]))]

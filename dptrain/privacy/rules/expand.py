@@ -90,10 +90,13 @@ class TokenRule(ExpandRule):
         try:
             from timm.models.beit import Beit
             from timm.models.cait import Cait
+            from timm.models.deit import VisionTransformerDistilled
+            from timm.models.eva import Eva
             from timm.models.vision_transformer import VisionTransformer
         except ImportError:  # pragma: no cover
             return False
-        return (type(module) in (VisionTransformer, Beit, Cait) and not getattr(module, "dynamic_img_size", False)
+        kinds = (VisionTransformer, VisionTransformerDistilled, Beit, Cait, Eva)
+        return (type(module) in kinds and not getattr(module, "dynamic_img_size", False)
                 and all(n in TokenRule.NAMES and p.dim() == 3 and p.shape[0] == 1 for n, p in own))
 
     def taps(self, module, params, rows):

@@ -49,7 +49,7 @@ class FallbackRule(Rule):
         for r in recs:
             if all(g is None for g in r.grads):
                 continue
-            per = tuple(fold(t, B) for t in self._per_example(m, names, params, r, r.rows))
+            per = tuple(fold(t, B) for t in self._per_example(m, names, params, r, r.rows, entry.split))
             total = per if total is None else tuple(t + q for t, q in zip(total, per))
         n2 = params[0].new_zeros(B)
         if total is None:
@@ -59,9 +59,12 @@ class FallbackRule(Rule):
         return n2, total
 
     @staticmethod
-    def _per_example(m, names, params, r: Record, B: int) -> tuple[torch.Tensor, ...]:
+    def _per_example(m, names, params, r: Record, B: int, split: set[int] | None) -> tuple[torch.Tensor, ...]:
         flat_args, spec = tree_flatten((r.args, r.kwargs))
-        dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == B else None for a in flat_args)
+        # split only what the probe saw move with (or carry gradient to) one example: a table or mask shared by the
+        # batch stays whole even when its first dimension equals B by coincidence
+        dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == B and (split is None or j in split)
+                     else None for j, a in enumerate(flat_args))
         grads = tuple(g for g in r.grads)
         gmask = [g is not None for g in grads]
         present = tuple(g for g in grads if g is not None)

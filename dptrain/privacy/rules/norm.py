@@ -58,6 +58,15 @@ class LayerNormRule(_AffineNormRule):
         return xh.reshape(shape), g.reshape(shape)
 
 
+class InstanceNormRule(_AffineNormRule):
+    """nn.InstanceNorm1d/2d/3d with affine=True (and no running statistics: plan.py refuses those)."""
+
+    def normalized(self, m, x, g):
+        xh = F.instance_norm(x, eps=m.eps)
+        B, C = x.shape[:2]
+        return xh.reshape(B, C, -1).transpose(1, 2), g.reshape(B, C, -1).transpose(1, 2)
+
+
 class GroupNormRule(_AffineNormRule):
     def normalized(self, m, x, g):
         xh = F.group_norm(x, m.num_groups, None, None, m.eps)

@@ -1,0 +1,5 @@
+"""`python -m dptrain <overrides>`, and `torchrun --nproc_per_node=N -m dptrain <overrides>` (distributed.py)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,26 @@
+"""precision=bf16/fp16 through the runner (issue #18): a tiny real run per engine kind, and the refusals."""
+
+import pytest
+
+from dptrain import schema as key
+from dptrain.errors import UserError
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
+def test_mixed_precision_run(quick, engine, precision):
+    s, _ = quick(f"engine={engine}", f"precision={precision}")
+    assert s[key.CONFIG]["precision"] == precision
+    assert s[key.TRAIN_LOSS] == s[key.TRAIN_LOSS]  # finite, not NaN
+    if engine != "nonprivate":
+        assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (("engine=opacus", "precision=bf16"), "precision=bf16 needs a built-in engine"),
+    (("engine.passes=2", "precision=bf16"), "precision=bf16 needs engine.passes=1"),
+    (("precision=fp8",), "unknown precision 'fp8'"),
+])
+def test_mixed_precision_refusals(quick, overrides, match):
+    with pytest.raises(UserError, match=match):
+        quick(*overrides)
