@@ -39,22 +39,10 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     adds its canaries through them; a plain run never builds one.
     dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
-    validate(cfg)  # every numeric knob finite and in range (config.RANGES), before anything loads
-    if cfg.resume and dist.enabled:
-        raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
-    resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
-    run_dir = dist.agree(str(cfg.resume) if cfg.resume else run_dir)  # rank 0's; the others write nothing there
-    dist.check_same(OmegaConf.to_yaml(cfg), "config")
-    if dist.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
+    run_dir, resumed = _prepare(cfg, run_dir, dist)  # config checked before anything loads; resume's state
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
     device = dist.place(_device(cfg.device))
-    check_name("engine", cfg.engine.name, ENGINES)  # before the data loads
-    check_name("precision", cfg.precision, PRECISIONS)
-    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
 
     with dist.rank0_first():  # one download
         data = _data(cfg)
@@ -120,6 +108,25 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         return summary
 
     return dist.from_rank0(finish)  # written by rank 0, returned on every rank
+
+
+def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
+    """Every check that needs no data (numbers in range, names known), the run directory (a resumed run's own;
+    rank 0's under torchrun) and a resumed run's checkpoint."""
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
+    check_name("engine", cfg.engine.name, ENGINES)
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    if cfg.resume and dist.enabled:
+        raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
+    resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
+    run_dir = dist.agree(str(cfg.resume) if cfg.resume else run_dir)  # rank 0's; the others write nothing there
+    dist.check_same(OmegaConf.to_yaml(cfg), "config")
+    if dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
+    return run_dir, resumed
 
 
 def _data(cfg) -> Data:
