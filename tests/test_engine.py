@@ -215,6 +215,15 @@ def test_timm_models_match_reference(name, mode, passes):
     assert engine.fallback_share == 0.0
 
 
+def perturb(model, *names):
+    """Parameters timm initialises to zeros or one constant (biases, tables, layer scales) get random values, so a
+    per-example gradient that mixed up their entries would show."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(k in n for k in names):
+                p.add_(0.1 * torch.randn_like(p))
+
+
 BEITS = {  # the BEiT variants people train: relative (per block or shared) or absolute positions, ± layer scale
     "relpos_layerscale": dict(use_rel_pos_bias=True, init_values=0.1),
     "shared_relpos": dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1),
@@ -230,10 +239,7 @@ def test_beit_variants_match_reference_without_fallback(variant, mode, passes):
     torch.manual_seed(0)
     model = timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                               num_classes=3, drop_path_rate=0.0, **BEITS[variant])
-    with torch.no_grad():  # timm initialises q/v biases, gammas' spread and the table to zero/constants: perturb
-        for n, p in model.named_parameters():
-            if "bias" in n or "gamma" in n or "relative_position" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb(model, "bias", "gamma", "relative_position")  # timm initialises them to zeros/constants
     err, engine = check(model, batches((3, 8, 8), sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
     assert err < 1e-12
     assert engine.fallback_share == 0.0
@@ -260,10 +266,7 @@ def test_swin_window_attention_matches_reference_without_fallback(mode, passes):
     rules on those rows, the relative-position table gets per-window stand-ins folded per example."""
     torch.manual_seed(0)
     model = tiny_swin()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "relative_position" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb(model, "relative_position")
     err, engine = check(model, batches((3, 16, 16), sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
     assert err < 1e-12
     assert engine.fallback_share == 0.0 and "swin_attn" in {e.rule.name for e in engine.entries}
@@ -275,10 +278,7 @@ def test_layer_scale_families_match_reference_without_fallback(make, mode, passe
     """Blocks that own a gamma applied to a child's output (CaiT, ConvNeXt): per-example stand-ins, no fallback."""
     torch.manual_seed(0)
     model = make()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "gamma" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb(model, "gamma")
     shape = (3, 32, 32) if make is tiny_convnext else (3, 8, 8)  # ConvNeXt downsamples 32× over its stages
     err, engine = check(model, batches(shape, sizes=(2, 3)), mode=mode, max_grad_norm=0.5, passes=passes)
     assert err < 1e-12
