@@ -74,6 +74,13 @@ class _Precision:
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
 
+def _divide_grads(optimizer, by: float) -> None:
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.grad is not None:
+                p.grad.div_(by)
+
+
 def _loss(out, y, augmult: int):
     """Summed cross-entropy; with K augmented rows per example, each example's loss is the mean of its K."""
     if augmult == 1:
@@ -103,10 +110,7 @@ class BuiltIn(_Precision):
 
     def step(self) -> None:
         if self.engine.loss_scale != 1.0:  # fp16: .grad holds S·Σ c_i g_i
-            for g in self.optimizer.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.div_(self.engine.loss_scale)
+            _divide_grads(self.optimizer, self.engine.loss_scale)
         self.optimizer.step()  # noise once, ÷ L, step, zero
 
     def detach(self) -> nn.Module:
@@ -142,10 +146,7 @@ class NonPrivate(_Precision):
     def step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        for g in self.optimizer.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    p.grad.div_(self.L)
+        _divide_grads(self.optimizer, self.L)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
