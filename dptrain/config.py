@@ -32,6 +32,11 @@ class DatasetConfig:
     val_fraction: float = 0.0  # >0: hold out part of train as "test" (tune on it, not on the test split)
     augment: bool = False  # random crop (pad 4) + horizontal flip on each physical batch
     features: str = "none"  # none | scattering: a fixed ScatterNet transform, computed once (Tramèr & Boneh 2021)
+    # none | dp: standardise each channel by a DP estimate of its mean and variance over the training examples
+    # (two Gaussian mechanisms, noise normalize_noise × clip normalize_clip; their ε composes with training's)
+    normalize: str = "none"
+    normalize_noise: float = 8.0  # σ of each of the two statistics (Tramèr & Boneh's 8)
+    normalize_clip: float = 2.0  # L2 bound on an example's per-channel means (and mean squares); data-independent
     size: int = 512  # fake: training examples (test: a quarter)
     num_classes: int = 10  # fake
     channels: int = 3  # fake
@@ -100,6 +105,7 @@ class TrainConfig:
     # same range as fp32, no loss scaling); fp16: as bf16 plus a static loss scale (older GPUs without bf16)
     precision: str = "fp32"
     progress: bool = True
+    eval_every: int = 1  # evaluate after every N-th epoch and after the last; 0: the last only (test read once)
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
@@ -117,7 +123,8 @@ RANGES = {
     "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
     "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
-    "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)",
+    "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
+    "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",
 }
 UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import UserError, lookup
+from .errors import UserError, check_name, lookup
 from .privacy.streams import Streams
 
 log = logging.getLogger("dptrain.data")
@@ -37,28 +37,92 @@ class Data:
     in_chans: int
     image_size: int
     name: str
+    # mechanisms already run on the training examples, (σ, q, steps) each: dataset.normalize=dp's statistics.
+    # The budget composes them with training (budget.py)
+    prior: tuple = ()
 
 
 def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
-                   features: str = "none") -> Data:
+                   features: str = "none", normalize: str = "none", normalize_noise: float = 8.0,
+                   normalize_clip: float = 2.0, streams: Streams | None = None) -> Data:
     """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
-    seed: the run's seed; fake data and the validation split use its "data" and "split" streams."""
+    seed: the run's seed; fake data and the validation split use its "data" and "split" streams.
+    normalize=dp: per-channel statistics of the training examples by the Gaussian mechanism (_dp_normalize), its
+    noise from `streams`' "norm" stream (OS entropy in secure mode); recorded in Data.prior."""
     load = lookup("dataset", name, DATASETS)
     if name == "folder" and not root:  # not the data_dir default: a path the user never gave
         raise UserError("dataset=folder needs dataset.root=<a folder with train/<class>/*.jpg and test/<class>/*.jpg>")
     featurize = lookup("dataset.features", features, FEATURES)
+    check_name("dataset.normalize", normalize, NORMALIZE)
     data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
                 download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
                 num_classes=num_classes, channels=channels)
-    data = featurize(data)
+    data = featurize(data, cache_dir=os.path.join(data_dir, "features"))
     if val_fraction > 0:
         data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
+    if normalize == "dp":  # after the split: the statistics read the examples trained on, never the held-out ones
+        streams = streams if streams is not None else Streams(seed)
+        data = _dp_normalize(data, noise=normalize_noise, clip=normalize_clip, normal=_normals(streams))
     return data
 
 
-def _scattering(data: Data) -> Data:
+def _normals(streams: Streams):
+    """n → n draws of N(0, 1), float64: the "norm" stream, or the OS's CSPRNG in secure mode."""
+    from .privacy.streams import os_normal
+
+    if streams.secure:
+        return os_normal
+    g = streams.generator("norm")
+    return lambda n: torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
+    """Standardise every channel by a DP estimate of its mean and variance over the training examples (Tramèr &
+    Boneh 2021's data normalisation for ScatterNet features), for both splits.
+
+    Two Gaussian mechanisms on the training set (q = 1, one step each; add/remove adjacency, n public as
+    everywhere in the budget): each example's per-channel spatial means m_i ∈ R^C and mean squares s_i ∈ R^C,
+    each clipped to L2 norm `clip`, summed, plus N(0, (noise·clip)²) per coordinate, ÷ n. Both enter the
+    budget as (noise, 1, 2) and the training σ is calibrated to the rest of ε. `clip` is data-independent: 2
+    bounds |m_i| and |s_i| for pixels in [-1, 1] through the ScatterNet (a constant image gives √3 for 3
+    channels), so it clips little, and at n = 50,000 the noise per coordinate is noise·clip/n ≈ 3e-4.
+    Variance estimates below three noise standard deviations are floored there: a channel whose variance
+    cannot be told from the noise is not amplified by it."""
+    if not isinstance(data.train, TensorDataset):
+        raise UserError("dataset.normalize=dp needs the examples in memory: image size ≤ "
+                        f"{CACHE_MAX_SIZE} and dataset.cache=true")
+    x, y = data.train.tensors
+    n, C = len(x), x.shape[1]
+
+    def estimate(per_example: torch.Tensor) -> torch.Tensor:  # (n, C) → (C,)
+        scale = (clip / per_example.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)  # min(1, clip/‖v_i‖)
+        total = (per_example * scale[:, None]).sum(0)
+        return (total + noise * clip * normal(C)) / n
+
+    with torch.no_grad():
+        flat = x.flatten(2).double()  # (n, C, H·W)
+        mean = estimate(flat.mean(2))
+        sq = estimate((flat ** 2).mean(2))
+        del flat
+        floor = 3 * noise * clip / n * (1 + 2 * mean.abs())  # the std of sq - mean², to first order
+        var = torch.maximum(sq - mean ** 2, floor)
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        m, inv = mean.float().view(shape), var.rsqrt().float().view(shape)
+        data.train = TensorDataset(x.sub_(m).mul_(inv), y)
+        xt, yt = data.test.tensors
+        data.test = TensorDataset(xt.sub_(m).mul_(inv), yt)
+    log.info("dataset.normalize=dp: per-channel mean/variance of %d examples, noise %g x clip %g (eps composed "
+             "into the budget)", n, noise, clip)
+    data.prior = data.prior + ((float(noise), 1.0, 2),)
+    return data
+
+
+NORMALIZE = ("none", "dp")
+
+
+def _scattering(data: Data, *, cache_dir: str | None = None) -> Data:
     """Replace the images by a fixed, data-independent feature map, computed once for both splits:
     the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
     (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
@@ -74,19 +138,48 @@ def _scattering(data: Data) -> Data:
     scatter = ScatteringTorch2D(J=2, shape=(data.image_size, data.image_size))
     log.info("scattering features for %d + %d images", len(data.train), len(data.test))
 
-    def apply(ds: TensorDataset) -> TensorDataset:
-        x, y = ds.tensors
-        out = torch.cat([scatter(x[i : i + 1024]).flatten(1, 2) for i in range(0, len(x), 1024)])  # (N, 81·C, ...)
-        return TensorDataset(out, y)
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([scatter(x[i : i + 1024]).flatten(1, 2) for i in range(0, len(x), 1024)])  # (N, 81·C, ...)
 
+    (x, y), (xt, yt) = data.train.tensors, data.test.tensors
     with torch.no_grad():
-        data.train, data.test = apply(data.train), apply(data.test)
+        train, test = _cached(cache_dir, "scattering-J2-L8", (x, xt), lambda: (apply(x), apply(xt)))
+    data.train, data.test = TensorDataset(train, y), TensorDataset(test, yt)
     data.in_chans, data.image_size = data.train.tensors[0].shape[1], data.train.tensors[0].shape[-1]
     data.name += "-scattering"
     return data
 
 
-FEATURES = {"none": lambda data: data, "scattering": _scattering}
+def _cached(cache_dir: str | None, what: str, inputs: tuple, compute) -> tuple:
+    """compute(), or its result saved earlier for the very same input tensors: the file is named by a SHA-256 of
+    their bytes (and `what`), so a changed image or transform can never hit a stale entry. Written atomically."""
+    if cache_dir is None:
+        return compute()
+    import hashlib
+
+    h = hashlib.sha256(what.encode())
+    for t in inputs:
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    path = os.path.join(cache_dir, f"{what}-{h.hexdigest()[:20]}.pt")
+    if os.path.isfile(path):
+        try:
+            out = torch.load(path, weights_only=True)
+            log.info("features from the cache %s", path)
+            return tuple(out)
+        except Exception as e:  # truncated or foreign file: recompute and overwrite
+            log.warning("ignoring unreadable feature cache %s (%s)", path, type(e).__name__)
+    out = compute()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(list(out), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a read-only data_dir only costs the recomputation next time
+        log.warning("cannot write the feature cache %s (%s)", path, e)
+    return out
+
+
+FEATURES = {"none": lambda data, **_: data, "scattering": _scattering}
 
 
 def _digits(*, image_size: int | None, **_) -> Data:

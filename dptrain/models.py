@@ -61,21 +61,25 @@ class CNN(nn.Module):
 
 
 class ScatterCNN(nn.Module):
-    """The CNN that Tramèr & Boneh 2021 train on ScatterNet features (CIFAR-10, ε = 3: 69.3% with DP BatchNorm
-    statistics; here the GroupNorm variant they use for Fashion-MNIST, which spends no privacy budget):
-    GroupNorm(groups, affine=False) on the (81·C, H/4, W/4) features, conv-pool-conv of `width` channels,
-    tanh, and a linear classifier on the flattened map. Needs dataset.features=scattering."""
+    """The CNN that Tramèr & Boneh 2021 train on ScatterNet features (CIFAR-10, ε = 3: 69.3% with DP data
+    normalisation): norm="group" — GroupNorm(groups, affine=False), the variant they use for Fashion-MNIST, which
+    spends no privacy budget — or norm="none" for features standardised by dataset.normalize=dp (their CIFAR-10
+    variant); on the (81·C, H/4, W/4) features, conv-pool-conv of `width` channels, tanh, and a linear
+    classifier on the flattened map. Needs dataset.features=scattering."""
 
-    def __init__(self, num_classes=10, in_chans=243, img_size=8, width=64, groups=27, act="tanh"):
+    def __init__(self, num_classes=10, in_chans=243, img_size=8, width=64, groups=27, act="tanh", norm="group"):
         super().__init__()
-        if in_chans % groups:
+        if norm not in ("group", "none"):
+            raise UserError(f"unknown model.kwargs.norm '{norm}'; valid: group (GroupNorm of `groups` groups), none "
+                            "(the features come standardised: dataset.normalize=dp)")
+        if norm == "group" and in_chans % groups:
             raise UserError(f"scatter_cnn takes ScatterNet features (dataset.features=scattering): {in_chans} input "
                             f"channels do not split into model.kwargs.groups={groups} groups")
         acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
         if act not in acts:
             raise UserError(f"unknown model.kwargs.act '{act}'; valid: {', '.join(acts)}")
         a = acts[act]
-        self.norm = nn.GroupNorm(groups, in_chans, affine=False)
+        self.norm = nn.GroupNorm(groups, in_chans, affine=False) if norm == "group" else nn.Identity()
         self.features = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), a(), nn.MaxPool2d(2),
                                       nn.Conv2d(width, width, 3, padding=1), a())
         self.head = nn.Linear(width * (img_size // 2) ** 2, num_classes)  # 64·4·4 features on CIFAR (8×8 maps)

@@ -45,14 +45,14 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     device = dist.place(_device(cfg.device))
 
     with dist.rank0_first():  # one download
-        data = _data(cfg)
+        data = _data(cfg, streams)
     if hooks is not None:
         data = hooks.data(data)
     n = len(data.train)
     # q, steps and σ, fixed before training (by rank 0's accountant); training takes exactly `steps`
     budget = (ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size) if resumed  # the σ its steps used
               else dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
-                                                         secure=streams.secure)))
+                                                         secure=streams.secure, prior=data.prior)))
     q, steps = budget.sample_rate, budget.steps
 
     model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
@@ -117,6 +117,9 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     check_name("engine", cfg.engine.name, ENGINES)
     check_name("precision", cfg.precision, PRECISIONS)
     check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    if cfg.dataset.normalize == "dp" and dist.enabled and (cfg.privacy.secure or cfg.privacy.secure_noise):
+        raise UserError("dataset.normalize=dp with privacy.secure under torchrun: each process would draw its own "
+                        "OS noise for the statistics; run it in one process, or without privacy.secure")
     if cfg.resume and dist.enabled:
         raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
     resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
@@ -129,7 +132,7 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     return run_dir, resumed
 
 
-def _data(cfg) -> Data:
+def _data(cfg, streams) -> Data:
     """The dataset, at the input size and normalisation the model wants."""
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
@@ -139,7 +142,8 @@ def _data(cfg) -> Data:
     return create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
                           mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
-                          channels=ds.channels, data_dir=cfg.data_dir, features=ds.features)
+                          channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
+                          normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip, streams=streams)
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
@@ -214,8 +218,10 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         times += stats["step_times"]
         if not dist.is_main:
             continue
-        test = evaluate(ema.module if ema is not None else model, data.test, device=device,
-                        num_workers=cfg.dataset.num_workers)
+        # eval_every=0: only after the last epoch, so a reported row's test split is read once
+        due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
+        test = (evaluate(ema.module if ema is not None else model, data.test, device=device,
+                         num_workers=cfg.dataset.num_workers) if due else {"acc": None, "loss": None})
         row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
         rows.append(row)
@@ -223,7 +229,8 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
                    eps_spent=row[key.EPS_SPENT])
         tracker.log(row)
-        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row[key.EPS_SPENT], acc=f"{test['acc']:.3f}")
+        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row[key.EPS_SPENT],
+                        acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
     bar.close()
     return Trained(last=row, epochs=epoch, steps=done, examples=seen, step_times=times,
                    train_s=time.perf_counter() - t_train)

@@ -23,8 +23,11 @@ SECURE_NOISE = "privacy/secure_noise"  # deprecated, kept for readers of older s
 SAMPLE_RATE = "privacy/sample_rate"
 STEPS = "privacy/steps"
 EPS_SPENT = "privacy/eps_spent"  # the accountant's ε for the steps taken (also per epoch in metrics.jsonl)
+# mechanisms run on the training examples before training, [σ, q, steps] each (dataset.normalize=dp's statistics);
+# EPS_SPENT is their composition with training's steps. [] when none
+PRIOR = "privacy/prior"
 PRIVACY = (EPS, DELTA, NOISE_MULTIPLIER, ACCOUNTANT, SAMPLING, EPS_GUARANTEED, SECURE, SECURE_NOISE, SAMPLE_RATE,
-           STEPS, EPS_SPENT)
+           STEPS, EPS_SPENT, PRIOR)
 STREAMS = "privacy/streams"  # where each random stream came from (privacy/streams.py: seed keys, or OS entropy)
 # model.checkpoint's provenance (models.checkpoint_provenance): path, and when it came from a dptrain run, that
 # run's ε spent, δ, dataset, ... (its own checkpoint's nested); None without a checkpoint

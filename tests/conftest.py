@@ -63,8 +63,8 @@ def accountant_eps(s: dict, steps: int | None = None) -> float:
     from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
     acc = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}[s["privacy/accountant"]]()
-    acc.history = [(s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"] if steps is None
-                    else steps)]
+    acc.history = [tuple(m) for m in s.get("privacy/prior") or []] + [  # mechanisms before training compose
+        (s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"] if steps is None else steps)]
     return acc.get_epsilon(delta=s["privacy/delta"])
 
 

@@ -24,15 +24,18 @@ def _accountant(name: str):
     return create_accountant(mechanism=name)
 
 
-def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
-    """ε spent by `steps` Poisson-subsampled Gaussian steps (σ, q) at δ."""
+def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+            prior: tuple = ()) -> float:
+    """ε spent by `steps` Poisson-subsampled Gaussian steps (σ, q) at δ, composed with `prior`: mechanisms
+    (σ, q, steps) that ran on the same examples before training (e.g. DP normalisation statistics, data.py)."""
     _check_finite(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta)
-    if steps == 0:
+    history = [tuple(m) for m in prior] + ([(noise_multiplier, sample_rate, steps)] if steps else [])
+    if not history:
         return 0.0
-    if noise_multiplier <= 0:
+    if min(m[0] for m in history) <= 0:
         return math.inf
     acc = _accountant(accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = history
     with warnings.catch_warnings():  # opacus' "largest alpha" / "GDP is experimental" notes
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow inside PRV for tiny σ
@@ -42,16 +45,49 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
             return math.inf
 
 
-def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
-    """The smallest σ (to 0.5% of ε) whose ε after `steps` is ≤ eps, by Opacus' bisection."""
+def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+                         prior: tuple = ()) -> float:
+    """The smallest σ (to 0.5% of ε) whose ε after `steps`, composed with `prior`, is ≤ eps: Opacus' bisection,
+    or, with a prior (which Opacus' calibration does not take), the same bisection over the composed ε."""
     from opacus.accountants.utils import get_noise_multiplier
 
     _check_finite(eps=eps, delta=delta, sample_rate=sample_rate)
     _accountant(accountant)  # validates the name
+    if prior:
+        return _calibrate(eps=eps, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+                          prior=prior)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=accountant, epsilon_tolerance=0.005 * eps))
+
+
+def _calibrate(*, eps, delta, sample_rate, steps, accountant, prior, tolerance=0.005) -> float:
+    """Bisection on σ: ε(σ) composed with `prior` falls as σ grows; stop once eps·(1 - tolerance) < ε(σ) ≤ eps."""
+    def spent(sigma):
+        return epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                       accountant=accountant, prior=prior)
+
+    floor = epsilon(noise_multiplier=1.0, sample_rate=sample_rate, steps=0, delta=delta, accountant=accountant,
+                    prior=prior)
+    if floor >= eps:
+        raise ValueError(f"the mechanisms before training already spend eps={floor:.4g}")
+    low, high = 0.0, 10.0
+    while spent(high) > eps:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError("no noise multiplier below 1e6 reaches it")
+    while True:
+        mid = (low + high) / 2
+        e = spent(mid)
+        if e <= eps:
+            high = mid
+            if e > eps * (1 - tolerance):
+                return high
+        else:
+            low = mid
+        if high - low < 1e-6 * high:
+            return high
 
 
 def _check_finite(**values: float) -> None:

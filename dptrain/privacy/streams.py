@@ -51,8 +51,9 @@ KEYS = {
     "noise": 4,    # DP noise of the built-in DPOptimizer; sub-key = the noise chunk (optimizer.CHUNKS ranges)
     "augment": 5,  # random crop / flip (dataset.augment, privacy.augmult)
     "opacus": 6,   # the Opacus baselines' noise generator
+    "norm": 7,     # the noise of dataset.normalize=dp's statistics (data.py)
 }
-SECURE = ("sampler", "noise", "opacus")  # from the OS in secure mode, never from a seed
+SECURE = ("sampler", "noise", "opacus", "norm")  # from the OS in secure mode, never from a seed
 MASK64 = (1 << 64) - 1
 
 
