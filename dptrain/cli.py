@@ -43,12 +43,20 @@ def _main(cfg) -> float:
         print(f"dptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, the run directory says how far it got (status.json)
-        print(f"dptrain: interrupted; the run directory {HydraConfig.get().runtime.output_dir} keeps its last "
-              "checkpoint (continue with dptrain resume=<that directory>)", file=sys.stderr)
+        print(interrupted(HydraConfig.get().runtime.output_dir), file=sys.stderr)
         sys.exit(130)
     if dist.is_main:
         print(format_summary(summary))
     return summary[key.TEST_ACC]
+
+
+def interrupted(run_dir: str) -> str:
+    """Ctrl-C's one line: whether the run can be continued, and the command that does it."""
+    from .checkpoint import FILE
+
+    if os.path.isfile(os.path.join(run_dir, FILE)):
+        return f"dptrain: interrupted; continue the run with: dptrain resume={run_dir} (its last checkpoint)"
+    return f"dptrain: interrupted before the first checkpoint; nothing to resume in {run_dir}"
 
 
 def format_summary(s: dict) -> str:

@@ -145,6 +145,29 @@ def _materialise(ds: Dataset) -> TensorDataset:
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
+class BadImage(UserError):
+    """An image file that does not decode. Raised in a DataLoader worker, it reaches the main process re-created
+    from one message that holds the worker's whole traceback (torch's ExceptionWrapper.reraise): keep our line."""
+
+    def __init__(self, msg: str):
+        if msg.startswith("Caught "):
+            msg = msg.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] or msg
+        super().__init__(msg)
+
+
+def _load_image(path: str):
+    """ImageFolder's loader (PIL, RGB), with a file that does not decode (truncated, corrupt, not an image) as a
+    one-line error naming it instead of PIL's traceback from inside a DataLoader worker."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as e:  # PIL: OSError (truncated), UnidentifiedImageError, SyntaxError, DecompressionBombError
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise BadImage(f"cannot decode image '{path}' ({type(e).__name__}: {first}): remove the file from "
+                       "dataset.root or replace it with a re-encoded copy") from None
+
+
 def _folder(root: str, tf, **_):
     from torchvision.datasets import ImageFolder
 
@@ -154,7 +177,7 @@ def _folder(root: str, tf, **_):
             raise UserError(f"dataset folder '{d}' not found: dataset.root must hold train/<class>/* and "
                             "test/<class>/* image folders")
     try:
-        train, test = ImageFolder(dirs[0], transform=tf), ImageFolder(dirs[1], transform=tf)
+        train, test = (ImageFolder(d, transform=tf, loader=_load_image) for d in dirs)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"cannot read image folder under '{root}': {e}") from None
     if train.classes != test.classes:

@@ -384,3 +384,28 @@ def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
 def test_one_line_errors_for_names_and_a_missing_folder_root(quick, overrides, match):
     with pytest.raises(UserError, match=match):
         quick(*overrides)
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys, checkpointed):
+    """KeyboardInterrupt anywhere in a run: exit 130 and one line — the resume command when a checkpoint exists."""
+    import os
+    import sys
+
+    from dptrain import cli
+
+    def interrupt(cfg, run_dir, **_):
+        os.makedirs(run_dir, exist_ok=True)
+        if checkpointed:
+            open(os.path.join(run_dir, "checkpoint.pt"), "wb").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dptrain.run.run", interrupt)
+    monkeypatch.setattr(sys, "argv", ["dptrain", *TINY, f"hydra.run.dir={tmp_path}/r"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and "Traceback" not in err
+    assert err == (f"dptrain: interrupted; continue the run with: dptrain resume={tmp_path}/r (its last checkpoint)"
+                   if checkpointed else f"dptrain: interrupted before the first checkpoint; nothing to resume in "
+                   f"{tmp_path}/r")
