@@ -196,7 +196,7 @@ def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:
     return best
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dptrain-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", help="model names (default: the issue's set)")
     ap.add_argument("--sizes", nargs="*", type=int, help="input sizes (default: 32)")
@@ -212,7 +212,11 @@ def main(argv=None) -> None:
                     "(bench_dist.py; default out: results/bench-dist-<device>)")
     ap.add_argument("--threads-per-process", type=int, help="with --processes: torch threads per process "
                     "(default: the cores split between the processes)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     if args.processes:
         from .bench_dist import main as bench_processes
 

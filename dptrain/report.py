@@ -167,12 +167,16 @@ def report(paths: list[str], *, table: str | None = None, out: str = "results") 
     return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed}
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run or sweep directories")
     ap.add_argument("--table", help="output name (default: the runs' `name`)")
     ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     r = report(args.paths, table=args.table, out=args.out)
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
     for f in r["failed"]:

@@ -111,12 +111,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
 
 
 def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
-    """Every check that needs no data (numbers in range, names known), the run directory (a resumed run's own;
-    rank 0's under torchrun) and a resumed run's checkpoint."""
-    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
-    check_name("engine", cfg.engine.name, ENGINES)
-    check_name("precision", cfg.precision, PRECISIONS)
-    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    """Every check that needs no data (check_config), the run directory (a resumed run's own; rank 0's under
+    torchrun) and a resumed run's checkpoint."""
+    check_config(cfg)
     if cfg.resume and dist.enabled:
         raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
     resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
@@ -127,6 +124,14 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
     return run_dir, resumed
+
+
+def check_config(cfg) -> None:
+    """Every check that needs no data: numbers in range, keys and names known (also tests/test_readme.py's)."""
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
+    check_name("engine", cfg.engine.name, ENGINES)
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
 
 
 def _data(cfg) -> Data:
