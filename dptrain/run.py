@@ -28,7 +28,7 @@ from .optim import create_optimizer, create_schedule
 from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb
+from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("dptrain")
 
@@ -43,6 +43,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
     device = dist.place(_device(cfg.device))
+    reset_peak_memory(device)  # perf/peak_mem_mb: this run's peak, not an earlier job's of the same sweep process
 
     with dist.rank0_first():  # one download
         data = _data(cfg)

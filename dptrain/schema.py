@@ -33,7 +33,7 @@ CHECKPOINT_EPS_SPENT = "privacy/checkpoint_eps_spent"  # that run's ε spent: it
 
 # performance
 SAMPLES_PER_S = "perf/samples_per_s"
-PEAK_MEM_MB = "perf/peak_mem_mb"
+PEAK_MEM_MB = "perf/peak_mem_mb"  # this run's peak from its start (tracking.py): CUDA max allocated, else peak RSS
 STEP_MS = "perf/step_ms"  # median over the run's optimizer steps
 
 # what ran, where

@@ -1,6 +1,7 @@
 """End to end: real runs on fake and digits, summary.json, metrics.jsonl, bad input, multirun, wandb."""
 
 import json
+import os
 
 import pytest
 from conftest import TINY, accountant_eps, assert_eps_spent, cli
@@ -389,7 +390,6 @@ def test_one_line_errors_for_names_and_a_missing_folder_root(quick, overrides, m
 @pytest.mark.parametrize("checkpointed", [True, False])
 def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys, checkpointed):
     """KeyboardInterrupt anywhere in a run: exit 130 and one line — the resume command when a checkpoint exists."""
-    import os
     import sys
 
     from dptrain import cli
@@ -409,3 +409,26 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsy
     assert err == (f"dptrain: interrupted; continue the run with: dptrain resume={tmp_path}/r (its last checkpoint)"
                    if checkpointed else f"dptrain: interrupted before the first checkpoint; nothing to resume in "
                    f"{tmp_path}/r")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the RSS high-water mark (Linux)")
+def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
+    """A multirun sweep runs its jobs in one process: a job after a bigger one reports its own peak, not the
+    process's lifetime peak (issue #15: every later engine reported the earlier one's)."""
+    import torch
+
+    from dptrain import run as R
+
+    load = R._data
+
+    def big(cfg):  # 512 MB touched, then freed, inside the first run
+        x = torch.ones(2**27)
+        del x
+        return load(cfg)
+
+    cfg = compose(*TINY)
+    monkeypatch.setattr(R, "_data", big)
+    first = R.run(cfg, str(tmp_path / "a"))[key.PEAK_MEM_MB]
+    monkeypatch.setattr(R, "_data", load)
+    second = R.run(cfg, str(tmp_path / "b"))[key.PEAK_MEM_MB]
+    assert first > second + 400 and second > 50
