@@ -76,6 +76,14 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def wandb_sync_hint(run_dir: str) -> str | None:
+    """The command that uploads the run's offline wandb runs (one per part of a resumed run), or None if none."""
+    import glob
+
+    runs = sorted(glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*")))
+    return f"wandb: offline run; upload it with: wandb sync {' '.join(runs)}" if runs else None
+
+
 class Tracker:
     """metrics.jsonl (one line per epoch) and, with logger=wandb, the same metrics to Weights & Biases —
     offline unless WANDB_MODE or logger.mode says otherwise (no account needed)."""
