@@ -32,7 +32,7 @@ lint: $(STAMP) ## ruff
 	$(BIN)/ruff check dptrain tests
 
 bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
-	$(BIN)/dptrain-bench
+	$(BIN)/dptrain-bench --out results/bench-cpu
 
 bench-gpu: $(STAMP) ## the issue's GPU benchmark at 224×224 → results/bench-gpu.{csv,md,png}
 	$(BIN)/dptrain-bench --device cuda --models resnet18 vgg19 vit_base beit_base --sizes 224 --batches 32 \

@@ -8,7 +8,8 @@ glibc's mmap threshold fixed so that RSS follows live tensors; on CUDA max_memor
 above the model-and-data baseline is reported.
 Max batch: bisection on the batch size under --memory-budget (MB), one subprocess per probe.
 
-    dptrain-bench                                  # the committed CPU table
+    dptrain-bench                                  # → outputs/bench/<date>/bench-cpu.{csv,md,png}
+    dptrain-bench --out results/bench-cpu          # the committed CPU table (make bench)
     dptrain-bench --models resnet18 --sizes 224 --batches 32 --device cuda --out results/bench-gpu
 """
 
@@ -184,19 +185,30 @@ def _memory_child(model_name, size, batch, engine, device_name, steps):
 
 
 def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:
-    """Largest batch whose step's peak memory fits `budget_mb`, by bisection."""
-    lo, best = 1, 0
+    """Largest batch whose step's peak memory fits `budget_mb`, by bisection; one stderr line per probe (each is a
+    fresh process and a step, up to minutes on CPU)."""
+    lo, best, probe = 1, 0, 0
     while lo <= hi:
-        mid = (lo + hi) // 2
+        mid, probe, t0 = (lo + hi) // 2, probe + 1, time.perf_counter()
         mem = peak_memory(model_name, size, mid, engine, device_name, steps=1)
-        if mem is not None and mem["peak_mb"] <= budget_mb:
+        fits = mem is not None and mem["peak_mb"] <= budget_mb
+        peak = "failed (out of memory?)" if mem is None else f"peak {mem['peak_mb']:.0f} MB"
+        print(f"   max batch {engine}: probe {probe}, batch {mid}: {peak}, {'fits' if fits else 'over'} "
+              f"{budget_mb:g} MB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if fits:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     return best
 
 
-def main(argv=None) -> None:
+def default_out(name: str) -> str:
+    """Where results go without --out: a new timestamped folder under outputs/ (git-ignored), never the committed
+    results/ tables — those are rewritten only when --out names them (make bench)."""
+    return os.path.join("outputs", "bench", time.strftime("%Y-%m-%d_%H-%M-%S"), name)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dptrain-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", help="model names (default: the issue's set)")
     ap.add_argument("--sizes", nargs="*", type=int, help="input sizes (default: 32)")
@@ -207,12 +219,17 @@ def main(argv=None) -> None:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown per engine, no table")
-    ap.add_argument("--out", default=None, help="output prefix (default: results/bench-<device>)")
+    ap.add_argument("--out", default=None, help="output prefix, e.g. results/bench-cpu (default: "
+                    "outputs/bench/<date>/bench-<device>; the committed results/ are written only when named here)")
     ap.add_argument("--processes", nargs="*", type=int, help="samples/s of 1 vs N data-parallel processes "
-                    "(bench_dist.py; default out: results/bench-dist-<device>)")
+                    "(bench_dist.py; default out: outputs/bench/<date>/bench-dist-<device>)")
     ap.add_argument("--threads-per-process", type=int, help="with --processes: torch threads per process "
                     "(default: the cores split between the processes)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     if args.processes:
         from .bench_dist import main as bench_processes
 
@@ -224,12 +241,12 @@ def main(argv=None) -> None:
         configs = [(m, s, b) for m in args.models for s in (args.sizes or [32]) for b in (args.batches or [32])]
     else:
         configs = [(m, s, b) for m, s0, b0 in DEFAULT for s in (args.sizes or [s0]) for b in (args.batches or [b0])]
-    out = args.out or os.path.join("results", f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = args.out or default_out(f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
     if args.profile:
         for model_name, size, batch in configs:
             print(profile(model_name, size, batch, args.engines, device, steps=args.steps))
         return
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     rows = []
     for model_name, size, batch in configs:
         print(f"== {model_name} {size}x{size} batch {batch}", file=sys.stderr)

@@ -32,6 +32,7 @@ def _main(cfg) -> float:
     from .errors import UserError
     from .privacy import CoverageError
     from .run import run
+    from .tracking import wandb_sync_hint
 
     try:
         if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
@@ -43,15 +44,27 @@ def _main(cfg) -> float:
         print(f"dptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, the run directory says how far it got (status.json)
-        print(f"dptrain: interrupted; the run directory {HydraConfig.get().runtime.output_dir} keeps its last "
-              "checkpoint (continue with dptrain resume=<that directory>)", file=sys.stderr)
+        print(interrupted(HydraConfig.get().runtime.output_dir), file=sys.stderr)
         sys.exit(130)
     if dist.is_main:
-        print(format_summary(summary))
+        run_dir = str(cfg.resume or HydraConfig.get().runtime.output_dir)  # where run() wrote
+        print(format_summary(summary, run_dir=run_dir))
+        hint = wandb_sync_hint(run_dir)
+        if hint:
+            print(hint)
     return summary[key.TEST_ACC]
 
 
-def format_summary(s: dict) -> str:
+def interrupted(run_dir: str) -> str:
+    """Ctrl-C's one line: whether the run can be continued, and the command that does it."""
+    from .checkpoint import FILE
+
+    if os.path.isfile(os.path.join(run_dir, FILE)):
+        return f"dptrain: interrupted; continue the run with: dptrain resume={run_dir} (its last checkpoint)"
+    return f"dptrain: interrupted before the first checkpoint; nothing to resume in {run_dir}"
+
+
+def format_summary(s: dict, *, run_dir: str | None = None) -> str:
     eps = s.get(key.EPS_SPENT)
     priv = "non-private" if eps is None else (
         f"eps spent {eps:.3f} (target {s[key.EPS]}, delta {s[key.DELTA]:.3g}, "
@@ -60,7 +73,8 @@ def format_summary(s: dict) -> str:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
     return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
-            f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s")
+            f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s"
+            + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else ""))
 
 
 if __name__ == "__main__":

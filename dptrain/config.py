@@ -11,13 +11,22 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 
+def _open_dict():
+    """An empty dict node that stays open to new keys after Hydra sets the config struct (Hydra closes every dict,
+    which made `model.kwargs.patch_size=4` fail with "Key 'patch_size' is not in struct" unless written with +)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({}, flags={"struct": False})
+
+
 @dataclass
 class ModelConfig:
     name: str = "cnn"  # a conf/model name's timm model, any timm name, or "cnn"
     pretrained: bool = False  # timm's weights (needs network or a warm cache)
     checkpoint: str | None = None  # a local weights file (state_dict, or {"state_dict"|"model": ...})
     img_size: int | None = None  # for models that take it (ViT, BEiT); default: the data's image size
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model / the CNN
+    # passed to timm.create_model / the CNN; open (not struct): model.kwargs.<arg>=... needs no leading +
+    kwargs: dict[str, Any] = field(default_factory=lambda: _open_dict())
     channels_last: bool = False  # NHWC weights and inputs: ~10-20% faster conv steps on CPU (bench), same values
 
 

@@ -103,6 +103,9 @@ def plot_runs(df, path: str) -> None:
     axes[0].set(xlabel="ε (target)", ylabel="test accuracy", title="accuracy vs ε")
     if len(private):
         axes[0].set_xscale("log")
+        axes[0].minorticks_off()  # a log axis over 1..8 labels its minor ticks 2×10⁰, 3×10⁰, ...
+        ticks = sorted(private.eps.unique())
+        axes[0].set_xticks(ticks, [f"{e:g}" for e in ticks])  # plain labels at the ε values run
         axes[0].legend(fontsize=7)
     per = df.groupby("engine")[["step_ms", "peak_mem_mb"]].mean()
     axes[1].bar(per.index, per["step_ms"])
@@ -110,6 +113,7 @@ def plot_runs(df, path: str) -> None:
     ax2 = axes[1].twinx()
     ax2.plot(per.index, per["peak_mem_mb"], "o-", color="tab:red")
     ax2.set_ylabel("peak memory (MB)", color="tab:red")
+    ax2.set_ylim(bottom=0)  # from 0, as the bars: an axis from 1270 MB made 1% look like 10×
     axes[1].tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,12 +171,16 @@ def report(paths: list[str], *, table: str | None = None, out: str = "results") 
     return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed}
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run or sweep directories")
     ap.add_argument("--table", help="output name (default: the runs' `name`)")
     ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     r = report(args.paths, table=args.table, out=args.out)
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
     for f in r["failed"]:

@@ -18,7 +18,7 @@ from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
 from .config import validate
-from .data import Data, create_dataset
+from .data import NORMALIZE, Data, create_dataset
 from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
 from .errors import Diverged, UserError, check_name
@@ -28,7 +28,7 @@ from .optim import create_optimizer, create_schedule
 from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb
+from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("dptrain")
 
@@ -43,6 +43,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
     device = dist.place(_device(cfg.device))
+    reset_peak_memory(device)  # perf/peak_mem_mb: this run's peak, not an earlier job's of the same sweep process
 
     with dist.rank0_first():  # one download
         data = _data(cfg, streams)
@@ -111,12 +112,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
 
 
 def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
-    """Every check that needs no data (numbers in range, names known), the run directory (a resumed run's own;
-    rank 0's under torchrun) and a resumed run's checkpoint."""
-    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
-    check_name("engine", cfg.engine.name, ENGINES)
-    check_name("precision", cfg.precision, PRECISIONS)
-    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    """Every check that needs no data (check_config), the run directory (a resumed run's own; rank 0's under
+    torchrun) and a resumed run's checkpoint."""
+    check_config(cfg)
     if cfg.dataset.normalize == "dp" and dist.enabled and (cfg.privacy.secure or cfg.privacy.secure_noise):
         raise UserError("dataset.normalize=dp with privacy.secure under torchrun: each process would draw its own "
                         "OS noise for the statistics; run it in one process, or without privacy.secure")
@@ -130,6 +128,15 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     if cfg.keep_freed_memory:
         keep_freed_memory()  # ~1.7× faster CPU steps at batch 512, at a memory cost (allocator.py)
     return run_dir, resumed
+
+
+def check_config(cfg) -> None:
+    """Every check that needs no data: numbers in range, keys and names known (also tests/test_readme.py's)."""
+    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
+    check_name("engine", cfg.engine.name, ENGINES)
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    check_name("dataset.normalize", cfg.dataset.normalize, NORMALIZE)
 
 
 def _data(cfg, streams) -> Data:
@@ -166,7 +173,7 @@ class Trained:
     """What the epochs leave for the summary."""
 
     last: dict  # the last epoch's metrics.jsonl line
-    epochs: int
+    epochs: float  # expected passes over the training set (_epochs_done)
     steps: int
     examples: int  # examples trained on, over all steps
     step_times: list[float]  # seconds per optimizer step
@@ -175,27 +182,28 @@ class Trained:
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
            device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
-    """Epochs of round(n / L) logical batches (the last one shorter) until the budget's steps are taken; after
+    """Epochs of ≈ n / L logical batches (_epoch_end; the last one shorter) until the budget's steps are taken; after
     each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
     ε, the bar, the checkpoint). Also checkpoints after a step when `saver` is due. A resumed run starts at its
     checkpoint's position."""
-    steps, per_epoch = budget.steps, max(1, round(len(data.train) / cfg.batch_size))
+    steps, q = budget.steps, budget.sample_rate
     at = saver.position  # zeros, or where a resumed run's checkpoint left off
     bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=True)  # kept on screen when the run ends
     it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
     row = rows[-1] if rows else {}
     t_train = time.perf_counter() - at.train_s
     while done < steps:
         epoch += 1
-        logical = [next(it) for _ in range(min(per_epoch, steps - done))]
+        logical = [next(it) for _ in range(max(1, _epoch_end(epoch, q, steps) - done))]
         totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
-        eps_so_far, n = row.get(key.EPS_SPENT), len(logical)
+        # ε of the last epoch end (an accountant call per step would cost more than the step); 0 before it
+        eps_so_far, n = row.get(key.EPS_SPENT, 0.0 if budget.noise_multiplier else None), len(logical)
         here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
         def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", eps=eps,
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(eps),
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
             if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
                 here.train_s = time.perf_counter() - t_train
@@ -207,9 +215,10 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                                     num_workers=cfg.dataset.num_workers, augment_gen=augment,
                                     augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
                                     memory_format=_memory_format(cfg), on_step=on_step, totals=totals)
-        except Diverged as e:
+        except BaseException as e:  # Diverged, Ctrl-C: the bar ends its line before the CLI's one line
             bar.close()
-            e.steps += done  # the run's steps, not the epoch's
+            if isinstance(e, Diverged):
+                e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
         loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
@@ -229,11 +238,30 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
                    eps_spent=row[key.EPS_SPENT])
         tracker.log(row)
-        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", eps=row[key.EPS_SPENT],
+        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", **_eps_postfix(row[key.EPS_SPENT]),
                         acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
     bar.close()
-    return Trained(last=row, epochs=epoch, steps=done, examples=seen, step_times=times,
+    return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
                    train_s=time.perf_counter() - t_train)
+
+
+def _epoch_end(epoch: int, q: float, steps: int) -> int:
+    """The steps taken when `epoch` (1, 2, ...) ends: k expected passes over the data at sample rate q take
+    round(k / q) steps, as budget.py's steps = round(epochs / q) does (epochs of round(n / L) steps made 15 epochs
+    on digits 14 epochs of 6 steps); the budget's steps cap the last, partial one."""
+    return min(steps, round(epoch / q))
+
+
+def _epochs_done(epoch: int, done: int, q: float) -> float:
+    """summary.json's `epochs`: the whole epochs before `epoch` plus the fraction of its steps taken — `epochs` of
+    the config for a run that completes a whole number of them (schema.EPOCHS)."""
+    start, end = _epoch_end(epoch - 1, q, done), round(epoch / q)
+    return round(epoch - 1 + (done - start) / max(end - start, 1), 4) if epoch else 0.0
+
+
+def _eps_postfix(eps) -> dict:
+    """The progress bar's ε: spent so far; none for a non-private run."""
+    return {} if eps is None else {"eps": f"{eps:.3g}"}
 
 
 def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,

@@ -36,13 +36,15 @@ CHECKPOINT_EPS_SPENT = "privacy/checkpoint_eps_spent"  # that run's ε spent: it
 
 # performance
 SAMPLES_PER_S = "perf/samples_per_s"
-PEAK_MEM_MB = "perf/peak_mem_mb"
+PEAK_MEM_MB = "perf/peak_mem_mb"  # this run's peak from its start (tracking.py): CUDA max allocated, else peak RSS
 STEP_MS = "perf/step_ms"  # median over the run's optimizer steps
 
 # what ran, where
 ENGINE, MODEL, DATASET = "engine", "model", "dataset"
 EPOCH, STEP = "epoch", "step"  # metrics.jsonl: this line's epoch and the optimizer steps so far
-EPOCHS = "epochs"  # epochs run (the last may be partial); the requested number is config.epochs
+# epochs trained, as expected passes over the training set: epoch k ends at step round(k / q) (run._epoch_end), and a
+# partial last epoch counts its fraction of steps — so a run of config.epochs = 15 reports 15 (it once said 14)
+EPOCHS = "epochs"
 WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
 CONFIG = "config"  # the resolved config

@@ -33,10 +33,32 @@ def machine() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}, {platform.system()}, torch {torch.__version__}"
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new run's peak (peak_memory_mb): a multirun sweep runs its jobs in one process, whose
+    lifetime peak would otherwise be every later job's. CUDA: the allocator's peak statistics; Linux: the RSS
+    high-water mark (VmHWM), reset to the current RSS by writing 5 to /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: peak_memory_mb falls back to the process's lifetime peak
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA; peak resident set size of the process on CPU."""
+    """Peak GPU memory allocated on CUDA; on CPU the peak resident set size since reset_peak_memory (Linux's
+    VmHWM), else the process's lifetime peak (ru_maxrss)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
@@ -52,6 +74,14 @@ def write_json(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def wandb_sync_hint(run_dir: str) -> str | None:
+    """The command that uploads the run's offline wandb runs (one per part of a resumed run), or None if none."""
+    import glob
+
+    runs = sorted(glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*")))
+    return f"wandb: offline run; upload it with: wandb sync {' '.join(runs)}" if runs else None
 
 
 class Tracker:

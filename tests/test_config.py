@@ -99,3 +99,20 @@ def test_unknown_keys_are_refused_with_the_nearest_name(compose):
     with pytest.raises(UserError, match="unknown config key 'privacy.foo'; valid: accountant"):
         validate(compose("+privacy.foo=2"))
     validate(compose("model=timm", "model.name=resnet18", "+model.kwargs.drop_rate=0.1"))  # kwargs are free-form
+
+
+def test_model_kwargs_take_new_keys_without_plus(compose):
+    """model.kwargs is open: `model.kwargs.patch_size=4` (the README's vit_tiny line) composes without a leading +,
+    on a model file that sets no kwargs; `+` still works, and the rest of the config stays closed."""
+    from omegaconf.errors import ConfigAttributeError
+
+    from dptrain.config import validate
+
+    cfg = compose("model=vit_tiny", "model.kwargs.patch_size=4", "+model.kwargs.drop_rate=0.1")
+    assert dict(cfg.model.kwargs) == {"patch_size": 4, "drop_rate": 0.1}
+    validate(cfg)
+    assert compose("model.kwargs.hidden=8").model.kwargs.hidden == 8  # cnn.yaml's own kwargs still override
+    with pytest.raises(ConfigCompositionException, match="patch_sz"):
+        compose("model.patch_sz=4")
+    with pytest.raises(ConfigAttributeError):
+        cfg.model.nope = 1

@@ -138,3 +138,27 @@ def test_every_conf_dataset_has_a_loader_and_every_loader_a_conf_file():
 
     conf = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "dataset")))
     assert conf == sorted(DATASETS)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_truncated_jpeg_is_one_line_error_naming_the_file(tmp_path, cache):
+    """A truncated JPEG fails inside PIL in a DataLoader worker: decoding into memory (cache) or per example
+    (DataLoader workers, the path of large images) — either way one line that names the file and the fix."""
+    from dptrain.data import batches
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.jpg")
+    whole = (tmp_path / "train" / "dog" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # header intact, scan cut
+    with pytest.raises(UserError) as err:
+        data = create_dataset("folder", root=str(tmp_path), cache=cache)
+        assert not cache  # decoding into memory must have failed already
+        list(batches(data.train, [torch.arange(len(data.train))], num_workers=1))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot decode image '{tmp_path / 'train' / 'dog' / 'broken.jpg'}' (OSError: ")
+    assert "\n" not in msg and "Traceback" not in msg and "remove the file" in msg

@@ -138,7 +138,8 @@ def test_eval_every_zero_reads_the_test_split_once(quick, monkeypatch):
 
 def test_prior_alone_is_the_analytic_gaussian_mechanism():
     """Two Gaussian queries of noise 8 on the full data (q = 1) are one Gaussian mechanism of noise 8/√2: its exact
-    ε at δ (Balle & Wang 2018, Theorem 8), computed here with scipy, is what the PRV accountant reports for them."""
+    ε at δ (Balle & Wang 2018, Theorem 8), computed here with scipy, bounds the PRV accountant's from below, and
+    within its error."""
     import math
 
     from scipy.optimize import brentq
@@ -151,4 +152,4 @@ def test_prior_alone_is_the_analytic_gaussian_mechanism():
 
     exact = brentq(lambda e: delta(e) - 1e-5, 1e-6, 10)
     ours = epsilon(noise_multiplier=1.0, sample_rate=0.5, steps=0, delta=1e-5, prior=((8.0, 1.0, 2),))
-    assert ours == pytest.approx(exact, rel=0.01)
+    assert exact <= ours <= exact * 1.02  # 0.634 exact; PRV's upper bound 0.644 (its discretisation error)

@@ -128,3 +128,25 @@ def test_table_option_names_the_output_also_for_unnamed_runs(tmp_path):
     assert report([str(tmp_path / "named")], out=str(tmp_path / "results"))["csv"].endswith("sweep.csv")
     assert report([str(tmp_path / "named")], table="mine2", out=str(tmp_path / "results"))["csv"].endswith("mine2.csv")
 
+
+
+def test_plot_has_plain_eps_ticks_and_memory_from_zero(tmp_path, monkeypatch):
+    """The ε axis is labelled 1, 2, 3, 8 (not 10⁰, 2×10⁰, ...: log scale with minor labels) and the memory axis
+    starts at 0 (not at the smallest peak, 1270 MB, which made a 1% difference look large)."""
+    from matplotlib.figure import Figure
+
+    from dptrain.report import plot_runs
+
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    df = pd.DataFrame([{"model": "cnn", "engine": e, "eps": eps, "test_acc": 0.5, "step_ms": 10.0,
+                        "peak_mem_mb": 1270.0 + 10 * i} for i, e in enumerate(["mixed_ghost", "opacus"])
+                       for eps in (1.0, 2.0, 3.0, 8.0)])
+    plot_runs(df, str(tmp_path / "p.png"))
+    fig = figs[0]
+    fig.canvas.draw()
+    acc, _, memory = fig.axes
+    assert list(acc.get_xticks()) == [1.0, 2.0, 3.0, 8.0]
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["1", "2", "3", "8"]
+    assert not [t.get_text() for t in acc.xaxis.get_minorticklabels() if t.get_text()]
+    assert memory.get_ylim()[0] == 0 and memory.get_ylim()[1] >= 1280

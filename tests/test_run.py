@@ -1,6 +1,7 @@
 """End to end: real runs on fake and digits, summary.json, metrics.jsonl, bad input, multirun, wandb."""
 
 import json
+import os
 
 import pytest
 from conftest import TINY, accountant_eps, assert_eps_spent, cli
@@ -385,3 +386,108 @@ def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
 def test_one_line_errors_for_names_and_a_missing_folder_root(quick, overrides, match):
     with pytest.raises(UserError, match=match):
         quick(*overrides)
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys, checkpointed):
+    """KeyboardInterrupt anywhere in a run: exit 130 and one line — the resume command when a checkpoint exists."""
+    import sys
+
+    from dptrain import cli
+
+    def interrupt(cfg, run_dir, **_):
+        os.makedirs(run_dir, exist_ok=True)
+        if checkpointed:
+            open(os.path.join(run_dir, "checkpoint.pt"), "wb").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dptrain.run.run", interrupt)
+    monkeypatch.setattr(sys, "argv", ["dptrain", *TINY, f"hydra.run.dir={tmp_path}/r"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and "Traceback" not in err
+    assert err == (f"dptrain: interrupted; continue the run with: dptrain resume={tmp_path}/r (its last checkpoint)"
+                   if checkpointed else f"dptrain: interrupted before the first checkpoint; nothing to resume in "
+                   f"{tmp_path}/r")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the RSS high-water mark (Linux)")
+def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
+    """A multirun sweep runs its jobs in one process: a job after a bigger one reports its own peak, not the
+    process's lifetime peak (issue #15: every later engine reported the earlier one's)."""
+    import torch
+
+    from dptrain import run as R
+
+    load = R._data
+
+    def big(cfg):  # 512 MB touched, then freed, inside the first run
+        x = torch.ones(2**27)
+        del x
+        return load(cfg)
+
+    cfg = compose(*TINY)
+    monkeypatch.setattr(R, "_data", big)
+    first = R.run(cfg, str(tmp_path / "a"))[key.PEAK_MEM_MB]
+    monkeypatch.setattr(R, "_data", load)
+    second = R.run(cfg, str(tmp_path / "b"))[key.PEAK_MEM_MB]
+    assert first > second + 400 and second > 50
+
+
+def test_summary_epochs_are_the_epochs_requested(quick):
+    """Epoch k ends at step round(k / q), as the budget's steps = round(epochs / q): 3 epochs at q = 12/64 are
+    16 steps in 3 epochs of 5, 6 and 5 steps (with round(n / L) = 5 steps each they were 4 epochs, the last of one
+    step), and summary.json says 3; on the digits default (q = 256/1437) 15 epochs, not 14."""
+    from dptrain.privacy.accounting import steps_for
+    from dptrain.run import _epoch_end, _epochs_done
+
+    s, run_dir = quick("batch_size=12", "epochs=3")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r[key.EPOCH], r[key.STEP]) for r in lines] == [(1, 5), (2, 11), (3, 16)]
+    assert s[key.STEPS] == 16 and s[key.EPOCHS] == s[key.CONFIG]["epochs"] == 3.0
+    q = 256 / 1437
+    steps = steps_for(15, q)
+    ends = [_epoch_end(k, q, steps) for k in range(1, 16)]
+    assert steps == ends[-1] == 84 and _epochs_done(15, 84, q) == 15.0
+    assert {b - a for a, b in zip([0, *ends], ends)} == {5, 6}
+    assert _epochs_done(1, 3, 12 / 64) == 0.6  # epochs=0.5: 3 of the first epoch's 5 steps
+
+
+@pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
+def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, engine):
+    """The bar shows ε spent from the first step (0 until the first epoch ends, not None), none for a non-private
+    run, and is kept on screen at the end."""
+    made, postfixes = [], []
+
+    class Bar:
+        def __init__(self, **kw):
+            made.append(kw)
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            postfixes.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("dptrain.run.tqdm", Bar)
+    s, _ = quick(f"engine={engine}", "batch_size=12", "epochs=2")
+    assert made[0]["leave"] is True
+    if engine == "nonprivate":
+        assert not [p for p in postfixes if "eps" in p]
+    else:
+        assert postfixes[0]["eps"] == "0" and postfixes[-1]["eps"] == f"{s[key.EPS_SPENT]:.3g}"
+        assert all(p["eps"] != "None" for p in postfixes)
+
+
+def test_cli_summary_names_the_run_directory_and_the_wandb_sync(tmp_path):
+    r = cli(*TINY, "logger=wandb", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    out = r.stdout.splitlines()
+    assert f"  files: {tmp_path}/r (summary.json, metrics.jsonl, model.pt)" in out
+    assert out[-1] == f"wandb: offline run; upload it with: wandb sync {runs[0]}"
