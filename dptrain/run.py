@@ -197,8 +197,8 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         epoch += 1
         logical = [next(it) for _ in range(max(1, _epoch_end(epoch, q, steps) - done))]
         totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
-        # ε of the last epoch end (an accountant call per step would cost more than the step); 0 before it
-        eps_so_far, n = row.get(key.EPS_SPENT, 0.0 if budget.noise_multiplier else None), len(logical)
+        # ε of the last epoch end (an accountant call per step would cost more than the step); before it, the prior's
+        eps_so_far, n = (row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0)), len(logical)
         here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
         def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
