@@ -422,10 +422,10 @@ def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
 
     load = R._data
 
-    def big(cfg):  # 512 MB touched, then freed, inside the first run
+    def big(cfg, streams):  # 512 MB touched, then freed, inside the first run
         x = torch.ones(2**27)
         del x
-        return load(cfg)
+        return load(cfg, streams)
 
     cfg = compose(*TINY)
     monkeypatch.setattr(R, "_data", big)
