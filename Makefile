@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint bench bench-dist bench-gpu gpu-check report clean
+.PHONY: help install demo test test-all lint bench bench-dist bench-gpu gpu-check mutants report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,17 @@ bench-gpu: $(STAMP) ## the issue's GPU benchmark at 224×224 → results/bench-g
 bench-dist: $(STAMP) ## samples/s of one DP step on 1 vs 2 data-parallel processes → results/bench-dist-cpu.{csv,md}
 	$(BIN)/dptrain-bench --processes 1 2 --models cnn resnet18 --engines nonprivate mixed_ghost --batches 64 \
 		--steps 10 --out results/bench-dist-cpu
+
+# mutation testing (mutmut; config: pyproject.toml [tool.mutmut]): the privacy arithmetic, and of engine.py the
+# clip factors. Every surviving mutant is killed by a test or listed as equivalent in results/mutants.md.
+MUTANTS := 'dptrain.privacy.optimizer.*' 'dptrain.privacy.sampling.*' 'dptrain.privacy.accounting.*' \
+	'dptrain.privacy.streams.*' 'dptrain.budget.*' 'dptrain.privacy.engine.x*_clip_factors__mutmut_*' \
+	'dptrain.privacy.engine.x*_finish__mutmut_*' 'dptrain.privacy.engine.x__zero_rows__mutmut_*'
+MUTANT_JOBS ?= 1
+mutants: $(STAMP) ## mutation testing of the privacy code (not in `make test`) → counts + every surviving mutant
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
+	$(BIN)/python tests/mutants_summary.py $(MUTANTS)
 
 # no install step: a lent GPU machine is bare and offline (torch + timm only); the venv's python when there is one
 GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)

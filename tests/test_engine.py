@@ -159,6 +159,15 @@ def test_clipping_functions(clipping, passes):
     assert err < 1e-12
 
 
+@pytest.mark.parametrize("passes", [1, 2])
+def test_examples_within_the_bound_are_not_scaled_up(passes):
+    """c_i = min(1, R/‖g_i‖): with R far above every ‖g_i‖ (here > 2‖g_i‖) the clipped sum is the plain sum."""
+    torch.manual_seed(0)
+    R = 1e3
+    err, engine = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=R, passes=passes)
+    assert err < 1e-12 and (engine.per_sample_norms < R / 2).all()
+
+
 def tiny_resnet():
     from dptrain.models import fix_batchnorm
 
