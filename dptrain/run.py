@@ -115,9 +115,13 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     """Every check that needs no data (check_config), the run directory (a resumed run's own; rank 0's under
     torchrun) and a resumed run's checkpoint."""
     check_config(cfg)
-    if cfg.dataset.normalize == "dp" and dist.enabled and (cfg.privacy.secure or cfg.privacy.secure_noise):
-        raise UserError("dataset.normalize=dp with privacy.secure under torchrun: each process would draw its own "
-                        "OS noise for the statistics; run it in one process, or without privacy.secure")
+    if cfg.dataset.normalize == "dp" and (cfg.privacy.secure or cfg.privacy.secure_noise) and (dist.enabled or
+                                                                                              cfg.resume):
+        # seeded, the statistics are redrawn identically (one release); from the OS, each process or resume would
+        # release another estimate that the budget does not count
+        raise UserError("dataset.normalize=dp with privacy.secure draws the statistics' noise from the OS once per "
+                        "process: not under torchrun or resume=; run it in one uninterrupted process, or without "
+                        "privacy.secure")
     if cfg.resume and dist.enabled:
         raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
     resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)

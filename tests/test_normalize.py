@@ -153,3 +153,11 @@ def test_prior_alone_is_the_analytic_gaussian_mechanism():
     exact = brentq(lambda e: delta(e) - 1e-5, 1e-6, 10)
     ours = epsilon(noise_multiplier=1.0, sample_rate=0.5, steps=0, delta=1e-5, prior=((8.0, 1.0, 2),))
     assert exact <= ours <= exact * 1.02  # 0.634 exact; PRV's upper bound 0.644 (its discretisation error)
+
+
+def test_secure_statistics_are_refused_where_they_would_be_released_twice(compose, tmp_path):
+    from dptrain.run import run
+
+    cfg = compose("dataset=fake", "dataset.normalize=dp", "privacy.secure=true", f"resume={tmp_path}")
+    with pytest.raises(UserError, match="not under torchrun or resume="):
+        run(cfg, str(tmp_path))
