@@ -1,6 +1,8 @@
 """Privacy accounting matches what happens: Poisson sampling, σ from ε, exact step counts, noise."""
 
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ from opacus.accountants import PRVAccountant
 from dptrain import schema as key
 from dptrain.privacy import DPOptimizer
 from dptrain.privacy.accounting import default_delta, epsilon, noise_multiplier_for, steps_for
+from dptrain.privacy.optimizer import CHUNKS, SCRATCH
 from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler, physical
+from dptrain.privacy.streams import Streams
 
 
 @pytest.mark.parametrize("accountant,golden", [("prv", 1.8384), ("rdp", 2.1014), ("gdp", 1.6177)])
@@ -49,15 +53,46 @@ def test_accountant_refuses_non_finite_inputs():
             epsilon(noise_multiplier=float("nan"), sample_rate=0.1, steps=10, delta=1e-5)
         with pytest.raises(ValueError, match="non-finite accountant input"):
             noise_multiplier_for(eps=float("inf"), delta=1e-5, sample_rate=0.1, steps=10)
+        for bad in ({"sample_rate": float("nan")}, {"delta": float("nan")}):
+            kw = {"sample_rate": 0.1, "delta": 1e-5} | bad
+            with pytest.raises(ValueError, match="non-finite accountant input"):
+                epsilon(noise_multiplier=1.0, steps=10, **kw)
+            with pytest.raises(ValueError, match="non-finite accountant input"):
+                noise_multiplier_for(eps=1.0, steps=10, **kw)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_epsilon_without_noise_or_steps_and_unknown_accountants():
+    """σ = 0: no guarantee (ε = ∞); no step: nothing spent; the accountant's name is checked, prv the default."""
+    assert epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=10, delta=1e-5) == math.inf
+    assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5) == 0.0
+    for call in (lambda: epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="moments"),
+                 lambda: noise_multiplier_for(eps=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="moments")):
+        with pytest.raises(ValueError, match=r"^unknown accountant 'moments'; valid: prv, rdp, gdp$"):
+            call()
+    # the default accountant is PRV: σ for ε = 2 after 20 steps at q = 0.1 (test_budget's golden σ)
+    assert noise_multiplier_for(eps=2.0, delta=1e-5, sample_rate=0.1, steps=20) == pytest.approx(1.3672, abs=1e-4)
+
+
+def test_the_accountants_notes_are_silenced_not_raised():
+    """Opacus' "optimal order is the largest alpha" note and, for a tiny σ, numpy's overflow inside PRV (then
+    ε = ∞) stay inside the accounting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eps = epsilon(noise_multiplier=50.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="rdp")
+        assert eps == pytest.approx(0.1029, abs=1e-3)
+        assert epsilon(noise_multiplier=0.05, sample_rate=0.5, steps=1000, delta=1e-5) == math.inf
 
 
 def test_steps_and_default_delta():
     assert steps_for(3, 0.02) == 150 and steps_for(0.001, 0.5) == 1
     assert default_delta(50_000) == 1e-5 and default_delta(1437) == 1e-5
     assert default_delta(1_000_000) == pytest.approx(1e-7)
+    # δ < 1/n strictly: at n = 100,000 1e-5 is 1/n, so 1/(10 n); up to n < 100,000 1e-5
+    assert default_delta(99_999) == 1e-5 and default_delta(100_000) == pytest.approx(1e-6)
+    assert default_delta(150_000) == pytest.approx(0.1 / 150_000)
 
 
 def test_poisson_batch_sizes_have_binomial_mean_and_variance():
@@ -73,6 +108,34 @@ def test_shuffle_sampler_fixed_size_and_physical_split():
     assert {len(b) for b in ShuffleSampler(10, batch_size=4, steps=7)} == {4}
     assert [len(c) for c in physical(torch.arange(10), 4)] == [4, 4, 2]
     assert physical(torch.arange(0), 4) == []
+
+
+def test_poisson_batches_are_the_sampler_streams_float64_uniforms_below_q():
+    """Step t includes example i iff the i-th float64 uniform of the "sampler" stream's t-th draw is < q (seed 0 by
+    default): the batches are reproducible from the seed, and float32's coarser grid is not used."""
+    n, q = 1000, 0.05
+    gen = Streams(0).generator("sampler")
+    expected = [(torch.rand(n, generator=gen, dtype=torch.float64) < q).nonzero().flatten() for _ in range(3)]
+    for sampler in (PoissonSampler(n, sample_rate=q, steps=3), PoissonSampler(n, sample_rate=q, steps=3, seed=7,
+                                                                              streams=Streams(0))):
+        got = list(sampler)
+        assert len(got) == len(sampler) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(next(iter(PoissonSampler(n, sample_rate=q, steps=1, seed=1))), expected[0])
+
+
+def test_shuffle_batches_are_consecutive_slices_of_the_sampler_streams_permutations():
+    """Batch after batch, the concatenated random permutations of the "sampler" stream (seed 0 by default): each
+    epoch sees every example once; secure mode has no shuffled batches to offer."""
+    def stream(seed):
+        gen = Streams(seed).generator("sampler")
+        return torch.cat([torch.randperm(10, generator=gen) for _ in range(3)])
+
+    got = list(ShuffleSampler(10, batch_size=4, steps=6, streams=Streams(5)))
+    assert all(b.dtype == torch.long for b in got) and torch.equal(torch.cat(got), stream(5)[:24])
+    assert torch.equal(torch.cat(list(ShuffleSampler(10, batch_size=4, steps=5))), stream(0)[:20])
+    with pytest.raises(ValueError, match=r"^secure mode needs Poisson sampling: shuffled batches are not what the "
+                                         r"accountant assumes, so there is no guarantee to secure$"):
+        ShuffleSampler(10, batch_size=4, steps=1, streams=Streams(0, secure=True))
 
 
 def test_noise_standard_deviation_and_averaging():
@@ -91,8 +154,99 @@ def test_seeded_noise_reproduces_and_secure_noise_differs():
                     **kw).add_noise()
         return p.grad
 
-    assert torch.equal(draw(seed=3), draw(seed=3))
+    assert torch.equal(draw(seed=3), draw(seed=3)) and torch.equal(draw(seed=3), draw(streams=Streams(3)))
+    assert not torch.equal(draw(seed=3), draw(seed=4))
     assert not torch.equal(draw(seed=3, secure=True), draw(seed=3, secure=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_is_each_chunks_own_stream_times_sigma_R_over_L(dtype):
+    """One process: chunk i of the flat gradient (CHUNKS equal ranges of its elements) gets the next draws of
+    sub-stream i of the "noise" stream, in the gradient's dtype, times σR; then everything is ÷ L. Exactly."""
+    sigma, R, L = 2.0, 1.5, 3  # σR = 3, σR/L = 1: neither a factor of 1 nor one that cancels
+    ps = [torch.nn.Parameter(torch.zeros(500, dtype=dtype)), torch.nn.Parameter(torch.zeros(5, 100, dtype=dtype))]
+    g = torch.linspace(-1, 1, 500, dtype=dtype)
+    ps[0].grad = g.clone()  # a clipped sum; ps[1] has none (zeros)
+    DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=sigma, max_grad_norm=R, expected_batch_size=L,
+                seed=4).add_noise()
+    streams, size = Streams(4), 1000 // CHUNKS  # the chunk boundaries fall on the parameters' boundary at 500
+    z = torch.cat([torch.empty(size, dtype=dtype).normal_(generator=streams.generator("noise", i))
+                   for i in range(CHUNKS)])
+    assert torch.equal(ps[0].grad, g.clone().add_(z[:500], alpha=sigma * R).div_(L))
+    assert torch.equal(ps[1].grad.flatten(), torch.zeros(500, dtype=dtype).add_(z[500:], alpha=sigma * R).div_(L))
+
+
+def test_zero_noise_steps_the_average_and_bad_arguments_are_refused():
+    """σ = 0 is allowed (no noise: the update is the clipped sum ÷ L); step() zeroes the gradients (None), as does
+    zero_grad(); σ < 0 and L ≤ 0 are refused."""
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = torch.arange(10.0)
+    opt = DPOptimizer(torch.optim.SGD([p], lr=0.5), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
+    opt.step()
+    assert torch.equal(p.detach(), torch.arange(10.0) / 4 * -0.5) and p.grad is None
+    p.grad = torch.ones(10)
+    opt.zero_grad()
+    assert p.grad is None
+    with pytest.raises(ValueError, match=r"^noise_multiplier must be >= 0, got -0.1$"):
+        DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=-0.1, max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match=r"^expected_batch_size must be > 0, got 0$"):
+        DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=0)
+
+
+def test_noise_generator_states_restore_the_draws():
+    """A checkpoint's noise state (generator_states: each chunk's generator, by device) restores the next draws
+    exactly, in the same optimizer or another seed's; a state of the wrong number of chunks is refused."""
+    def make(seed):
+        p = torch.nn.Parameter(torch.zeros(1000))
+        return p, DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                              expected_batch_size=1, seed=seed)
+
+    p, a = make(0)
+    a.add_noise()
+    states = a.generator_states()
+    assert list(states) == ["cpu"] and len(states["cpu"]) == CHUNKS
+    p.grad = None
+    a.add_noise()
+    after = p.grad.clone()
+    q, b = make(1)
+    b.set_generator_states(states)
+    b.add_noise()
+    assert torch.equal(q.grad, after)
+    a.set_generator_states(states)
+    p.grad = None
+    a.add_noise()
+    assert torch.equal(p.grad, after)
+    with pytest.raises(ValueError):
+        b.set_generator_states({"cpu": states["cpu"][:-1]})
+
+
+def test_noise_is_drawn_through_a_scratch_no_larger_than_its_chunk_or_SCRATCH(monkeypatch):
+    """No parameter-sized noise buffer: each chunk draws through one scratch of min(SCRATCH, its range) elements
+    (at least one). A device without a SCRATCH entry (a GPU's path) draws the same noise, with the default size."""
+    import dptrain.privacy.optimizer as optimizer
+
+    sizes, real = [], torch.empty
+
+    def empty(*args, **kw):
+        t = real(*args, **kw)
+        sizes.append(t.numel())
+        return t
+
+    def noise(n):
+        p = torch.nn.Parameter(torch.zeros(n))
+        DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                    seed=0).add_noise()
+        return p.grad
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", empty)
+        for n, scratch in [(3_000_000, SCRATCH["cpu"]), (1000, 1000 // CHUNKS), (7, 1)]:
+            sizes.clear()
+            noise(n)
+            assert sorted(sizes) == [scratch] * CHUNKS, n
+    seeded = noise(1000)
+    monkeypatch.setattr(optimizer, "SCRATCH", {})
+    assert torch.equal(noise(1000), seeded)
 
 
 def test_physical_batch_size_changes_memory_only(quick):
