@@ -93,6 +93,37 @@ def test_noise_chunks_partition_the_noise():
         assert sorted(sum(chunks, [])) == list(range(CHUNKS))
 
 
+class FakeDist:
+    """Rank `rank` of `world_size` in this one process; the all-reduce only counts its calls (the test sums)."""
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size, self.all_reduces = rank, world_size, 0
+
+    def all_reduce_sum_(self, tensors):
+        self.all_reduces += 1
+
+
+def test_the_ranks_noise_sums_to_the_one_process_noise():
+    """Each rank adds only its chunks' draws (zeros elsewhere) before the one all-reduce, so the sum over ranks is
+    exactly the 1-process noise, whatever the world size; a 1-process `dist` is no dist (no all-reduce)."""
+    from dptrain.privacy.optimizer import DPOptimizer
+
+    def noise(dist):
+        p = torch.nn.Parameter(torch.zeros(1000))
+        DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4,
+                    seed=3, dist=dist).add_noise()
+        return p.grad
+
+    one = noise(None)
+    for world in (2, 3):
+        dists = [FakeDist(r, world) for r in range(world)]
+        parts = [noise(d) for d in dists]
+        assert [d.all_reduces for d in dists] == [1] * world
+        assert torch.equal(sum(parts), one) and ((torch.stack(parts) != 0).sum(0) == 1).all()
+    single = FakeDist(0, 1)
+    assert torch.equal(noise(single), one) and single.all_reduces == 0
+
+
 def test_secure_sampling_is_one_mask_sharded(two_ranks):
     """Secure mode: the OS mask differs per process, so rank 0 draws it and broadcasts it: the ranks' shards are
     batch[0::2] and batch[1::2] of one batch."""
