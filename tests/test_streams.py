@@ -2,11 +2,14 @@
 draws the sampler and the noise from the OS."""
 
 import logging
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
 
+from dptrain import schema as key
 from dptrain.errors import UserError
 from dptrain.privacy import DPOptimizer
 from dptrain.privacy.optimizer import CHUNKS
@@ -37,10 +40,53 @@ def test_stream_seeds_are_pinned():
     assert s.seed_for("sampler") == Streams(0).seed_for("sampler") != Streams(1).seed_for("sampler")
     got = {name: s.seed_for(name) for name in ("model", "sampler", "augment")} | {"noise0": s.seed_for("noise", 0)}
     assert got == PINNED, got
+    assert Streams().seed == 0 and Streams().seed_for("sampler") == PINNED["sampler"]  # the default seed is 0
 
 
 PINNED = {"model": 4334430513956379144, "sampler": 6619194650426729951, "augment": 7076583287685412047,
           "noise0": 4744905141714261070}  # SeedSequence(0, spawn_key=(k, ...)).generate_state(1, uint64)[0] >> 1
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True])
+def test_seed_must_be_a_non_negative_integer(seed):
+    with pytest.raises(ValueError, match=rf"^seed must be a non-negative integer, got {re.escape(repr(seed))}$"):
+        Streams(seed)
+
+
+def test_describe_says_where_each_stream_comes_from():
+    """summary.json's privacy/streams: the spawn key of each seeded stream; in secure mode os.urandom for exactly
+    the sampler, the noise and Opacus' noise."""
+    seeded = {name: f"SeedSequence(7, spawn_key=({k},))" for name, k in KEYS.items()}
+    seeded["noise"] = "SeedSequence(7, spawn_key=(4, chunk))"
+    assert Streams(7).describe() == seeded
+    assert Streams(7).summary() == {key.SECURE: False, key.STREAMS: seeded}
+    secure = Streams(7, secure=True).summary()
+    assert secure == {key.SECURE: True, key.STREAMS: seeded | dict.fromkeys(("sampler", "noise", "opacus"),
+                                                                            "os.urandom")}
+
+
+def test_unknown_streams_and_streams_that_coincide_in_32_bits_are_refused(monkeypatch):
+    """The low-32-bit guard (a ~2**-32 event per pair, so forced here: every key's seed gets the same low bits)."""
+    with pytest.raises(KeyError, match="unknown random stream 'bogus'; valid: model, data, split, sampler, noise, "
+                                       "augment, opacus"):
+        Streams(0).seed_for("bogus")
+    with pytest.raises(RuntimeError, match=r"^stream 'noise' draws from the OS in secure mode \(os_bernoulli / "
+                                           r"os_normal\), never from a seed$"):
+        Streams(0, secure=True).seed_for("noise", 0)
+
+    class Colliding:  # stream key (k, ...) → 64-bit output 2·((k + 1)·2**32 + 12345): low 32 bits of s are 12345
+        def __init__(self, entropy, spawn_key):
+            self.k = spawn_key[0]
+
+        def generate_state(self, n_words, dtype):
+            return np.array([((self.k + 1) << 33) | (12345 << 1)], dtype=np.uint64)
+
+    monkeypatch.setattr(np.random, "SeedSequence", Colliding)
+    s = Streams(3)
+    assert s.seed_for("model") == s.seed_for("model") == (1 << 32) | 12345  # one stream twice is no collision
+    with pytest.raises(RuntimeError, match=r"^seed=3: random streams \(0,\) and \(1,\) coincide in the 32 bits "
+                                           r"torch's CPU generator keeps; use another seed$"):
+        s.seed_for("data")
 
 
 def test_sampler_and_noise_never_share_a_generator():
@@ -115,6 +161,8 @@ def test_secure_mode_refuses_seeds_and_draws_from_the_os():
 
 def test_os_bernoulli_rate_never_exceeds_q():
     assert not os_bernoulli(1000, 0.0).any() and os_bernoulli(1000, 1.0).all()
+    assert all(os_bernoulli(1000, p).shape == (1000,) and os_bernoulli(1000, p).dtype == torch.bool
+               for p in (0.0, 0.3, 1.0))
     n, q = 1_000_000, 0.3
     rate = os_bernoulli(n, q).double().mean().item()
     assert abs(rate - q) < 6 * (q * (1 - q) / n) ** 0.5
