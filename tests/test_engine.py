@@ -1,5 +1,7 @@
 """Exactness of the built-in engine against the one-example-at-a-time float64 reference."""
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -157,6 +159,32 @@ def test_clipping_functions(clipping, passes):
     err, _ = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=0.4, clipping=clipping,
                    passes=passes)
     assert err < 1e-12
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_examples_within_the_bound_are_not_scaled_up(passes):
+    """c_i = min(1, R/‖g_i‖): with R far above every ‖g_i‖ (here > 2‖g_i‖) the clipped sum is the plain sum."""
+    torch.manual_seed(0)
+    R = 1e3
+    err, engine = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=R, passes=passes)
+    assert err < 1e-12 and (engine.per_sample_norms < R / 2).all()
+
+
+def test_an_empty_batch_adds_nothing_and_the_rules_are_logged_once(caplog):
+    """A batch of no example (an empty Poisson batch fed to the engine): no norm, no gradient. The per-layer rules
+    are logged at the first backward only."""
+    torch.manual_seed(0)
+    model = WithCustom()
+    engine = PrivacyEngine(model, max_grad_norm=1.0)
+    with caplog.at_level(logging.INFO, logger="dptrain.privacy"):
+        for _ in range(2):
+            F.cross_entropy(model(torch.randn(3, 5)), torch.tensor([0, 1, 2]), reduction="sum").backward()
+    assert [r.getMessage().splitlines()[0] for r in caplog.records if "rules chosen" in r.getMessage()] == [
+        "privacy engine (mixed_ghost), per-layer rules chosen:"]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(torch.randn(0, 5)), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    assert engine.per_sample_norms.shape == (0,) and all(p.grad is None for p in model.parameters())
+    engine.detach()
 
 
 def tiny_resnet():
