@@ -66,7 +66,8 @@ def test_accountant_refuses_non_finite_inputs():
 
 def test_epsilon_without_noise_or_steps_and_unknown_accountants():
     """σ = 0: no guarantee (ε = ∞); no step: nothing spent; the accountant's name is checked, prv the default."""
-    assert epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=10, delta=1e-5) == math.inf
+    for accountant in ("prv", "rdp", "gdp"):  # (GDP's own formula divides by σ)
+        assert epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=10, delta=1e-5, accountant=accountant) == math.inf
     assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5) == 0.0
     for call in (lambda: epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="moments"),
                  lambda: noise_multiplier_for(eps=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="moments")):

@@ -63,7 +63,9 @@ def test_sigma_and_eps_spent_are_the_chosen_accountants_at_the_given_delta(compo
 
 
 def test_given_sigma_shuffle_and_secure_are_recorded(compose, caplog):
-    """σ given: no target ε. Shuffled batches: recorded, not guaranteed, and one warning says so (Poisson: none)."""
+    """σ given: no target ε (also where eps is set: it is ignored). Shuffled batches: recorded, not guaranteed, and
+    one warning says so (Poisson: none)."""
+    assert create_budget(compose("eps=3", "privacy.noise_multiplier=1.5"), 1000, private=True).eps is None
     sigma = ("eps=null", "privacy.noise_multiplier=1.5", "batch_size=100")
     with caplog.at_level(logging.WARNING, logger="dptrain"):
         b = create_budget(compose(*sigma), 1000, private=True, secure=True)

@@ -398,6 +398,25 @@ def test_parameter_used_by_no_hooked_call_raises_and_fallback_fixes_it():
     assert err < 1e-12
 
 
+def test_a_parameter_no_call_uses_is_refused_at_the_first_backward():
+    """A trainable parameter that no hooked call used (here never used at all) would get no clipped gradient: the
+    first backward refuses it, naming it."""
+
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spare = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Spare()
+    PrivacyEngine(model)
+    with pytest.raises(CoverageError, match=r"^parameters used by no hooked call in the first forward: spare\.weight, "
+                                            r"spare\.bias\. If a parent module"):
+        F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
+
+
 def test_tied_weights_raise():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
