@@ -1,6 +1,8 @@
 """Privacy accounting matches what happens: Poisson sampling, σ from ε, exact step counts, noise."""
 
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -51,15 +53,47 @@ def test_accountant_refuses_non_finite_inputs():
             epsilon(noise_multiplier=float("nan"), sample_rate=0.1, steps=10, delta=1e-5)
         with pytest.raises(ValueError, match="non-finite accountant input"):
             noise_multiplier_for(eps=float("inf"), delta=1e-5, sample_rate=0.1, steps=10)
+        for bad in ({"sample_rate": float("nan")}, {"delta": float("nan")}):
+            kw = {"sample_rate": 0.1, "delta": 1e-5} | bad
+            with pytest.raises(ValueError, match="non-finite accountant input"):
+                epsilon(noise_multiplier=1.0, steps=10, **kw)
+            with pytest.raises(ValueError, match="non-finite accountant input"):
+                noise_multiplier_for(eps=1.0, steps=10, **kw)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_epsilon_without_noise_or_steps_and_unknown_accountants():
+    """σ = 0: no guarantee (ε = ∞); no step: nothing spent; the accountant's name is checked, prv the default."""
+    for accountant in ("prv", "rdp", "gdp"):  # (GDP's own formula divides by σ)
+        assert epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=10, delta=1e-5, accountant=accountant) == math.inf
+    assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5) == 0.0
+    for call in (lambda: epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="moments"),
+                 lambda: noise_multiplier_for(eps=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="moments")):
+        with pytest.raises(ValueError, match=r"^unknown accountant 'moments'; valid: prv, rdp, gdp$"):
+            call()
+    # the default accountant is PRV: σ for ε = 2 after 20 steps at q = 0.1 (test_budget's golden σ)
+    assert noise_multiplier_for(eps=2.0, delta=1e-5, sample_rate=0.1, steps=20) == pytest.approx(1.3672, abs=1e-4)
+
+
+def test_the_accountants_notes_are_silenced_not_raised():
+    """Opacus' "optimal order is the largest alpha" note and, for a tiny σ, numpy's overflow inside PRV (then
+    ε = ∞) stay inside the accounting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eps = epsilon(noise_multiplier=50.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="rdp")
+        assert eps == pytest.approx(0.1029, abs=1e-3)
+        assert epsilon(noise_multiplier=0.05, sample_rate=0.5, steps=1000, delta=1e-5) == math.inf
 
 
 def test_steps_and_default_delta():
     assert steps_for(3, 0.02) == 150 and steps_for(0.001, 0.5) == 1
     assert default_delta(50_000) == 1e-5 and default_delta(1437) == 1e-5
     assert default_delta(1_000_000) == pytest.approx(1e-7)
+    # δ < 1/n strictly: at n = 100,000 1e-5 is 1/n, so 1/(10 n); up to n < 100,000 1e-5
+    assert default_delta(99_999) == 1e-5 and default_delta(100_000) == pytest.approx(1e-6)
+    assert default_delta(150_000) == pytest.approx(0.1 / 150_000)
 
 
 def test_poisson_batch_sizes_have_binomial_mean_and_variance():

@@ -1,12 +1,14 @@
 """The privacy budget fixed before training: q, steps, σ, δ, and the ε it reports."""
 
+import logging
+
 import pytest
 from conftest import accountant_eps
 
 from dptrain import schema as key
 from dptrain.budget import Budget, create_budget
 from dptrain.errors import UserError
-from dptrain.privacy.accounting import steps_for
+from dptrain.privacy.accounting import epsilon, noise_multiplier_for, steps_for
 
 
 def test_eps_spent_is_the_accountants_and_summary_has_the_privacy_keys():
@@ -29,6 +31,7 @@ def test_non_private_budget_has_only_q_and_steps(compose):
 def test_sigma_is_calibrated_to_eps(compose):
     b = create_budget(compose("eps=2", "batch_size=100", "epochs=2"), 1000, private=True)
     assert (b.delta, b.eps, b.steps, b.sample_rate) == (1e-5, 2.0, 20, 0.1)
+    assert (b.accountant, b.sampling, b.eps_guaranteed, b.secure) == ("prv", "poisson", True, False)
     assert b.noise_multiplier == pytest.approx(1.3672, abs=1e-4)  # Opacus' bisection, to 0.5% of ε
     assert 2.0 * (1 - 0.005) <= b.eps_spent(b.steps) <= 2.0
     assert accountant_eps(b.summary(b.steps)) == pytest.approx(b.eps_spent(b.steps), rel=1e-6)
@@ -47,3 +50,52 @@ def test_sigma_is_calibrated_to_eps(compose):
 def test_bad_privacy_input_is_one_clear_error(compose, override, message):
     with pytest.raises(UserError, match=message):
         create_budget(compose(override), 1000, private=True)
+
+
+def test_sigma_and_eps_spent_are_the_chosen_accountants_at_the_given_delta(compose):
+    b = create_budget(compose("eps=2", "batch_size=100", "epochs=2", "privacy.accountant=rdp", "delta=1e-6"), 1000,
+                      private=True)
+    assert (b.accountant, b.delta, b.steps, b.sample_rate) == ("rdp", 1e-6, 20, 0.1)
+    assert b.noise_multiplier == noise_multiplier_for(eps=2, delta=1e-6, sample_rate=0.1, steps=20, accountant="rdp")
+    spent = epsilon(noise_multiplier=b.noise_multiplier, sample_rate=0.1, steps=20, delta=1e-6, accountant="rdp")
+    assert b.eps_spent(20) == spent != epsilon(noise_multiplier=b.noise_multiplier, sample_rate=0.1, steps=20,
+                                               delta=1e-6, accountant="prv")
+
+
+def test_given_sigma_shuffle_and_secure_are_recorded(compose, caplog):
+    """σ given: no target ε (also where eps is set: it is ignored). Shuffled batches: recorded, not guaranteed, and
+    one warning says so (Poisson: none)."""
+    assert create_budget(compose("eps=3", "privacy.noise_multiplier=1.5"), 1000, private=True).eps is None
+    sigma = ("eps=null", "privacy.noise_multiplier=1.5", "batch_size=100")
+    with caplog.at_level(logging.WARNING, logger="dptrain"):
+        b = create_budget(compose(*sigma), 1000, private=True, secure=True)
+        assert not caplog.records
+        s = create_budget(compose(*sigma, "privacy.sampling=shuffle"), 1000, private=True)
+    assert (b.eps, b.noise_multiplier, b.sampling, b.eps_guaranteed, b.secure) == (None, 1.5, "poisson", True, True)
+    assert (s.eps, s.sampling, s.eps_guaranteed, s.secure) == (None, "shuffle", False, False)
+    assert caplog.messages == ["privacy.sampling=shuffle: fixed-size shuffled batches are NOT what the accountant "
+                               "assumes; the reported eps is not a guarantee"]
+
+
+def test_batch_sizes_1_and_n_and_augmult_with_augmentation_are_accepted(compose):
+    for L in (1, 1000):
+        b = create_budget(compose(f"batch_size={L}", "epochs=1", "eps=null", "privacy.noise_multiplier=1.0"), 1000,
+                          private=True)
+        assert (b.sample_rate, b.steps) == (L / 1000, 1000 // L)
+    b = create_budget(compose("privacy.augmult=2", "dataset.augment=true", "eps=null", "privacy.noise_multiplier=1.0"),
+                      1000, private=True)
+    assert b.noise_multiplier == 1.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batch_size=1001"], r"^batch_size=1001 must be between 1 and the training set size n=1000$"),
+    (["delta=0.001"], r"^delta=0.001 must be in \(0, 1/n\) = \(0, 0.001\) for n=1000 training examples$"),
+    (["delta=0.0015"], r"^delta=0.0015 must be in \(0, 1/n\) = \(0, 0.001\) for n=1000 training examples$"),
+    (["eps=null"], r"^eps must be > 0 \(got None\), or give privacy.noise_multiplier$"),
+    (["privacy.augmult=2"], r"^privacy.augmult=2 needs dataset.augment=true \(identical copies add nothing\)$"),
+    (["eps=0.1", "batch_size=100", "epochs=2", "privacy.accountant=rdp"],  # RDP's ε ≥ log(1/δ)/(α_max - 1) ≈ 0.19
+     r"^cannot reach eps=0.1 in 20 steps at q=0.1: "),
+])
+def test_budget_input_errors_are_one_clear_error(compose, overrides, message):
+    with pytest.raises(UserError, match=message):
+        create_budget(compose(*overrides), 1000, private=True)

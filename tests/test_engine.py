@@ -1,5 +1,7 @@
 """Exactness of the built-in engine against the one-example-at-a-time float64 reference."""
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -166,6 +168,23 @@ def test_examples_within_the_bound_are_not_scaled_up(passes):
     R = 1e3
     err, engine = check(WithCustom(), batches((5,)), mode="mixed_ghost", max_grad_norm=R, passes=passes)
     assert err < 1e-12 and (engine.per_sample_norms < R / 2).all()
+
+
+def test_an_empty_batch_adds_nothing_and_the_rules_are_logged_once(caplog):
+    """A batch of no example (an empty Poisson batch fed to the engine): no norm, no gradient. The per-layer rules
+    are logged at the first backward only."""
+    torch.manual_seed(0)
+    model = WithCustom()
+    engine = PrivacyEngine(model, max_grad_norm=1.0)
+    with caplog.at_level(logging.INFO, logger="dptrain.privacy"):
+        for _ in range(2):
+            F.cross_entropy(model(torch.randn(3, 5)), torch.tensor([0, 1, 2]), reduction="sum").backward()
+    assert [r.getMessage().splitlines()[0] for r in caplog.records if "rules chosen" in r.getMessage()] == [
+        "privacy engine (mixed_ghost), per-layer rules chosen:"]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(torch.randn(0, 5)), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    assert engine.per_sample_norms.shape == (0,) and all(p.grad is None for p in model.parameters())
+    engine.detach()
 
 
 def tiny_resnet():
@@ -377,6 +396,25 @@ def test_parameter_used_by_no_hooked_call_raises_and_fallback_fixes_it():
     torch.manual_seed(0)
     err, _ = check(NeverCalled(), batches((4,)), mode="mixed_ghost", fallback=(NeverCalled,))
     assert err < 1e-12
+
+
+def test_a_parameter_no_call_uses_is_refused_at_the_first_backward():
+    """A trainable parameter that no hooked call used (here never used at all) would get no clipped gradient: the
+    first backward refuses it, naming it."""
+
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spare = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Spare()
+    PrivacyEngine(model)
+    with pytest.raises(CoverageError, match=r"^parameters used by no hooked call in the first forward: spare\.weight, "
+                                            r"spare\.bias\. If a parent module"):
+        F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1]), reduction="sum").backward()
 
 
 def test_tied_weights_raise():

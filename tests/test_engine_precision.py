@@ -94,3 +94,23 @@ def test_overflowed_example_is_left_out_not_the_step(mode):
         engine.detach()
     assert dropped == 0  # the second run (no overflow)
     assert all(torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads))
+
+
+def test_dropped_counts_every_overflowed_example_and_only_under_a_loss_scale():
+    """engine.dropped adds up over backwards (one overflowed example each, at S = 2). Without a loss scale (float32)
+    nothing is dropped: the non-finite gradient reaches .grad, where the divergence guard stops the run."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(3, 5).double(), torch.tensor([0, 1, 2])
+    x[1] = float("inf")
+    engine = PrivacyEngine(model, max_grad_norm=1.0)
+    engine.loss_scale = 2.0
+    for k in (1, 2):
+        (2.0 * F.cross_entropy(model(x), y, reduction="sum")).backward()
+        assert engine.dropped == k
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    engine.loss_scale = 1.0
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert engine.dropped == 2 and not all(torch.isfinite(p.grad).all() for p in model.parameters())
+    engine.detach()
