@@ -40,17 +40,22 @@ class Data:
     # mechanisms already run on the training examples, (σ, q, steps) each: dataset.normalize=dp's statistics.
     # The budget composes them with training (budget.py)
     prior: tuple = ()
+    # fixed views stored per training example: train's inputs are (N, views, ...) when > 1 (features of the image
+    # and of its mirror image, dataset.features + dataset.augment); the loop feeds an example's views as consecutive
+    # rows, clipped as one example (augmentation multiplicity). The evaluation split has one view
+    views: int = 1
 
 
 def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
                    features: str = "none", normalize: str = "none", normalize_noise: float = 8.0,
-                   normalize_clip: float = 2.0, streams: Streams | None = None) -> Data:
+                   normalize_clip: float = 2.0, augment: bool = False, streams: Streams | None = None) -> Data:
     """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
     seed: the run's seed; fake data and the validation split use its "data" and "split" streams.
     normalize=dp: per-channel statistics of the training examples by the Gaussian mechanism (_dp_normalize), its
-    noise from `streams`' "norm" stream (OS entropy in secure mode); recorded in Data.prior."""
+    noise from `streams`' "norm" stream (OS entropy in secure mode); recorded in Data.prior.
+    augment with features: the features of each training image's mirror image too, as a second view (Data.views)."""
     load = lookup("dataset", name, DATASETS)
     if name == "folder" and not root:  # not the data_dir default: a path the user never gave
         raise UserError("dataset=folder needs dataset.root=<a folder with train/<class>/*.jpg and test/<class>/*.jpg>")
@@ -59,7 +64,7 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
     data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
                 download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
                 num_classes=num_classes, channels=channels)
-    data = featurize(data, cache_dir=os.path.join(data_dir, "features"))
+    data = featurize(data, cache_dir=os.path.join(data_dir, "features"), flips=augment)
     if val_fraction > 0:
         data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
     if normalize == "dp":  # after the split: the statistics read the examples trained on, never the held-out ones
@@ -95,7 +100,9 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
         raise UserError("dataset.normalize=dp needs the examples in memory: image size ≤ "
                         f"{CACHE_MAX_SIZE} and dataset.cache=true")
     x, y = data.train.tensors
-    n, C = len(x), x.shape[1]
+    n, C = len(x), data.in_chans
+    # an example's statistics over all its views (one clipped vector per example: the sensitivity is unchanged)
+    flat = (lambda v: v.transpose(1, 2).flatten(2)) if data.views > 1 else (lambda v: v.flatten(2))
 
     def estimate(per_example: torch.Tensor) -> torch.Tensor:  # (n, C) → (C,)
         scale = (clip / per_example.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)  # min(1, clip/‖v_i‖)
@@ -103,17 +110,17 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
         return (total + noise * clip * normal(C)) / n
 
     def per_example(fn) -> torch.Tensor:  # (n, C) in float64, 4096 examples at a time (all at once: 6 GB for CIFAR)
-        return torch.cat([fn(x[i : i + 4096].flatten(2).double()).mean(2) for i in range(0, n, 4096)])
+        return torch.cat([fn(flat(x[i : i + 4096]).double()).mean(2) for i in range(0, n, 4096)])
 
     with torch.no_grad():
         mean = estimate(per_example(lambda v: v))
         sq = estimate(per_example(lambda v: v ** 2))
         floor = 3 * noise * clip / n * (1 + 2 * mean.abs())  # the std of sq - mean², to first order
         var = torch.maximum(sq - mean ** 2, floor)
-        shape = (1, C) + (1,) * (x.dim() - 2)
+        xt, yt = data.test.tensors
+        shape = (1, C) + (1,) * (xt.dim() - 2)  # the evaluation split's (N, C, ...); train's may have views first
         m, inv = mean.float().view(shape), var.rsqrt().float().view(shape)
         data.train = TensorDataset(x.sub_(m).mul_(inv), y)
-        xt, yt = data.test.tensors
         data.test = TensorDataset(xt.sub_(m).mul_(inv), yt)
     log.info("dataset.normalize=dp: per-channel mean/variance of %d examples, noise %g x clip %g (eps composed "
              "into the budget)", n, noise, clip)
@@ -124,11 +131,15 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
 NORMALIZE = ("none", "dp")
 
 
-def _scattering(data: Data, *, cache_dir: str | None = None) -> Data:
+def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False) -> Data:
     """Replace the images by a fixed, data-independent feature map, computed once for both splits:
     the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
     (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
-    and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation."""
+    and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation.
+    flips: also the features of each training image flipped left-right (another fixed, per-example map), stored as
+    a second view: train's inputs become (N, 2, 81·C, H/4, W/4), and both views of an example are trained on as one
+    example (privacy.augmult=2). The flip changes the ScatterNet's angles, not only the map's columns, so the
+    flipped features are computed, not derived."""
     if not isinstance(data.train, TensorDataset):
         raise UserError(f"dataset.features=scattering needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
                         "and dataset.cache=true")
@@ -146,8 +157,14 @@ def _scattering(data: Data, *, cache_dir: str | None = None) -> Data:
     (x, y), (xt, yt) = data.train.tensors, data.test.tensors
     with torch.no_grad():
         train, test = _cached(cache_dir, "scattering-J2-L8", (x, xt), lambda: (apply(x), apply(xt)))
+        if flips:  # (N, 2, ...) filled view by view: two views' memory, not three
+            views = train.new_empty((len(train), 2, *train.shape[1:]))
+            views[:, 0] = train
+            del train
+            views[:, 1] = _cached(cache_dir, "scattering-J2-L8-hflip", (x,), lambda: (apply(x.flip(-1)),))[0]
+            train, data.views = views, 2
     data.train, data.test = TensorDataset(train, y), TensorDataset(test, yt)
-    data.in_chans, data.image_size = data.train.tensors[0].shape[1], data.train.tensors[0].shape[-1]
+    data.in_chans, data.image_size = test.shape[1], test.shape[-1]
     data.name += "-scattering"
     return data
 
@@ -336,6 +353,9 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, int(n * fraction))
     data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
+    if data.views > 1:  # held out: evaluated as the test split is, on the first view (the image itself)
+        xv, yv = data.test.tensors
+        data.test = TensorDataset(xv[:, 0], yv)
     data.name += "-val"
     return data
 

@@ -15,11 +15,12 @@ from .privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
-                    augment_gen=None, augmult=1, ema=None, scheduler=None, memory_format=None, on_step=None,
+                    augment_gen=None, augmult=1, views=1, ema=None, scheduler=None, memory_format=None, on_step=None,
                     totals=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
     augmult K: each example enters as K independently augmented rows, clipped as one example.
+    views K (= augmult): the dataset stores K fixed views of each example, (B, K, ...): its K rows, no augmentation.
     ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates);
     scheduler: a learning-rate scheduler stepped after every optimizer step.
     Divergence guard: a non-finite loss (any physical batch) or non-finite weights (after every step) raise
@@ -40,7 +41,9 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         for j, _ in enumerate(cs):
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if augmult > 1:
+            if views > 1:
+                x = x.flatten(0, 1)  # (B, K, ...) → (B·K, ...): an example's views are consecutive
+            elif augmult > 1:
                 x = x.repeat_interleave(augmult, dim=0)  # (B·K, ...): an example's copies are consecutive
             if augment_gen is not None:
                 x = augment(x, augment_gen)

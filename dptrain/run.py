@@ -82,7 +82,8 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     tracker = NullTracker() if not dist.is_main else Tracker(
         run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
         config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
-    augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment else None
+    # random crops and flips at each step; stored views (features) are fixed: no augmentation stream
+    augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment and data.views == 1 else None
     saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s if not dist.enabled else 0,
                               config=OmegaConf.to_container(cfg, resolve=True), commit=commit, budget=budget,
                               model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, engine=engine,
@@ -147,14 +148,18 @@ def _data(cfg, streams) -> Data:
     """The dataset, at the input size and normalisation the model wants."""
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
-    if ds.features != "none" and (ds.augment or cfg.privacy.augmult > 1):
-        raise UserError(f"dataset.features={ds.features} is computed once, before training: it cannot be combined "
-                        "with dataset.augment or privacy.augmult (set them to false / 1)")
+    # features are computed once, before training: the only augmentation is a second fixed view per example (the
+    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
+    if ds.features != "none" and ds.augment and cfg.privacy.augmult != 2:
+        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
+                        f"example (the image and its mirror image): set privacy.augmult=2 (got "
+                        f"{cfg.privacy.augmult}), or dataset.augment=false")
     return create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
                           mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
                           channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
-                          normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip, streams=streams)
+                          normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
+                          augment=ds.augment and ds.features != "none", streams=streams)
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
@@ -217,7 +222,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             stats = train_one_epoch(engine, data.train, logical[len(totals.get("step_times", ())):],
                                     physical_batch_size=cfg.physical_batch_size, device=device,
                                     num_workers=cfg.dataset.num_workers, augment_gen=augment,
-                                    augmult=cfg.privacy.augmult, ema=ema, scheduler=scheduler,
+                                    augmult=cfg.privacy.augmult, views=data.views, ema=ema, scheduler=scheduler,
                                     memory_format=_memory_format(cfg), on_step=on_step, totals=totals)
         except BaseException as e:  # Diverged, Ctrl-C: the bar ends its line before the CLI's one line
             bar.close()
@@ -310,7 +315,8 @@ def _device(name: str) -> torch.device:
 def _check_input(model, data, name: str, device) -> None:
     """One example through the model before training, so that a model/input mismatch (a timm model whose
     downsampling needs a larger image, a fixed img_size) is a one-line error rather than a traceback."""
-    x = data.train[0][0].unsqueeze(0).to(device)
+    x = data.train[0][0]
+    x = (x[0] if data.views > 1 else x).unsqueeze(0).to(device)  # one view
     was = model.training
     model.eval()
     try:

@@ -244,7 +244,7 @@ def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
     s = run(compose(*base, "dataset.features=scattering"), str(tmp_path / "a"))
     assert s[key.MODEL] == "scatter_cnn" and s[key.DATASET] == "fake-scattering"
     assert_eps_spent(s, target=3.0)
-    with pytest.raises(UserError, match="dataset.features=scattering is computed once"):
+    with pytest.raises(UserError, match="dataset.features=scattering with dataset.augment=true stores two fixed views"):
         run(compose(*base, "dataset.features=scattering", "dataset.augment=true"), str(tmp_path / "b"))
     with pytest.raises(UserError, match="scatter_cnn takes ScatterNet features"):
         run(compose(*base), str(tmp_path / "c"))
