@@ -143,6 +143,21 @@ def test_single_process_is_a_no_op():
     assert any(o.startswith("hydra.run.dir=") for o in over) and "hydra.output_subdir=null" in over
 
 
+def test_torchrun_says_it_writes_no_checkpoints(compose, caplog):
+    """Checkpoints are one-process for now (run.py: every_s=0 on N processes): rank 0 warns once instead of
+    ignoring checkpoint.every_s silently; nothing in one process, on rank 1, or with checkpoint.every_s=0."""
+    from dptrain.cli import warn_no_checkpoints
+
+    rank0, rank1 = (Dist(rank=r, world_size=2, backend="gloo") for r in (0, 1))
+    with caplog.at_level("WARNING", logger="dptrain"):
+        for cfg, dist in ((compose(), rank0), (compose(), rank1), (compose(), SINGLE),
+                          (compose("checkpoint.every_s=0"), rank0)):
+            warn_no_checkpoints(cfg, dist)
+    assert [r.getMessage() for r in caplog.records if r.name == "dptrain"] == [
+        "checkpoints are not written under torchrun yet (checkpoint.every_s=300 ignored): a run killed on 2 "
+        "processes cannot be resumed and starts over"]
+
+
 def _torchrun(*args, cwd, nproc=2, timeout=600):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
