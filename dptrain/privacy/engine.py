@@ -382,7 +382,7 @@ def _fallback_share(entries: list[Entry]) -> float:
         log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
                     100 * share, names)
     else:
-        log.info("privacy engine: fallback share 0%% (every trainable parameter on a ghost/instantiation rule)")
+        log.info("privacy engine: fallback share 0% (every trainable parameter on a ghost/instantiation rule)")
     return share
 
 
