@@ -50,6 +50,21 @@ def test_defaults_have_one_source(compose):
     assert (cfg.eps, cfg.delta, cfg.batch_size, cfg.seed) == (schema.eps, schema.delta, schema.batch_size, schema.seed)
 
 
+@pytest.mark.parametrize("group", ["model", "dataset", "engine", "optimizer", "logger"])
+def test_group_files_repeat_no_default(group):
+    """A group file sets only what differs from its dataclass's defaults (sgd.yaml once repeated lr 0.1 and
+    momentum 0.9, wandb.yaml the project and mode): a default changed in config.py must reach every group."""
+    from omegaconf import OmegaConf
+
+    from dptrain.config import TrainConfig
+
+    schema = getattr(TrainConfig(), group)
+    for f in sorted(os.listdir(os.path.join(CONF, group))):
+        values = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, group, f)))
+        repeated = {k: v for k, v in values.items() if k != "name" and getattr(schema, k, object()) == v}
+        assert not repeated, f"conf/{group}/{f} repeats config.py's defaults {repeated}"
+
+
 def test_every_numeric_knob_has_a_range():
     """A new int/float knob must get its range in config.RANGES (or a reason in UNRANGED): nothing numeric reaches
     training unchecked."""
