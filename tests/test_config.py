@@ -131,3 +131,15 @@ def test_model_kwargs_take_new_keys_without_plus(compose):
         compose("model.patch_sz=4")
     with pytest.raises(ConfigAttributeError):
         cfg.model.nope = 1
+
+
+def test_every_conf_option_has_a_registry_entry_and_back():
+    """Each group's valid names are one registry's keys (engines.ENGINES, optim.OPTIMIZERS, tracking.LOGGERS; datasets:
+    test_data.py): a conf file without an entry would fail only at run time, an entry without a file not at all."""
+    from dptrain.engines import ENGINES
+    from dptrain.optim import OPTIMIZERS
+    from dptrain.tracking import LOGGERS
+
+    for group, registry in [("engine", ENGINES), ("optimizer", OPTIMIZERS), ("logger", LOGGERS)]:
+        names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
+        assert names == sorted(registry), group
