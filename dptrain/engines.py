@@ -164,8 +164,6 @@ class Opacus:
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
                  clipping="abadi", augmult=1, precision="fp32", dist=None, **_):
-        from opacus.validators import ModuleValidator
-
         if precision != "fp32":
             raise UserError(f"precision={precision} needs a built-in engine ({', '.join(MODES)}) or nonprivate: "
                             "Opacus' per-sample gradient hooks are not checked under autocast here")
@@ -176,9 +174,6 @@ class Opacus:
             raise UserError("privacy.secure=true needs a built-in engine: Opacus' secure mode needs torchcsprng "
                             f"(not installed); valid: {', '.join(MODES)}")
 
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise UserError(f"Opacus cannot train this model: {errors[0]}")
         _check_opacus_supports(model, "opacus_ghost" if ghost else "opacus")
         model = _clone_outputs(model)
         gen = streams.generator("opacus", device=next(model.parameters()).device)
@@ -262,9 +257,20 @@ def _check_opacus_supports(model: nn.Module, name: str) -> None:
     """Opacus refuses a module that owns trainable parameters and holds buffers anywhere below it (its
     GradSampleModule.validate: the buffers would not be private) — timm BEiT's attention (k_bias and the
     relative-position index) and every module above it — with a page-long NotImplementedError. Say it in one
-    line, naming the deepest such module, before anything is wrapped."""
+    line, naming the deepest such module, before anything is wrapped. Likewise a module Opacus' ModuleValidator
+    refuses (nn.MultiheadAttention, nn.LSTM, ...: its message names neither the module nor another engine)."""
     from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
 
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:  # Opacus' errors do not say where: the first trainable module whose validator complains
+        checks = ModuleValidator.VALIDATORS
+        n, m = next(((n, m) for n, m in trainable_modules(model) if type(m) in checks and checks[type(m)](m)),
+                    ("", model))
+        errors = checks[type(m)](m) if n else errors
+        why = " ".join(str(errors[0]).split()).split(". ")[0]  # Opacus' first sentence, on one line
+        raise UserError(f"engine={name} cannot train this model: Opacus refuses module '{n or '<root>'}' "
+                        f"({type(m).__name__}: {why}); use engine=mixed_ghost")
     bad = [(n, m) for n, m in trainable_modules(model) if any(True for _ in m.buffers())]
     if bad:
         n, m = max(bad, key=lambda b: b[0].count(".") + bool(b[0]))

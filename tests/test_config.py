@@ -50,6 +50,21 @@ def test_defaults_have_one_source(compose):
     assert (cfg.eps, cfg.delta, cfg.batch_size, cfg.seed) == (schema.eps, schema.delta, schema.batch_size, schema.seed)
 
 
+@pytest.mark.parametrize("group", ["model", "dataset", "engine", "optimizer", "logger"])
+def test_group_files_repeat_no_default(group):
+    """A group file sets only what differs from its dataclass's defaults (sgd.yaml once repeated lr 0.1 and
+    momentum 0.9, wandb.yaml the project and mode): a default changed in config.py must reach every group."""
+    from omegaconf import OmegaConf
+
+    from dptrain.config import TrainConfig
+
+    schema = getattr(TrainConfig(), group)
+    for f in sorted(os.listdir(os.path.join(CONF, group))):
+        values = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, group, f)))
+        repeated = {k: v for k, v in values.items() if k != "name" and getattr(schema, k, object()) == v}
+        assert not repeated, f"conf/{group}/{f} repeats config.py's defaults {repeated}"
+
+
 def test_every_numeric_knob_has_a_range():
     """A new int/float knob must get its range in config.RANGES (or a reason in UNRANGED): nothing numeric reaches
     training unchecked."""
@@ -116,3 +131,15 @@ def test_model_kwargs_take_new_keys_without_plus(compose):
         compose("model.patch_sz=4")
     with pytest.raises(ConfigAttributeError):
         cfg.model.nope = 1
+
+
+def test_every_conf_option_has_a_registry_entry_and_back():
+    """Each group's valid names are one registry's keys (engines.ENGINES, optim.OPTIMIZERS, tracking.LOGGERS; datasets:
+    test_data.py): a conf file without an entry would fail only at run time, an entry without a file not at all."""
+    from dptrain.engines import ENGINES
+    from dptrain.optim import OPTIMIZERS
+    from dptrain.tracking import LOGGERS
+
+    for group, registry in [("engine", ENGINES), ("optimizer", OPTIMIZERS), ("logger", LOGGERS)]:
+        names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
+        assert names == sorted(registry), group

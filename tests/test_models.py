@@ -93,6 +93,32 @@ def test_opacus_on_beit_is_one_line_naming_the_module(engine):
     assert not any(type(m).__name__ == "_Cloned" for m in model.modules())  # refused before anything was wrapped
 
 
+class _WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 8))
+        self.blocks.append(nn.MultiheadAttention(8, 2, batch_first=True))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        return self.head(self.blocks[1](x, x, x)[0].mean(1))
+
+
+@pytest.mark.parametrize("engine", ["opacus", "opacus_ghost"])
+def test_opacus_validator_refusal_is_one_line_naming_the_module(engine):
+    """A module Opacus' ModuleValidator refuses (nn.MultiheadAttention): its message names neither the module nor
+    another engine; dptrain's does both, on one line."""
+    from dptrain.engines import create_engine
+
+    model = _WithMHA()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError) as err:
+        create_engine(engine, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "'blocks.1' (MultiheadAttention" in msg and "engine=mixed_ghost" in msg
+
+
 def test_every_batchnorm_subclass_is_converted_keeping_timm_fused_activation(caplog):
     """timm's BatchNormAct2d (EfficientNet & co.) is a BatchNorm subclass Opacus' fixer misses: converted to
     GroupNorm followed by its activation, and the log counts what was converted."""
