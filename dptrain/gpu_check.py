@@ -15,15 +15,21 @@ It writes <out>.json and <out>.md:
   bench       median step time (interleaved) and peak memory (torch.cuda.max_memory_allocated, one engine at a
               time) of nonprivate / mixed_ghost / mixed_ghost passes=2, fp32 and bf16, at 224×224 (CPU: 32×32);
               BEiT-large's memory per example in a physical batch (two batch sizes, the slope)
-Each section records its error instead of stopping the others.
+  gpu_tests   `pytest -m gpu tests/test_gpu.py` in a subprocess (issue #18 item 3), its log beside <out>.json;
+              recorded as not run when pytest is not installed (the end-to-end tests also need Hydra)
+Each section records its error instead of stopping the others. A CPU dry run of the flow with small sizes:
+
+    PYTHONPATH=. python -m dptrain.gpu_check --device cpu --bench-models resnet18 --out /tmp/gpu-check
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
+SECTIONS = ["exactness", "replay", "bf16_bound", "bench", "gpu_tests"]
 
 
 def tiny_models() -> dict:
@@ -105,12 +112,33 @@ def bf16_bound(device: torch.device) -> dict:
     return out
 
 
-def bench(device: torch.device, size: int, batch: int, steps: int) -> dict:
+def gpu_tests(device: torch.device, log: str) -> dict:
+    """The `gpu` tests in a subprocess (a crash there costs this section only); the log to `log`."""
+    try:
+        found = importlib.util.find_spec("pytest") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, a None in sys.modules
+        found = False
+    if not found:
+        return {"ran": False, "why": "pytest is not installed"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DPTRAIN_TEST_DEVICE": device.type, "WANDB_MODE": "offline",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
+                          os.path.join(root, "tests", "test_gpu.py")], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    with open(log, "w") as f:
+        f.write(out.stdout + out.stderr)
+    lines = out.stdout.strip().splitlines()
+    return {"ran": True, "returncode": out.returncode, "summary": lines[-1] if lines else "", "log": log}
+
+
+def bench(device: torch.device, size: int, batch: int, steps: int,
+          models=("resnet18", "vit_base", "beit_base")) -> dict:
     from .bench import build, one_step, time_engines
 
     engines = ["nonprivate", "mixed_ghost", "mixed_ghost_2pass", "nonprivate_bf16", "mixed_ghost_bf16"]
     out = {}
-    for model in ("resnet18", "vit_base", "beit_base"):
+    for model in models:
         times = time_engines(model, size, batch, engines, device, steps=steps)
         row = {e: {"step_ms": 1000 * t} for e, t in times.items()}
         for e in engines:
@@ -147,15 +175,21 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/gpu-check", help="output prefix (.json, .md)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bench-models", nargs="+", default=["resnet18", "vit_base", "beit_base"],
+                    help="the bench's models (a CPU dry run: resnet18 alone)")
+    ap.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="which sections to run")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     report = {"env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
                       "name": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu"}}
-    sections = [("exactness", lambda: exactness(device)), ("replay", lambda: dropout_replay(device)),
-                ("bf16_bound", lambda: bf16_bound(device)),
-                ("bench", lambda: bench(device, 224 if gpu else 32, 32 if gpu else 8, 5 if gpu else 2))]
-    for name, run in sections:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    sections = {"exactness": lambda: exactness(device), "replay": lambda: dropout_replay(device),
+                "bf16_bound": lambda: bf16_bound(device),
+                "bench": lambda: bench(device, 224 if gpu else 32, 32 if gpu else 8, 5 if gpu else 2,
+                                       tuple(args.bench_models)),
+                "gpu_tests": lambda: gpu_tests(device, args.out + "-tests.log")}
+    for name, run in ((n, sections[n]) for n in SECTIONS if n in args.sections):
         t = time.time()
         print(f"== {name}", flush=True)
         try:
@@ -164,7 +198,7 @@ def main(argv=None) -> None:
             report[name] = {"error": traceback.format_exc()[-2000:]}
         report.setdefault("seconds", {})[name] = round(time.time() - t, 1)
         print(json.dumps(report[name], default=str)[:2000], flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        print(f"   ({report['seconds'][name]} s)", flush=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(args.out + ".md", "w") as f:

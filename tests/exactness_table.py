@@ -1,16 +1,24 @@
 """Print the max relative error (vs the float64 one-example-at-a-time reference) per model × mode, and for
 mixed_ghost with passes=2 (norm pass, recomputed forward, clipped pass).
 
-    .venv/bin/python tests/exactness_table.py > results/exactness.md
+    .venv/bin/python tests/exactness_table.py                       # float64: the table in results/exactness.md
+    .venv/bin/python tests/exactness_table.py --precision           # float32 params, fp32 / bf16 / fp16 autocast
+
+--precision (issue #18 item 2): the model in float32, its forward under torch.autocast(cpu, bf16 | fp16) as
+precision=bf16|fp16 runs it (fp16 with the runner's static loss scale, FP16_LOSS_SCALE), passes=1, against the
+float64 reference of the same weights; and, to separate the engine from the forward's rounding, against the
+one-example-at-a-time reference under the same autocast (each example's float32 gradient clipped in float64).
 """
 
+import copy
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference import check  # noqa: E402
+from reference import check, max_rel_err, reference_grads  # noqa: E402
 from test_engine import LAYERS, MODELS, MODES, Embed, Reuse, WithCustom, batches, seq_model  # noqa: E402
 
 
@@ -26,7 +34,70 @@ def cases():
     yield "embedding", Embed, [(torch.randint(0, 10, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g))]
 
 
+def _amp_reference(model, data, dtype, R):
+    """Σ_i c_i g_i one example at a time, each forward under the same autocast, norms and sum in float64."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for x, y in data:
+        for i in range(x.shape[0]):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                out = model(x[i : i + 1])
+            gs = torch.autograd.grad(F.cross_entropy(out.float(), y[i : i + 1], reduction="sum"), params,
+                                     allow_unused=True)
+            gs = [torch.zeros_like(t) if g is None else g.double() for g, t in zip(gs, total)]
+            c = min(1.0, R / torch.sqrt(sum(g.pow(2).sum() for g in gs)).item())
+            for t, g in zip(total, gs):
+                t.add_(g, alpha=c)
+    return total
+
+
+def reduced(make, data, mode, precision, R=0.5):
+    """(error vs the float64 reference, error vs the same-autocast reference) of the engine at `precision`."""
+    from dptrain.engines import FP16_LOSS_SCALE, PRECISIONS
+    from dptrain.privacy import PrivacyEngine
+
+    dtype = PRECISIONS[precision]
+    torch.manual_seed(0)
+    model = make().float()
+    ref64, _ = reference_grads(copy.deepcopy(model).double(),
+                               [(x.double() if x.is_floating_point() else x, y) for x, y in data], max_grad_norm=R)
+    ref_amp = _amp_reference(model, data, dtype, R)
+    S = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R)
+    engine.loss_scale = S
+    model.zero_grad(set_to_none=True)
+    try:
+        for x, y in data:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                out = model(x)
+            (S * F.cross_entropy(out.float(), y, reduction="sum")).backward()
+    finally:
+        engine.detach()
+    got = [torch.zeros_like(r) if p.grad is None else p.grad.double() / S
+           for p, r in zip((p for p in model.parameters() if p.requires_grad), ref64)]
+    return max_rel_err(got, ref64), max_rel_err(got, ref_amp)
+
+
+def main_precision():
+    precisions = ("fp32", "bf16", "fp16")
+    heads = [f"{m}, {p}" for p in precisions for m in MODES]
+    print("vs the float64 reference (and, in brackets, vs the one-example reference under the same autocast)\n")
+    print("| model / layer | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
+    for name, make, data in cases():
+        errs = []
+        for precision in precisions:
+            for mode in MODES:
+                try:
+                    e64, eamp = reduced(make, data, mode, precision)
+                    errs.append(f"{e64:.1e} ({eamp:.0e})")
+                except Exception as e:  # noqa: BLE001 - a case autocast does not support is a cell, not a stop
+                    errs.append(f"{type(e).__name__}")
+        print(f"| {name} | " + " | ".join(errs) + " |", flush=True)
+
+
 def main():
+    if "--precision" in sys.argv[1:]:
+        return main_precision()
     runs = [(mode, 1) for mode in MODES] + [("mixed_ghost", 2)]
     heads = [m if p == 1 else f"{m}, passes=2" for m, p in runs]
     print("| model / layer | " + " | ".join(heads) + " |\n|---|" + "---|" * len(runs))
