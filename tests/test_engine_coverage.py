@@ -5,7 +5,7 @@ float64 reference; never an internal error."""
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.layers import DPGRU, DPLSTM
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from reference import check
 from torch import nn
 
@@ -36,7 +36,7 @@ def test_fused_recurrent_layers_are_refused_with_the_dp_layer_to_use(cls):
 
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cls", [DPLSTM, DPGRU])
+@pytest.mark.parametrize("cls", [DPLSTM, DPGRU, DPRNN])
 def test_opacus_dp_recurrent_layers_are_exact(cls, mode, passes):
     """Each weight is registered under two names (an alias on the layer): one use, not tied weights; the
     Linear cells run once per time step (module reuse), no fallback."""

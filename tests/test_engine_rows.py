@@ -129,3 +129,27 @@ def test_probe_leaves_training_state_and_random_stream_alone():
     got = model(x)
     assert model.training and torch.equal(got, want)
     engine.detach()
+
+
+@pytest.mark.parametrize("passes", PASSES)
+def test_sequence_first_with_a_multiple_of_the_batch_is_refused_as_sequence_first(passes):
+    """T = 2B through a fallback unit (nn.MultiheadAttention): every row moves with example 0 — sequence-first,
+    not two rows per example."""
+    torch.manual_seed(0)
+    with pytest.raises(CoverageError, match=r"attn \(MultiheadAttention\): rows \[0, 1, 2, 3, 4, 5\] .*moved with "
+                                            r"example 0.*batch_first=True"):
+        step(MHA(batch_first=False), torch.randn(3, 6, 4), torch.tensor([0, 1, 2]), passes=passes)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+def test_window_attention_on_the_fallback_is_refused_as_needing_a_rule(passes):
+    """Swin V2's WindowAttention has no rule: on the fallback it sees B·nW window rows, each example's consecutive.
+    Refused naming the module and what it needs, not as a sequence-first layout (issue #15 item 2)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swinv2_tiny_window8_256", img_size=16, patch_size=2, window_size=4, embed_dim=8,
+                              depths=(2, 2), num_heads=(2, 2), num_classes=3)
+    with pytest.raises(CoverageError, match=r"^layers\.0\.blocks\.0\.attn \(WindowAttention\): its \(12, 16, 8\) "
+                                            r"input has 4 rows per example .*needs a rule of its own"):
+        step(model, torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2]), passes=passes)

@@ -244,10 +244,13 @@ class PrivacyEngine:
         if model_rows == 0:  # an empty batch: nothing to clip, nothing added
             return 0
         if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
+            windows = "" if entry.rule.eager or rows % model_rows else (
+                "; or several rows per example (window attention's windows), which the generic fallback cannot "
+                "replay: such a module needs a rule of its own (dptrain/privacy/rules/)")
             raise CoverageError(
                 f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
                 "its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the batch "
-                "dimension first")
+                f"dimension first{windows}")
         return model_rows // self.augmult
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:

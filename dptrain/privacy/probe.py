@@ -102,27 +102,30 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
 
 def _check_inputs(e: Entry, call_a: list, call_b: list, grads: dict, B: int) -> None:
     """One call's tensor arguments in the two forwards (example 0 changed in the second) and their gradients
-    from example 0's output. The fallback splits every argument; other rules read only the first (their input,
-    or their batch), which may have k·B rows, each example's k consecutive (Swin's windows)."""
+    from example 0's output. The fallback splits every argument, so its input must have B rows (k·B rows, each
+    example's k consecutive, are refused as needing a rule); other rules read only the first (their input, or their
+    batch), which may have k·B rows, each example's k consecutive (Swin's windows)."""
     first_arg = next((i for i, t in enumerate(call_a) if torch.is_tensor(t) and t.dim()), None)
     if first_arg is not None:
-        R = call_a[first_arg].shape[0]
+        x, R = call_a[first_arg], call_a[first_arg].shape[0]
+        if e.rule is FALLBACK and R != B and R % B == 0:
+            moved, _ = _own_rows(e, x, call_b[first_arg], grads.get(first_arg), R // B)  # sequence-first: refused
+            if moved.any():  # only example 0's own k consecutive rows moved: several rows per example
+                raise CoverageError(
+                    f"{e.label()}: its {tuple(x.shape)} input has {R // B} rows per example (each example's "
+                    "consecutive, as window attention's B·nW windows), but the generic fallback replays one row per "
+                    "example; this module needs a rule of its own (dptrain/privacy/rules/, as timm's Swin "
+                    "WindowAttention has: swin_attn)")
         if R % B or (e.rule is FALLBACK and R != B):
             raise CoverageError(
-                f"{e.label()}: its {tuple(call_a[first_arg].shape)} input has {R} rows but the model's batch has "
+                f"{e.label()}: its {tuple(x.shape)} input has {R} rows but the model's batch has "
                 f"{B}, so its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the "
                 "batch dimension first")
     for pos, (a, b) in enumerate(zip(call_a, call_b)):
         if not (torch.is_tensor(a) and a.dim() and a.shape[0] % B == 0) or (
                 e.rule is not FALLBACK and pos != first_arg) or (e.rule is FALLBACK and a.shape[0] != B):
             continue
-        k = a.shape[0] // B  # rows of example 0: [0, k)
-        moved = _rows(_differ(a, b), a.shape[0])
-        g = grads.get(pos)
-        reach = None if g is None else _rows(_nonzero(g), a.shape[0])
-        for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
-            if rows is not None and rows[k:].any():
-                _refuse(e, a, what, rows)
+        moved, g = _own_rows(e, a, b, grads.get(pos), a.shape[0] // B)
         if e.rule is FALLBACK and (moved.any() or g is not None):
             e.split.add(pos)
         if e.rule is FALLBACK and not moved.any() and g is None:
@@ -130,6 +133,17 @@ def _check_inputs(e: Entry, call_a: list, call_b: list, grads: dict, B: int) -> 
                 f"{e.label()}: argument {pos} has {B} rows (the batch size) that do not depend on the examples: a "
                 "table or mask shared by all examples, or per-example copies of a constant — ambiguous. Register "
                 "it as a buffer of the module, or give it a size other than the batch")
+
+
+def _own_rows(e: Entry, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None, k: int):
+    """Refuses unless only rows [0, k) of `a` (example 0's, with k rows per example) moved when example 0 changed
+    (b) or received gradient from example 0's output (g). Returns (the rows that moved, g)."""
+    moved = _rows(_differ(a, b), a.shape[0])
+    reach = None if g is None else _rows(_nonzero(g), a.shape[0])
+    for what, rows in (("moved with example 0", moved), ("reached example 0's output", reach)):
+        if rows is not None and rows[k:].any():
+            _refuse(e, a, what, rows)
+    return moved, g
 
 
 def _example_zero_grads(live: dict) -> dict[tuple[int, int, int], torch.Tensor]:
