@@ -119,6 +119,23 @@ class Dist:
             raise value
         return value
 
+    def flag(self, value: bool) -> bool:
+        """Rank 0's yes/no on every rank: one 1-element broadcast (a decision only rank 0 can take, such as
+        "the checkpoint interval has passed" by its clock, which every rank must then act on together)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([1 if value else 0], dtype=torch.uint8, device=self.comm_device)
+        tdist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` (picklable), as a list by rank on rank 0; None on the others. One process: [obj]."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
+
     def check_same(self, text: str, what: str) -> None:
         """Every rank must run the same command: a multi-node launch with different overrides on one node would
         otherwise train on mismatched batches, silently."""
@@ -225,6 +242,9 @@ class Sharded:
         self.n = sampler.n
         # secure mode: OS entropy differs per rank, so rank 0 draws the mask and broadcasts it
         self.broadcast = dist.enabled and getattr(sampler, "secure", False)
+        # the shared sampler stream (the same state on every rank; None in secure mode): what a resumed run
+        # redraws up to its checkpoint's epoch, and checks (checkpoint.Checkpointer.batches)
+        self.generator = None if self.broadcast else getattr(sampler, "generator", None)
 
     def __iter__(self):
         d = self.dist
