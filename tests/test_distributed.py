@@ -143,27 +143,96 @@ def test_single_process_is_a_no_op():
     assert any(o.startswith("hydra.run.dir=") for o in over) and "hydra.output_subdir=null" in over
 
 
-def test_torchrun_says_it_writes_no_checkpoints(compose, caplog):
-    """Checkpoints are one-process for now (run.py: every_s=0 on N processes): rank 0 warns once instead of
-    ignoring checkpoint.every_s silently; nothing in one process, on rank 1, or with checkpoint.every_s=0."""
-    from dptrain.cli import warn_no_checkpoints
-
-    rank0, rank1 = (Dist(rank=r, world_size=2, backend="gloo") for r in (0, 1))
-    with caplog.at_level("WARNING", logger="dptrain"):
-        for cfg, dist in ((compose(), rank0), (compose(), rank1), (compose(), SINGLE),
-                          (compose("checkpoint.every_s=0"), rank0)):
-            warn_no_checkpoints(cfg, dist)
-    assert [r.getMessage() for r in caplog.records if r.name == "dptrain"] == [
-        "checkpoints are not written under torchrun yet (checkpoint.every_s=300 ignored): a run killed on 2 "
-        "processes cannot be resumed and starts over"]
+# a run of 8 steps (2 epochs of 4) on 64 fake 8×8 images (test_checkpoint.py's), with the per-rank streams that a
+# resumed rank must restore as its own: augmentation (2 augmented copies per example), and the noise chunks it draws
+RESUMED = ["engine=ghost", "dataset.augment=true", "privacy.augmult=2", "privacy.ema=0.9", "optimizer=adam",
+           "optimizer.schedule=cosine"]
 
 
-def _torchrun(*args, cwd, nproc=2, timeout=600):
+def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
+    """2 gloo processes run dptrain's run() uninterrupted, then killed after step 6 (a checkpoint after every
+    step: the last at step 5, inside epoch 2) and resumed: weights (bit for bit), metrics.jsonl, accuracy, steps
+    and ε equal the uninterrupted 2-process run's. The checkpoint holds each rank's own state; a 1-process resume
+    of it is refused in one line."""
+    import torch.multiprocessing as mp
+    from dist_workers import resume_worker
+    from test_checkpoint import RUN, assert_same_run, status
+
+    mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *RESUMED]), nprocs=2,
+                       start_method="spawn")
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+    assert [x[key.STEP] for x in status(tmp_path / "run")["resumed"]] == [5]
+
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    r0, r1 = state["ranks"]
+    # each rank drew its own noise chunks (rank r: chunks r, r+2, ...) and its own augmentations
+    noise0, noise1 = r0["engine"]["noise"]["cpu"], r1["engine"]["noise"]["cpu"]
+    assert not torch.equal(noise0[0], noise1[0]) and not torch.equal(noise0[1], noise1[1])
+    assert not torch.equal(r0["rng"]["augment"], r1["rng"]["augment"])
+    assert torch.equal(r0["rng"]["sampler"]["state"], r1["rng"]["sampler"]["state"])  # the one shared stream
+    assert r0["totals"]["loss"] != r1["totals"]["loss"]  # epoch 2's running sums: over each rank's own shards
+    assert state["position"]["totals"] == r0["totals"]
+
+    from test_checkpoint import EVERY_STEP, _compose
+
+    from dptrain.checkpoint import load
+    from dptrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"written by 2 process\(es\), this run has 1; .* continue it on as many: "
+                                        r"torchrun with 2 processes") as err:
+        load(_compose(*RUN, *RESUMED, EVERY_STEP, f"resume={tmp_path / 'killed'}"), world_size=1)
+    assert "\n" not in str(err.value)
+
+
+def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
+    """The other way round: a checkpoint of one process, resumed by 2 (what rank 0 checks before sending it)."""
+    from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
+
+    from dptrain.checkpoint import check_world_size, load
+    from dptrain.errors import UserError
+    from dptrain.run import run
+
+    d = tmp_path / "one"
+    interrupt(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(_compose(*RUN, EVERY_STEP), str(d))
+    cfg = _compose(*RUN, EVERY_STEP, f"resume={d}")
+    assert load(cfg)["world_size"] == 1
+    with pytest.raises(UserError, match=r"written by 1 process\(es\), this run has 2; .*: dptrain resume="):
+        load(cfg, world_size=2)
+    check_world_size({}, 1, "x")  # a checkpoint from before the key: one process
+    with pytest.raises(UserError, match="written by 1 process"):
+        check_world_size({}, 4, "x")
+
+
+@pytest.mark.slow
+def test_torchrun_sigkilled_and_resumed_is_bit_identical(tmp_path):
+    """The CLI end to end (52 s on the shared 2-core VM): `torchrun --nproc_per_node=2 -m dptrain`, once left alone
+    and once SIGKILLed (both ranks, tests/crash.py) after its 6th step with a checkpoint after every step, then
+    `torchrun --nproc_per_node=2 -m dptrain resume=<dir>`: bit-identical weights, the same metrics, ε, steps and
+    accuracy."""
+    from test_checkpoint import CRASH, EVERY_STEP, RUN, assert_same_run, status
+
+    ref, d = tmp_path / "ref", tmp_path / "run"
+    _torchrun(*RUN, *RESUMED, f"hydra.run.dir={ref}", cwd=tmp_path)
+    r = _torchrun(*RUN, *RESUMED, EVERY_STEP, f"hydra.run.dir={d}", cwd=tmp_path, script=[CRASH, "step:6"], ok=False)
+    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]
+    st = status(d)
+    assert not (d / "summary.json").exists() and st[key.STATUS] == "running" and st[key.STEP] == 5
+    _torchrun(f"resume={d}", cwd=tmp_path)
+    assert_same_run(ref, d)
+    assert [x[key.STEP] for x in status(d)["resumed"]] == [5] and not (d / "checkpoint.pt").exists()
+
+
+def _torchrun(*args, cwd, nproc=2, timeout=600, script=("-m", "dptrain"), ok=True):
+    """`torchrun --nproc_per_node=<nproc> -m dptrain <args>` (script: another program and its first arguments)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-           str(_free_port()), "-m", "dptrain", *args]
+           str(_free_port()), *script, *args]
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
