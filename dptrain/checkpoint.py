@@ -296,6 +296,7 @@ class Checkpointer:
         self.path = os.path.join(run_dir, FILE)
         self.position, self.resumed, self.drawn, self._check = Position(), [], 0, None
         self.last = time.monotonic()
+        self._skip, self._checked = 0, (self.last, 1)  # due()'s schedule under torchrun: steps to skip, last check
         # status.json's last checkpoint: none yet
         self.status = {key.STEP: 0, key.STEPS: budget.steps, key.EPS_SPENT: None, "checkpoint": None}
         if every_s > 0 and not _supported(engine):
@@ -311,6 +312,7 @@ class Checkpointer:
             self._restore(state)
         self._write_status("running")
         self.last = time.monotonic()
+        self._checked = (self.last, 1)
         return self.position
 
     def _restore(self, state: dict) -> None:
@@ -372,11 +374,30 @@ class Checkpointer:
 
     # --- saving ----------------------------------------------------------------------------------------------
     def due(self) -> bool:
-        """A checkpoint inside the epoch now: `every_s` seconds since the last write. Under torchrun by rank 0's
-        clock, sent to every rank (one 1-byte broadcast per step), so that all ranks save at the same step."""
+        """A checkpoint inside the epoch now: `every_s` seconds since the last write (called after each step).
+
+        Under torchrun by rank 0's clock, which every rank must follow (all save at the same step). Rank 0 sends
+        (save now?, steps to skip before the next check) in one 16-byte broadcast; it skips half the steps its
+        clock says are left until the interval ends (at its recent seconds per step), so an interval of S steps
+        costs about log2(S) broadcasts rather than S. A save can come late only if the steps slow down more than
+        twofold within an interval."""
         if self.every_s <= 0:
             return False
-        return self.dist.flag(self.dist.is_main and time.monotonic() - self.last >= self.every_s)
+        now = time.monotonic()
+        if not self.dist.enabled:
+            return now - self.last >= self.every_s
+        if self._skip > 0:  # the same count on every rank: due() is called at the same steps everywhere
+            self._skip -= 1
+            return False
+        save = skip = 0
+        if self.dist.is_main:
+            left = self.every_s - (now - self.last)
+            step_s = (now - self._checked[0]) / self._checked[1]  # since the last check
+            save = int(left <= 0)
+            skip = 0 if save else int(left / max(step_s, 1e-9) / 2)
+        save, skip = self.dist.decide(save, skip)
+        self._skip, self._checked = skip, (now, skip + 1)
+        return bool(save)
 
     def _local(self, position: Position) -> dict:
         """What differs between torchrun ranks: each rank's random streams (dropout: torch's global generator,

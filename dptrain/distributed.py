@@ -119,14 +119,14 @@ class Dist:
             raise value
         return value
 
-    def flag(self, value: bool) -> bool:
-        """Rank 0's yes/no on every rank: one 1-element broadcast (a decision only rank 0 can take, such as
-        "the checkpoint interval has passed" by its clock, which every rank must then act on together)."""
+    def decide(self, *values: int) -> list[int]:
+        """Rank 0's small integers on every rank: one broadcast of a few bytes (a decision only rank 0 can take,
+        such as "the checkpoint interval has passed" by its clock, which every rank must then act on together)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([1 if value else 0], dtype=torch.uint8, device=self.comm_device)
+            return [int(v) for v in values]
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.comm_device)
         tdist.broadcast(t, src=0)
-        return bool(t.item())
+        return [int(v) for v in t.tolist()]
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj` (picklable), as a list by rank on rank 0; None on the others. One process: [obj]."""

@@ -339,3 +339,37 @@ def test_bench_processes(tmp_path):
     df = pd.read_csv(tmp_path / "b.csv")
     assert list(df.processes) == [1, 2] and (df.samples_s > 0).all() and df.speedup.iloc[0] == 1.0
     assert df.comm_ms.iloc[1] > 0 and "speedup" in (tmp_path / "b.md").read_text()
+
+
+def test_mid_epoch_checkpoints_follow_rank_0s_clock_at_a_few_broadcasts(tmp_path, monkeypatch):
+    """Checkpointer.due() under torchrun: rank 0 decides (its clock) and sends (save?, steps to skip) — with 1 s
+    steps and every_s=100 it saves at the 100th step, not later, after ~log2(100) broadcasts rather than 100;
+    every_s=1e-9 (a checkpoint after every step) checks at every step."""
+    import dptrain.checkpoint as ckpt
+    from dptrain.budget import Budget
+
+    class Rank0:
+        enabled, is_main, rank, world_size = True, True, 0, 2
+
+        def __init__(self):
+            self.calls = 0
+
+        def decide(self, *values):
+            self.calls += 1
+            return list(values)
+
+    clock = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
+    for every_s, saves_at, most in ((100, [100, 200], 30), (1e-9, list(range(1, 11)), 10)):
+        dist = Rank0()
+        saver = ckpt.Checkpointer(str(tmp_path), every_s=0, config={}, commit=None, budget=Budget(0.25, 12),
+                                  model=None, optimizer=None, scheduler=None, ema=None, engine=None, sampler=None,
+                                  augment=None, t_start=0.0, dist=dist)
+        saver.every_s, saver.last, saver._checked = every_s, clock[0], (clock[0], 1)
+        saved = []
+        for step in range(1, saves_at[-1] + 1):
+            clock[0] += 1.0
+            if saver.due():
+                saved.append(step)
+                saver.last = clock[0]  # what save() does
+        assert saved == saves_at and dist.calls <= most, (saved, dist.calls)
