@@ -16,6 +16,16 @@ history (σ, q, steps taken), the resolved config and the commit. It is written 
 to checkpoint.pt.tmp, flushed and fsynced, then renamed over checkpoint.pt: a kill at any instant leaves the
 previous checkpoint whole. Finished and failed runs delete it (model.pt holds the weights).
 
+Under torchrun (distributed.py) every rank calls save() at the same steps: the epoch ends, and the mid-epoch
+moments rank 0's clock chooses (`due`, broadcast). Rank 0 alone writes the one checkpoint.pt: the replicated
+state (model, optimizer, schedule, EMA) is its own — after checking that every rank's weights fingerprint equals
+its own — and what differs between the ranks (torch's global generator: dropout, seeded per rank; the
+augmentation sub-stream; the noise chunk generators that rank draws; the epoch's running sums over its shards; its
+step times) is gathered from every rank into `ranks`. The Poisson mask's stream is the same on every rank (each
+draws the whole mask, then takes its shard), so every rank redraws it on resume as one process does. A resumed
+run reads the checkpoint on rank 0, sends it to every rank, and each restores its own part; it must run on the
+world size that wrote it (`check_world_size`: another one is refused in one line).
+
 status.json says where the run stands: "running" (written at start and at every checkpoint, with the step and
 ε of the last checkpoint), "finished" (after summary.json) or "failed" (after failed.json). A killed run keeps
 "running" and no summary.json: dptrain-report lists it as unfinished.

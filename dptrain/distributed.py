@@ -30,8 +30,9 @@ The contract (issue #17), and where each part is kept:
   on rank 0, all-reduce, ÷ world), with expected_batch_size L/world so the update is again ÷ L. nonprivate:
   torch's DistributedDataParallel (its reducer overlaps the all-reduce with the backward of the logical batch's
   last physical batch; a sum hook so the engine's ÷ L stays).
-- Rank 0 owns the run directory (summary.json, metrics.jsonl, model.pt, wandb, progress bar) and runs the
-  accountant and the evaluation; the other ranks agree on its directory (`agree`) and write nothing there
+- Rank 0 owns the run directory (summary.json, metrics.jsonl, model.pt, checkpoint.pt, wandb, progress bar) and
+  runs the accountant and the evaluation; each checkpoint holds every rank's own random streams, gathered to it
+  (checkpoint.py); the other ranks agree on its directory (`agree`) and write nothing there
   (`worker_overrides` sends their Hydra files to a temporary directory).
 """
 

@@ -193,8 +193,9 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
            device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
     """Epochs of ≈ n / L logical batches (_epoch_end; the last one shorter) until the budget's steps are taken; after
     each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
-    ε, the bar, the checkpoint). Also checkpoints after a step when `saver` is due. A resumed run starts at its
-    checkpoint's position."""
+    ε, the bar; the checkpoint is every rank's call, written by rank 0 with each rank's own state). Also
+    checkpoints after a step when `saver` is due (under torchrun: rank 0's decision, on every rank). A resumed run
+    starts at its checkpoint's position."""
     steps, q = budget.steps, budget.sample_rate
     at = saver.position  # zeros, or where a resumed run's checkpoint left off
     bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
