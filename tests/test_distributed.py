@@ -185,6 +185,21 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [("engine=opacus",), ("engine=nonprivate",), ("engine=ghost", "engine.passes=2")],
+                         ids=["opacus", "nonprivate", "two_pass"])
+def test_two_ranks_killed_and_resumed_every_engine(tmp_path, engine):
+    """The other engines on 2 processes (~40 s each here): Opacus' distributed optimizer (its noise generator on
+    rank 0), DDP for nonprivate (shuffled batches), the built-in engine's 2-pass mode."""
+    import torch.multiprocessing as mp
+    from dist_workers import resume_worker
+    from test_checkpoint import RUN, assert_same_run
+
+    mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *engine]), nprocs=2,
+                       start_method="spawn")
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
 def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
     """The other way round: a checkpoint of one process, resumed by 2 (what rank 0 checks before sending it)."""
     from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
