@@ -189,7 +189,7 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
 @pytest.mark.parametrize("engine", [("engine=opacus",), ("engine=nonprivate",), ("engine=ghost", "engine.passes=2")],
                          ids=["opacus", "nonprivate", "two_pass"])
 def test_two_ranks_killed_and_resumed_every_engine(tmp_path, engine):
-    """The other engines on 2 processes (~40 s each here): Opacus' distributed optimizer (its noise generator on
+    """The other engines on 2 processes (~50 s each here): Opacus' distributed optimizer (its noise generator on
     rank 0), DDP for nonprivate (shuffled batches), the built-in engine's 2-pass mode."""
     import torch.multiprocessing as mp
     from dist_workers import resume_worker
@@ -223,7 +223,7 @@ def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_sigkilled_and_resumed_is_bit_identical(tmp_path):
-    """The CLI end to end (52 s on the shared 2-core VM): `torchrun --nproc_per_node=2 -m dptrain`, once left alone
+    """The CLI end to end (52-93 s on the shared 2-core VM): `torchrun --nproc_per_node=2 -m dptrain`, once left alone
     and once SIGKILLed (both ranks, tests/crash.py) after its 6th step with a checkpoint after every step, then
     `torchrun --nproc_per_node=2 -m dptrain resume=<dir>`: bit-identical weights, the same metrics, ε, steps and
     accuracy."""
