@@ -16,6 +16,16 @@ history (σ, q, steps taken), the resolved config and the commit. It is written 
 to checkpoint.pt.tmp, flushed and fsynced, then renamed over checkpoint.pt: a kill at any instant leaves the
 previous checkpoint whole. Finished and failed runs delete it (model.pt holds the weights).
 
+Under torchrun (distributed.py) every rank calls save() at the same steps: the epoch ends, and the mid-epoch
+moments rank 0's clock chooses (`due`, broadcast). Rank 0 alone writes the one checkpoint.pt: the replicated
+state (model, optimizer, schedule, EMA) is its own — after checking that every rank's weights fingerprint equals
+its own — and what differs between the ranks (torch's global generator: dropout, seeded per rank; the
+augmentation sub-stream; the noise chunk generators that rank draws; the epoch's running sums over its shards; its
+step times) is gathered from every rank into `ranks`. The Poisson mask's stream is the same on every rank (each
+draws the whole mask, then takes its shard), so every rank redraws it on resume as one process does. A resumed
+run reads the checkpoint on rank 0, sends it to every rank, and each restores its own part; it must run on the
+world size that wrote it (`check_world_size`: another one is refused in one line).
+
 status.json says where the run stands: "running" (written at start and at every checkpoint, with the step and
 ε of the last checkpoint), "finished" (after summary.json) or "failed" (after failed.json). A killed run keeps
 "running" and no summary.json: dptrain-report lists it as unfinished.
@@ -117,10 +127,13 @@ def resume_config(cfg, overrides: list[str]):
     return out
 
 
-def load(cfg) -> dict:
-    """The checkpoint `cfg.resume` continues from, after checking that run may be continued with `cfg`."""
+def load(cfg, *, world_size: int = 1) -> dict:
+    """The checkpoint `cfg.resume` continues from, after checking that run may be continued with `cfg` on
+    `world_size` processes (torchrun's; 1 without it). Under torchrun rank 0 calls it and sends the state to the
+    others (run._prepare)."""
     run_dir = str(cfg.resume)
     state = _read(run_dir, mmap=False)
+    check_world_size(state, world_size, run_dir)
     saved, now = _comparable(state["config"]), _comparable(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
@@ -133,6 +146,20 @@ def load(cfg) -> dict:
         log.warning("resume: the checkpoint was written by commit %s, this is %s; the result is bit-identical to an "
                     "uninterrupted run only with the same code", state["commit"], git_commit())
     return state
+
+
+def check_world_size(state: dict, world_size: int, run_dir: str) -> None:
+    """A checkpoint continues on as many processes as wrote it: each process's random streams (its noise chunks,
+    its dropout and augmentation generators) and running sums are its own, and another count would deal the
+    shards, the noise chunks and the streams out differently — private still, but not the run that was started.
+    Refused in one line."""
+    saved = int(state.get("world_size", 1))  # a checkpoint without the key: one process (they all were, then)
+    if saved != world_size:
+        again = (f"dptrain resume={run_dir}" if saved == 1 else
+                 f"torchrun with {saved} processes in all (--nproc_per_node x --nnodes): -m dptrain resume={run_dir}")
+        raise UserError(f"resume={run_dir}: its checkpoint was written by {saved} process(es), this run has "
+                        f"{world_size}; each process's random streams and running sums are its own, so continue it "
+                        f"on as many: {again}")
 
 
 _MISSING = object()
@@ -266,17 +293,20 @@ class Checkpointer:
     """Writes a run's checkpoint.pt and status.json, and restores a resumed run's objects (`start`)."""
 
     def __init__(self, run_dir: str, *, every_s: float, config: dict, commit, budget: Budget, model, optimizer,
-                 scheduler, ema, engine, sampler, augment, t_start: float, writes: bool = True):
-        """writes=False (a torchrun rank other than 0): nothing is written; rank 0 owns the run directory."""
+                 scheduler, ema, engine, sampler, augment, t_start: float, dist=None):
+        """dist: this process's place under torchrun (distributed.Dist; None: one process). Every rank calls
+        save() at the same steps (a collective); rank 0 alone writes, as it owns the run directory."""
+        from .distributed import SINGLE
+
         self.run_dir, self.every_s, self.config, self.commit, self.budget = run_dir, every_s, config, commit, budget
-        self.writes = writes
-        if not writes:
-            self.every_s = 0
+        self.dist = dist if dist is not None else SINGLE
+        self.writes = self.dist.is_main
         self.model, self.optimizer, self.scheduler, self.ema, self.engine = model, optimizer, scheduler, ema, engine
         self.sampler_gen, self.augment, self.t_start = getattr(sampler, "generator", None), augment, t_start
         self.path = os.path.join(run_dir, FILE)
         self.position, self.resumed, self.drawn, self._check = Position(), [], 0, None
         self.last = time.monotonic()
+        self._skip, self._checked = 0, (self.last, 1)  # due()'s schedule under torchrun: steps to skip, last check
         # status.json's last checkpoint: none yet
         self.status = {key.STEP: 0, key.STEPS: budget.steps, key.EPS_SPENT: None, "checkpoint": None}
         if every_s > 0 and not _supported(engine):
@@ -292,17 +322,22 @@ class Checkpointer:
             self._restore(state)
         self._write_status("running")
         self.last = time.monotonic()
+        self._checked = (self.last, 1)
         return self.position
 
     def _restore(self, state: dict) -> None:
+        """The replicated state (model, optimizer, schedule, EMA: rank 0's, equal on every rank) from the
+        checkpoint; the rank-local state (random streams, the engine's noise generators, the epoch's running sums)
+        from this rank's own part of it."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        _set_engine_state(self.engine, state["engine"])
-        rng = state["rng"]
+        mine = state["ranks"][self.dist.rank] if "ranks" in state else state  # torchrun: this rank's own
+        _set_engine_state(self.engine, mine["engine"])
+        rng = mine["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -311,13 +346,16 @@ class Checkpointer:
         s = rng["sampler"]
         self._check = (s["drawn"], s["state"]) if s["state"] is not None and self.sampler_gen is not None else None
         self.position = Position(**state["position"])
+        if "ranks" in state:  # the epoch's running sums (this rank's shards' losses, examples) and step times
+            self.position.totals, self.position.times = mine["totals"], mine["times"]
         self.resumed = [*state["resumed"], {key.STEP: self.position.steps, key.COMMIT: self.commit,
                                             "at": _now()}]
         self.t_start -= self.position.wall_s
         self.status.update({key.STEP: self.position.steps, key.EPS_SPENT: state["accountant"][key.EPS_SPENT],
                             "checkpoint": FILE})
-        rows = "".join(json.dumps(r) + "\n" for r in self.position.rows)
-        _atomic(os.path.join(self.run_dir, "metrics.jsonl"), lambda f: f.write(rows.encode()))
+        if self.writes:
+            rows = "".join(json.dumps(r) + "\n" for r in self.position.rows)
+            _atomic(os.path.join(self.run_dir, "metrics.jsonl"), lambda f: f.write(rows.encode()))
         log.info("resumed %s at step %d of %d (eps spent %s)", self.run_dir, self.position.steps, self.budget.steps,
                  state["accountant"][key.EPS_SPENT])
 
@@ -346,33 +384,83 @@ class Checkpointer:
 
     # --- saving ----------------------------------------------------------------------------------------------
     def due(self) -> bool:
-        """A checkpoint inside the epoch now: `every_s` seconds since the last write."""
-        return self.every_s > 0 and time.monotonic() - self.last >= self.every_s
+        """A checkpoint inside the epoch now: `every_s` seconds since the last write (called after each step).
 
-    def save(self, position: Position, *, eps_spent=_MISSING) -> None:
-        """checkpoint.pt ← the run's state at `position`, atomically; then status.json. eps_spent: the accountant's ε
-        for position.steps when the caller has it (the epoch's metrics row), else computed."""
+        Under torchrun by rank 0's clock, which every rank must follow (all save at the same step). Rank 0 sends
+        (save now?, steps to skip before the next check) in one 16-byte broadcast; it skips half the steps its
+        clock says are left until the interval ends (at its recent seconds per step), so an interval of S steps
+        costs about log2(S) broadcasts rather than S. A save can come late only if the steps slow down more than
+        twofold within an interval."""
         if self.every_s <= 0:
-            return
-        steps = position.steps
-        eps = self.budget.eps_spent(steps) if eps_spent is _MISSING else eps_spent
-        position.wall_s = time.time() - self.t_start
-        b = self.budget
-        state = {
-            "format": FORMAT, "config": self.config, "commit": self.commit, "torch": str(torch.__version__),
-            "position": asdict(position), "budget": asdict(b), "resumed": self.resumed,
-            "accountant": {"history": [(b.noise_multiplier, b.sample_rate, steps)] if b.noise_multiplier else [],
-                           key.EPS_SPENT: eps},
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            return False
+        now = time.monotonic()
+        if not self.dist.enabled:
+            return now - self.last >= self.every_s
+        if self._skip > 0:  # the same count on every rank: due() is called at the same steps everywhere
+            self._skip -= 1
+            return False
+        save = skip = 0
+        if self.dist.is_main:
+            left = self.every_s - (now - self.last)
+            step_s = (now - self._checked[0]) / self._checked[1]  # since the last check
+            save = int(left <= 0)
+            skip = 0 if save else int(left / max(step_s, 1e-9) / 2)
+        save, skip = self.dist.decide(save, skip)
+        self._skip, self._checked = skip, (now, skip + 1)
+        return bool(save)
+
+    def _local(self, position: Position) -> dict:
+        """What differs between torchrun ranks: each rank's random streams (dropout: torch's global generator,
+        seeded per rank; augmentation: its own sub-stream; the sampler's shared stream, saved per rank as each
+        rank's tripwire), its engine's noise generators (the chunks it draws), the epoch's running sums over its
+        shards and its step times — and a fingerprint of its weights, which must equal rank 0's."""
+        return {
             "engine": _engine_state(self.engine),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                     "augment": self.augment.get_state() if self.augment is not None else None,
                     "sampler": {"drawn": self.drawn, "state": self.sampler_gen.get_state()
                                 if self.sampler_gen is not None else None}},
+            "totals": position.totals, "times": list(position.times),
         }
+
+    def save(self, position: Position, *, eps_spent=_MISSING) -> None:
+        """checkpoint.pt ← the run's state at `position`, atomically; then status.json. eps_spent: the accountant's ε
+        for position.steps when the caller has it (the epoch's metrics row), else computed (rank 0).
+
+        Under torchrun every rank calls it at the same step: the ranks' own states are gathered to rank 0 (one
+        gather_object), which checks that every replica's weights equal its own and writes the one checkpoint.pt."""
+        if self.every_s <= 0:
+            return
+        local = self._local(position)
+        if self.dist.enabled:
+            local["weights"] = _fingerprint(self.model)
+        ranks = self.dist.gather(local)
+        if not self.writes:
+            return
+        if self.dist.enabled:
+            ref = local["weights"]
+            for r, theirs in enumerate(ranks):
+                if not torch.equal(theirs.pop("weights"), ref):
+                    raise RuntimeError(f"checkpoint: rank {r}'s weights differ from rank 0's at step {position.steps} "
+                                       "(the ranks desynchronised); no checkpoint written")
+        steps = position.steps
+        eps = self.budget.eps_spent(steps) if eps_spent is _MISSING else eps_spent
+        position.wall_s = time.time() - self.t_start
+        b = self.budget
+        state = {
+            "format": FORMAT, "config": self.config, "commit": self.commit, "torch": str(torch.__version__),
+            "world_size": self.dist.world_size,
+            "position": asdict(position), "budget": asdict(b), "resumed": self.resumed,
+            "accountant": {"history": [(b.noise_multiplier, b.sample_rate, steps)] if b.noise_multiplier else [],
+                           key.EPS_SPENT: eps},
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "engine": local["engine"], "rng": local["rng"],  # rank 0's (one process: the only one)
+        }
+        if self.dist.enabled:
+            state["ranks"] = ranks  # every rank's own state, by rank
         t0 = time.perf_counter()
         _atomic(self.path, lambda f: torch.save(state, f))
         log.info("checkpoint at step %d: %.1f MB written in %.2f s", steps, os.path.getsize(self.path) / 2**20,
@@ -406,6 +494,12 @@ class Checkpointer:
         write_json(os.path.join(self.run_dir, STATUS_FILE), {
             key.STATUS: status, **self.status, "resumed": self.resumed, key.COMMIT: self.commit,
             "host": socket.gethostname(), "pid": os.getpid(), "updated": _now()})
+
+
+@torch.no_grad()
+def _fingerprint(model) -> torch.Tensor:
+    """One float64 sum per parameter tensor (on the CPU): equal replicas give equal fingerprints."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
 
 
 def _atomic(path: str, write) -> None:

@@ -38,7 +38,6 @@ def _main(cfg) -> float:
         if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
             cfg = resume_config(cfg, HydraConfig.get().overrides.task)
         dist = init(cfg.device)  # torchrun's environment → the process group; one process: a no-op
-        warn_no_checkpoints(cfg, dist)
         summary = run(cfg, HydraConfig.get().runtime.output_dir, dist=dist)
     except (UserError, CoverageError) as e:
         log.error("%s", e)
@@ -54,14 +53,6 @@ def _main(cfg) -> float:
         if hint:
             print(hint)
     return summary[key.TEST_ACC]
-
-
-def warn_no_checkpoints(cfg, dist) -> None:
-    """Under torchrun no checkpoint.pt is written yet (run.py passes every_s=0 on N processes) and resume= is
-    refused: say so once, at the start, rather than let checkpoint.every_s be ignored silently."""
-    if dist.enabled and dist.is_main and cfg.checkpoint.every_s > 0:
-        log.warning("checkpoints are not written under torchrun yet (checkpoint.every_s=%g ignored): a run killed "
-                    "on %d processes cannot be resumed and starts over", cfg.checkpoint.every_s, dist.world_size)
 
 
 def interrupted(run_dir: str) -> str:

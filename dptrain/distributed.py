@@ -30,8 +30,9 @@ The contract (issue #17), and where each part is kept:
   on rank 0, all-reduce, ÷ world), with expected_batch_size L/world so the update is again ÷ L. nonprivate:
   torch's DistributedDataParallel (its reducer overlaps the all-reduce with the backward of the logical batch's
   last physical batch; a sum hook so the engine's ÷ L stays).
-- Rank 0 owns the run directory (summary.json, metrics.jsonl, model.pt, wandb, progress bar) and runs the
-  accountant and the evaluation; the other ranks agree on its directory (`agree`) and write nothing there
+- Rank 0 owns the run directory (summary.json, metrics.jsonl, model.pt, checkpoint.pt, wandb, progress bar) and
+  runs the accountant and the evaluation; each checkpoint holds every rank's own random streams, gathered to it
+  (checkpoint.py); the other ranks agree on its directory (`agree`) and write nothing there
   (`worker_overrides` sends their Hydra files to a temporary directory).
 """
 
@@ -118,6 +119,23 @@ class Dist:
         if not ok:
             raise value
         return value
+
+    def decide(self, *values: int) -> list[int]:
+        """Rank 0's small integers on every rank: one broadcast of a few bytes (a decision only rank 0 can take,
+        such as "the checkpoint interval has passed" by its clock, which every rank must then act on together)."""
+        if not self.enabled:
+            return [int(v) for v in values]
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.comm_device)
+        tdist.broadcast(t, src=0)
+        return [int(v) for v in t.tolist()]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` (picklable), as a list by rank on rank 0; None on the others. One process: [obj]."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
 
     def check_same(self, text: str, what: str) -> None:
         """Every rank must run the same command: a multi-node launch with different overrides on one node would
@@ -225,6 +243,9 @@ class Sharded:
         self.n = sampler.n
         # secure mode: OS entropy differs per rank, so rank 0 draws the mask and broadcasts it
         self.broadcast = dist.enabled and getattr(sampler, "secure", False)
+        # the shared sampler stream (the same state on every rank; None in secure mode): what a resumed run
+        # redraws up to its checkpoint's epoch, and checks (checkpoint.Checkpointer.batches)
+        self.generator = None if self.broadcast else getattr(sampler, "generator", None)
 
     def __iter__(self):
         d = self.dist

@@ -84,10 +84,10 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
     # random crops and flips at each step; stored views (features) are fixed: no augmentation stream
     augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment and data.views == 1 else None
-    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s if not dist.enabled else 0,
+    saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s,
                               config=OmegaConf.to_container(cfg, resolve=True), commit=commit, budget=budget,
                               model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, engine=engine,
-                              sampler=sampler, augment=augment, t_start=t_start, writes=dist.is_main)
+                              sampler=sampler, augment=augment, t_start=t_start, dist=dist)
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
@@ -123,9 +123,9 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
         raise UserError("dataset.normalize=dp with privacy.secure draws the statistics' noise from the OS once per "
                         "process: not under torchrun or resume=; run it in one uninterrupted process, or without "
                         "privacy.secure")
-    if cfg.resume and dist.enabled:
-        raise UserError("resume= continues a one-process run; checkpoints are not written under torchrun yet")
-    resumed = ckpt.load(cfg) if cfg.resume else None  # resume=<run dir>: continue that run (checkpoint.py)
+    # resume=<run dir>: continue that run (checkpoint.py). Under torchrun rank 0 reads and checks its checkpoint
+    # (on as many processes as wrote it) and sends it to every rank, each of which restores its own part
+    resumed = dist.from_rank0(lambda: ckpt.load(cfg, world_size=dist.world_size)) if cfg.resume else None
     run_dir = dist.agree(str(cfg.resume) if cfg.resume else run_dir)  # rank 0's; the others write nothing there
     dist.check_same(OmegaConf.to_yaml(cfg), "config")
     if dist.is_main:
@@ -193,8 +193,9 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
            device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
     """Epochs of ≈ n / L logical batches (_epoch_end; the last one shorter) until the budget's steps are taken; after
     each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
-    ε, the bar, the checkpoint). Also checkpoints after a step when `saver` is due. A resumed run starts at its
-    checkpoint's position."""
+    ε, the bar; the checkpoint is every rank's call, written by rank 0 with each rank's own state). Also
+    checkpoints after a step when `saver` is due (under torchrun: rank 0's decision, on every rank). A resumed run
+    starts at its checkpoint's position."""
     steps, q = budget.steps, budget.sample_rate
     at = saver.position  # zeros, or where a resumed run's checkpoint left off
     bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
@@ -234,18 +235,20 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
         times += stats["step_times"]
+        if dist.is_main:
+            # eval_every=0: only after the last epoch, so a reported row's test split is read once
+            due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
+            test = (evaluate(ema.module if ema is not None else model, data.test, device=device,
+                             num_workers=cfg.dataset.num_workers) if due else {"acc": None, "loss": None})
+            row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
+                   key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
+            rows.append(row)
+        # before the line leaves the process: a resumed run then never logs (releases) a step twice. Every rank
+        # (torchrun: each sends rank 0 its own state; rank 0 writes)
+        saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
+                   eps_spent=row.get(key.EPS_SPENT))
         if not dist.is_main:
             continue
-        # eval_every=0: only after the last epoch, so a reported row's test split is read once
-        due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        test = (evaluate(ema.module if ema is not None else model, data.test, device=device,
-                         num_workers=cfg.dataset.num_workers) if due else {"acc": None, "loss": None})
-        row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
-               key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
-        rows.append(row)
-        # before the line leaves the process: a resumed run then never logs (releases) a step twice
-        saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
-                   eps_spent=row[key.EPS_SPENT])
         tracker.log(row)
         bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", **_eps_postfix(row[key.EPS_SPENT]),
                         acc="-" if test["acc"] is None else f"{test['acc']:.3f}")

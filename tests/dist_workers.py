@@ -98,3 +98,45 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
         torch.save({name: scenario(dist, **SCENARIOS[name]) for name in names}, f"{out_dir}/rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
+
+
+def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: list[str]) -> None:
+    """One of `world` gloo processes running dptrain's run() three times: uninterrupted (out_dir/ref); killed
+    (in-process: a BaseException on every rank) after its 6th step, with a checkpoint after every step
+    (out_dir/run; rank 0 keeps a copy of it as out_dir/killed); resumed from that checkpoint (resume=out_dir/run)."""
+    import shutil
+
+    import torch.distributed as tdist
+    from test_checkpoint import EVERY_STEP, Killed, _compose
+
+    import dptrain.loop
+    from dptrain.run import run
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    dist = Dist(rank=rank, world_size=world, local_rank=rank, backend="gloo")
+    d = f"{out_dir}/run"
+    try:
+        run(_compose(*overrides), f"{out_dir}/ref", dist=dist)
+        real, count = dptrain.loop.all_finite, [0]
+
+        def all_finite(tensors):  # called once per step, right after it: the kill comes before anything is saved
+            count[0] += 1
+            if count[0] == 6:
+                raise Killed
+            return real(tensors)
+
+        dptrain.loop.all_finite = all_finite
+        try:
+            run(_compose(*overrides, EVERY_STEP), d, dist=dist)
+        except Killed:
+            pass
+        finally:
+            dptrain.loop.all_finite = real
+        tdist.barrier()
+        if dist.is_main:
+            shutil.copytree(d, f"{out_dir}/killed")
+        run(_compose(*overrides, EVERY_STEP, f"resume={d}"), d, dist=dist)
+    finally:
+        tdist.destroy_process_group()

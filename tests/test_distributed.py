@@ -143,27 +143,111 @@ def test_single_process_is_a_no_op():
     assert any(o.startswith("hydra.run.dir=") for o in over) and "hydra.output_subdir=null" in over
 
 
-def test_torchrun_says_it_writes_no_checkpoints(compose, caplog):
-    """Checkpoints are one-process for now (run.py: every_s=0 on N processes): rank 0 warns once instead of
-    ignoring checkpoint.every_s silently; nothing in one process, on rank 1, or with checkpoint.every_s=0."""
-    from dptrain.cli import warn_no_checkpoints
-
-    rank0, rank1 = (Dist(rank=r, world_size=2, backend="gloo") for r in (0, 1))
-    with caplog.at_level("WARNING", logger="dptrain"):
-        for cfg, dist in ((compose(), rank0), (compose(), rank1), (compose(), SINGLE),
-                          (compose("checkpoint.every_s=0"), rank0)):
-            warn_no_checkpoints(cfg, dist)
-    assert [r.getMessage() for r in caplog.records if r.name == "dptrain"] == [
-        "checkpoints are not written under torchrun yet (checkpoint.every_s=300 ignored): a run killed on 2 "
-        "processes cannot be resumed and starts over"]
+# a run of 8 steps (2 epochs of 4) on 64 fake 8×8 images (test_checkpoint.py's), with the per-rank streams that a
+# resumed rank must restore as its own: augmentation (2 augmented copies per example), and the noise chunks it draws
+RESUMED = ["engine=ghost", "dataset.augment=true", "privacy.augmult=2", "privacy.ema=0.9", "optimizer=adam",
+           "optimizer.schedule=cosine"]
 
 
-def _torchrun(*args, cwd, nproc=2, timeout=600):
+def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
+    """2 gloo processes run dptrain's run() uninterrupted, then killed after step 6 (a checkpoint after every
+    step: the last at step 5, inside epoch 2) and resumed: weights (bit for bit), metrics.jsonl, accuracy, steps
+    and ε equal the uninterrupted 2-process run's. The checkpoint holds each rank's own state; a 1-process resume
+    of it is refused in one line."""
+    import torch.multiprocessing as mp
+    from dist_workers import resume_worker
+    from test_checkpoint import RUN, assert_same_run, status
+
+    mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *RESUMED]), nprocs=2,
+                       start_method="spawn")
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+    assert [x[key.STEP] for x in status(tmp_path / "run")["resumed"]] == [5]
+
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    r0, r1 = state["ranks"]
+    # each rank drew its own noise chunks (rank r: chunks r, r+2, ...) and its own augmentations
+    noise0, noise1 = r0["engine"]["noise"]["cpu"], r1["engine"]["noise"]["cpu"]
+    assert not torch.equal(noise0[0], noise1[0]) and not torch.equal(noise0[1], noise1[1])
+    assert not torch.equal(r0["rng"]["augment"], r1["rng"]["augment"])
+    assert torch.equal(r0["rng"]["sampler"]["state"], r1["rng"]["sampler"]["state"])  # the one shared stream
+    assert r0["totals"]["loss"] != r1["totals"]["loss"]  # epoch 2's running sums: over each rank's own shards
+    assert state["position"]["totals"] == r0["totals"]
+
+    from test_checkpoint import EVERY_STEP, _compose
+
+    from dptrain.checkpoint import load
+    from dptrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"written by 2 process\(es\), this run has 1; .* continue it on as many: "
+                                        r"torchrun with 2 processes") as err:
+        load(_compose(*RUN, *RESUMED, EVERY_STEP, f"resume={tmp_path / 'killed'}"), world_size=1)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [("engine=opacus",), ("engine=nonprivate",), ("engine=ghost", "engine.passes=2")],
+                         ids=["opacus", "nonprivate", "two_pass"])
+def test_two_ranks_killed_and_resumed_every_engine(tmp_path, engine):
+    """The other engines on 2 processes (~50 s each here): Opacus' distributed optimizer (its noise generator on
+    rank 0), DDP for nonprivate (shuffled batches), the built-in engine's 2-pass mode."""
+    import torch.multiprocessing as mp
+    from dist_workers import resume_worker
+    from test_checkpoint import RUN, assert_same_run
+
+    mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *engine]), nprocs=2,
+                       start_method="spawn")
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
+    """The other way round: a checkpoint of one process, resumed by 2 (what rank 0 checks before sending it)."""
+    from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
+
+    from dptrain.checkpoint import check_world_size, load
+    from dptrain.errors import UserError
+    from dptrain.run import run
+
+    d = tmp_path / "one"
+    interrupt(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(_compose(*RUN, EVERY_STEP), str(d))
+    cfg = _compose(*RUN, EVERY_STEP, f"resume={d}")
+    assert load(cfg)["world_size"] == 1
+    with pytest.raises(UserError, match=r"written by 1 process\(es\), this run has 2; .*: dptrain resume="):
+        load(cfg, world_size=2)
+    check_world_size({}, 1, "x")  # a checkpoint from before the key: one process
+    with pytest.raises(UserError, match="written by 1 process"):
+        check_world_size({}, 4, "x")
+
+
+@pytest.mark.slow
+def test_torchrun_sigkilled_and_resumed_is_bit_identical(tmp_path):
+    """The CLI end to end (52-93 s on the shared 2-core VM): `torchrun --nproc_per_node=2 -m dptrain`, once left alone
+    and once SIGKILLed (both ranks, tests/crash.py) after its 6th step with a checkpoint after every step, then
+    `torchrun --nproc_per_node=2 -m dptrain resume=<dir>`: bit-identical weights, the same metrics, ε, steps and
+    accuracy."""
+    from test_checkpoint import CRASH, EVERY_STEP, RUN, assert_same_run, status
+
+    ref, d = tmp_path / "ref", tmp_path / "run"
+    _torchrun(*RUN, *RESUMED, f"hydra.run.dir={ref}", cwd=tmp_path)
+    r = _torchrun(*RUN, *RESUMED, EVERY_STEP, f"hydra.run.dir={d}", cwd=tmp_path, script=[CRASH, "step:6"], ok=False)
+    assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]
+    st = status(d)
+    assert not (d / "summary.json").exists() and st[key.STATUS] == "running" and st[key.STEP] == 5
+    _torchrun(f"resume={d}", cwd=tmp_path)
+    assert_same_run(ref, d)
+    assert [x[key.STEP] for x in status(d)["resumed"]] == [5] and not (d / "checkpoint.pt").exists()
+
+
+def _torchrun(*args, cwd, nproc=2, timeout=600, script=("-m", "dptrain"), ok=True):
+    """`torchrun --nproc_per_node=<nproc> -m dptrain <args>` (script: another program and its first arguments)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-           str(_free_port()), "-m", "dptrain", *args]
+           str(_free_port()), *script, *args]
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
@@ -270,3 +354,37 @@ def test_bench_processes(tmp_path):
     df = pd.read_csv(tmp_path / "b.csv")
     assert list(df.processes) == [1, 2] and (df.samples_s > 0).all() and df.speedup.iloc[0] == 1.0
     assert df.comm_ms.iloc[1] > 0 and "speedup" in (tmp_path / "b.md").read_text()
+
+
+def test_mid_epoch_checkpoints_follow_rank_0s_clock_at_a_few_broadcasts(tmp_path, monkeypatch):
+    """Checkpointer.due() under torchrun: rank 0 decides (its clock) and sends (save?, steps to skip) — with 1 s
+    steps and every_s=100 it saves at the 100th step, not later, after ~log2(100) broadcasts rather than 100;
+    every_s=1e-9 (a checkpoint after every step) checks at every step."""
+    import dptrain.checkpoint as ckpt
+    from dptrain.budget import Budget
+
+    class Rank0:
+        enabled, is_main, rank, world_size = True, True, 0, 2
+
+        def __init__(self):
+            self.calls = 0
+
+        def decide(self, *values):
+            self.calls += 1
+            return list(values)
+
+    clock = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
+    for every_s, saves_at, most in ((100, [100, 200], 30), (1e-9, list(range(1, 11)), 10)):
+        dist = Rank0()
+        saver = ckpt.Checkpointer(str(tmp_path), every_s=0, config={}, commit=None, budget=Budget(0.25, 12),
+                                  model=None, optimizer=None, scheduler=None, ema=None, engine=None, sampler=None,
+                                  augment=None, t_start=0.0, dist=dist)
+        saver.every_s, saver.last, saver._checked = every_s, clock[0], (clock[0], 1)
+        saved = []
+        for step in range(1, saves_at[-1] + 1):
+            clock[0] += 1.0
+            if saver.due():
+                saved.append(step)
+                saver.last = clock[0]  # what save() does
+        assert saved == saves_at and dist.calls <= most, (saved, dist.calls)
