@@ -49,12 +49,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         data = _data(cfg, streams)
     if hooks is not None:
         data = hooks.data(data)
-    n = len(data.train)
-    # q, steps and σ, fixed before training (by rank 0's accountant); training takes exactly `steps`
-    budget = (ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size) if resumed  # the σ its steps used
-              else dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
-                                                         secure=streams.secure, prior=data.prior)))
-    q, steps = budget.sample_rate, budget.steps
+    budget = _budget(cfg, data, streams, resumed, dist)  # q, steps and σ, fixed before training
 
     model = _model(cfg, data, device, wrap=hooks.model if hooks is not None else None)
     dist.broadcast_module(model)
@@ -63,25 +58,12 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
-    scheduler = create_schedule(cfg.optimizer.schedule, optimizer, steps)
-    engine = create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
-                           max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
-                           clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
-                           augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision, dist=dist)
-    sampling = budget.sampling or "shuffle"
-    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if sampling == "poisson"
-               else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
-    if hooks is not None:
-        sampler = hooks.sampler(sampler)
-    if dist.enabled:  # the same logical batch on every rank; this rank's part of it
-        sampler = dist.shard(sampler)
-    log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
-             cfg.model.name, data.name, n, data.num_classes, data.image_size, data.image_size, cfg.engine.name, q,
-             steps, budget.noise_multiplier, budget.delta)
+    scheduler = create_schedule(cfg.optimizer.schedule, optimizer, budget.steps)
+    engine = _engine(cfg, model, optimizer, budget, streams, dist)
+    sampler = _sampler(cfg, len(data.train), budget, streams, hooks, dist)
+    _log_setup(cfg, data, budget)
 
-    tracker = NullTracker() if not dist.is_main else Tracker(
-        run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
-        config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    tracker = _tracker(cfg, run_dir, dist)
     # random crops and flips at each step; stored views (features) are fixed: no augmentation stream
     augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment and data.views == 1 else None
     saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s,
@@ -100,16 +82,61 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     dist.check_replicas(model)
     if dist.is_main:
         torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
+    return dist.from_rank0(lambda: _finish(cfg, data, budget, trained, streams=streams, checkpoint=checkpoint,
+                                           device=device, t_start=t_start, commit=commit, tracker=tracker,
+                                           saver=saver, dist=dist))  # written by rank 0, returned on every rank
 
-    def finish():
-        summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
-                           device=device, t_start=t_start, commit=commit, resumed=saver.resumed)
-        summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
-        tracker.finish(summary)
-        saver.finished()  # status.json "finished"; checkpoint.pt removed
-        return summary
 
-    return dist.from_rank0(finish)  # written by rank 0, returned on every rank
+def _budget(cfg, data: Data, streams, resumed: dict | None, dist: Dist) -> Budget:
+    """q, steps and σ by rank 0's accountant (a resumed run: the σ its steps used); training takes exactly `steps`."""
+    n = len(data.train)
+    if resumed:
+        return ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size)
+    return dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
+                                                 secure=streams.secure, prior=data.prior))
+
+
+def _engine(cfg, model, optimizer, budget: Budget, streams, dist: Dist) -> Engine:
+    return create_engine(cfg.engine.name, model, optimizer, noise_multiplier=budget.noise_multiplier or 0.0,
+                         max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
+                         clipping=cfg.engine.clipping, gamma=cfg.engine.gamma, streams=streams,
+                         augmult=cfg.privacy.augmult, passes=cfg.engine.passes, precision=cfg.precision, dist=dist)
+
+
+def _sampler(cfg, n: int, budget: Budget, streams, hooks, dist: Dist):
+    """The logical batches the budget accounts for: Poisson at q (or shuffled, as the budget says); under torchrun
+    the same logical batch on every rank, this rank's part of it."""
+    q, steps = budget.sample_rate, budget.steps
+    sampler = (PoissonSampler(n, sample_rate=q, steps=steps, streams=streams) if (budget.sampling or "shuffle")
+               == "poisson" else ShuffleSampler(n, batch_size=cfg.batch_size, steps=steps, streams=streams))
+    if hooks is not None:
+        sampler = hooks.sampler(sampler)
+    return dist.shard(sampler) if dist.enabled else sampler
+
+
+def _log_setup(cfg, data: Data, budget: Budget) -> None:
+    log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
+             cfg.model.name, data.name, len(data.train), data.num_classes, data.image_size, data.image_size,
+             cfg.engine.name, budget.sample_rate, budget.steps, budget.noise_multiplier, budget.delta)
+
+
+def _tracker(cfg, run_dir: str, dist: Dist):
+    """metrics.jsonl, summary.json and wandb, on rank 0 only."""
+    if not dist.is_main:
+        return NullTracker()
+    return Tracker(run_dir, logger=cfg.logger.name, project=cfg.logger.project, mode=cfg.logger.mode,
+                   config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+
+
+def _finish(cfg, data: Data, budget: Budget, trained, *, streams, checkpoint, device, t_start, commit, tracker, saver,
+            dist: Dist) -> dict:
+    """summary.json (rank 0), status.json "finished", checkpoint.pt removed."""
+    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
+                       device=device, t_start=t_start, commit=commit, resumed=saver.resumed)
+    summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
+    tracker.finish(summary)
+    saver.finished()
+    return summary
 
 
 def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
