@@ -273,11 +273,13 @@ def bench_model(model: str, size: int, batch: int, steps: int, device, clock: Cl
             row["step_ms"] = 1000 * times[e]
             if device.type == "cuda" and clock.left() > 10:
                 eng, x, y = build(model, size, e, batch, device)
-                base = torch.cuda.memory_allocated(device) / 2**20 - x.numel() * 4 / 2**20
+                del x, y
+                _free(device)
+                base = torch.cuda.memory_allocated(device) / 2**20  # the model and the engine, before any step
                 _cuda_peak(eng, batch, size, device)  # warm-up: the optimizer's state, cuDNN's workspaces
                 row["peak_mem_mb"] = _cuda_peak(eng, batch, size, device)
                 row["extra_mem_mb"] = row["peak_mem_mb"] - base
-                del eng, x, y
+                del eng
                 _free(device)
         rows.append(row)
         print(f"   {model} {e:<24} {row['step_ms'] or math.nan:9.1f} ms  peak {row['peak_mem_mb'] or math.nan:8.0f}"
