@@ -353,9 +353,10 @@ def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
         res["seconds"] = round(time.time() - t, 1)
         out[e] = res
         print(f"   max batch {model} {e}: {json.dumps(res)}", flush=True)
-    a, b = (out.get(e, {}).get("max_batch") for e in engines[:2])
-    if a and b:
-        out[f"{engines[0]}_over_{engines[1]}"] = a / b
+    a, b = (out.get(e, {}) for e in engines[:2])
+    if a.get("max_batch") and b.get("max_batch"):  # a ratio of lower bounds means little: said so
+        out[f"{engines[0]}_over_{engines[1]}"] = a["max_batch"] / b["max_batch"]
+        out["ratio_exact"] = bool(a["exact"] and b["exact"])
     return out
 
 
