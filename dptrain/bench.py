@@ -75,13 +75,17 @@ def one_step(eng, x, y, device) -> float:
     return time.perf_counter() - t
 
 
-def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2) -> dict[str, float]:
-    """Median step time (s) per engine, steps interleaved round-robin in this process."""
+def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2,
+                 errors: dict | None = None) -> dict[str, float]:
+    """Median step time (s) per engine, steps interleaved round-robin in this process. `errors`, if given, gets
+    engine → the one line of an engine that could not be built or stepped."""
     built = {}
+    errors = {} if errors is None else errors
     for e in engines:
         try:
             built[e] = build(model_name, size, e, batch, device)
         except Exception as err:  # e.g. Opacus cannot run the model: recorded, not fatal
+            errors[e] = f"cannot build: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             print(f"  {e}: cannot build ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
     times = {e: [] for e in built}
     for i in range(warmup + steps):
@@ -89,6 +93,7 @@ def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2) -
             try:
                 t = one_step(eng, x, y, device)
             except Exception as err:
+                errors[e] = f"step failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 print(f"  {e}: step failed ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
                 del built[e]
                 times.pop(e)
@@ -286,7 +291,7 @@ def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
     df["commit"], df["machine"] = git_commit(), machine()
     df.to_csv(out + ".csv", index=False)
     cols = ["model", "size", "batch", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus", "peak_mem_mb",
-            "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch"]
+            "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch", "note"]
     with open(out + ".md", "w") as f:
         f.write(f"# dptrain-bench ({device})\n\ncommand: `{' '.join(argv)}`  \ncommit: {git_commit()}  \n"
                 f"machine: {machine()}\n\n")

@@ -1,36 +1,56 @@
-"""`make gpu-check`: every check that needs a GPU, in one prepared command for a bare CUDA machine.
+"""`make gpu-check`: every check that needs a GPU, in one prepared command for a bare CUDA machine (issue #18).
 
-Needs only torch, timm and numpy (no Hydra, Opacus or wandb: a lent GPU machine starts bare and offline) and
-runs from the repository root:
+A lent GPU machine starts bare and offline, with torch, timm, numpy, pytest, pandas and matplotlib. From the
+repository root, one command (python3 -m ... works without make):
 
-    PYTHONPATH=. python -m dptrain.gpu_check --out $OUT/gpu-check      # on the GPU machine
-    make gpu-check                                                      # here: the same on CPU, small sizes
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m dptrain.gpu_check --out $OUT/gpu-check    # on the GPU machine
+    make gpu-check                                                                        # the same
 
-It writes <out>.json and <out>.md:
-  exactness   the engine against the one-example-at-a-time float64 reference on the device (tests/reference.py),
-              tiny ViT, BEiT, Swin and ResNet (GroupNorm), every mode and passes=2
+kit         first, what dptrain needs and the machine lacks is installed from the committed wheel folder
+            (wheels/, `make gpu-wheels` refreshes it): `pip install --no-index --find-links wheels --no-deps
+            --target <site>` of the wheels whose distribution is not installed (the machine's torch is never
+            touched), then dptrain itself (--no-deps --no-build-isolation) into the same folder; the working tree
+            stays first on the path. No wheel folder: nothing installed, the sections that need Hydra or Opacus
+            record their import error.
+Then, in order of value, each written to <out>.json/.md as soon as it ends, under a time budget
+(--time-budget-s, 450 s on CUDA: a section that would start with too little time left is recorded as skipped):
   replay      passes=2 with dropout: the recomputed forward must draw the same masks from the device's generator
               (the norm pass and the clipped pass see one function), equal to passes=1 under the same seed
   bf16_bound  one example alone under bf16 autocast: its clipped gradient's norm ≤ R·(1 + 1e-3)
-  bench       median step time (interleaved) and peak memory (torch.cuda.max_memory_allocated, one engine at a
-              time) of nonprivate / mixed_ghost / mixed_ghost passes=2, fp32 and bf16, at 224×224 (CPU: 32×32);
-              BEiT-large's memory per example in a physical batch (two batch sizes, the slope)
-  gpu_tests   `pytest -m gpu tests/test_gpu.py` in a subprocess (issue #18 item 3), its log beside <out>.json;
-              recorded as not run when pytest is not installed (the end-to-end tests also need Hydra)
-Each section records its error instead of stopping the others. A CPU dry run of the flow with small sizes:
+  bench       per model (vgg19 first, then resnet18, vit_base, beit_base at 224×224; CPU: 32×32): median step time
+              of interleaved steps and peak memory (CUDA: max_memory_allocated, one engine at a time) of
+              nonprivate, mixed_ghost, mixed_ghost_2pass, opacus in fp32 and nonprivate, mixed_ghost in bf16
+              (Opacus and passes=2 refuse bf16: one line each) → <bench-out>.{csv,md,png} (dptrain.bench.write)
+  max_batch   right after the first model's bench: the largest batch whose step's peak memory fits
+              --memory-budget-mb, mixed_ghost vs opacus (the paper's "18× larger batch than Opacus" on VGG19):
+              two probes fit memory = fixed + per-example·batch, then probes around the prediction pin it down
+  gpu_tests   `pytest -m gpu tests/test_gpu.py` in a subprocess (issue #18 item 3), its log beside <out>.json
+  exactness   the engine against the one-example-at-a-time float64 reference on the device (tests/reference.py),
+              tiny ViT, BEiT, Swin and ResNet (GroupNorm), every mode and passes=2
+  beit_large  BEiT-large's memory per example of a physical batch (two batch sizes, the slope), bf16; CUDA only
+Each section records its error instead of stopping the others. A CPU dry run of the flow with small sizes
+(results/gpu-check-cpu-dryrun.md):
 
-    PYTHONPATH=. python -m dptrain.gpu_check --device cpu --bench-models resnet18 --out /tmp/gpu-check
+    PYTHONPATH=. python -m dptrain.gpu_check --device cpu --bench-models cnn --memory-budget-mb 700 \
+        --out /tmp/gpu-check/gpu-check
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import glob
+import importlib
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -38,7 +58,14 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
-SECTIONS = ["exactness", "replay", "bf16_bound", "bench", "gpu_tests"]
+SECTIONS = ["replay", "bf16_bound", "bench", "max_batch", "gpu_tests", "exactness", "beit_large"]
+BENCH_MODELS = ["vgg19", "resnet18", "vit_base", "beit_base"]
+BENCH_ENGINES = ["nonprivate", "mixed_ghost", "mixed_ghost_2pass", "opacus",
+                 "nonprivate_bf16", "mixed_ghost_bf16", "mixed_ghost_2pass_bf16", "opacus_bf16"]
+# the least time (s, CUDA) a section needs to be worth starting; the GPU estimate of each, not a measurement
+NEEDS = {"replay": 5, "bf16_bound": 10, "bench": 30, "max_batch": 30, "gpu_tests": 60, "exactness": 30,
+         "beit_large": 30}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_models() -> dict:
@@ -57,8 +84,8 @@ def tiny_models() -> dict:
     }
 
 
-def exactness(device: torch.device) -> dict:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+def exactness(device: torch.device, clock=None) -> dict:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from reference import check
 
     out = {}
@@ -67,6 +94,9 @@ def exactness(device: torch.device) -> dict:
             for b in (2, 3)]
     for name, make in tiny_models().items():
         for mode, passes in [*((m, 1) for m in MODES), ("mixed_ghost", 2)]:
+            if clock is not None and clock.left() < 5:
+                out[f"{name}/{mode}/passes={passes}"] = "skipped: time budget"
+                continue
             torch.manual_seed(0)
             try:
                 err, _ = check(make().to(device), data, mode=mode, max_grad_norm=0.5, passes=passes)
@@ -112,7 +142,68 @@ def bf16_bound(device: torch.device) -> dict:
     return out
 
 
-def gpu_tests(device: torch.device, log: str) -> dict:
+class Clock:
+    """The time budget of the whole command: seconds left (inf without a budget)."""
+
+    def __init__(self, budget_s: float | None):
+        self.t0, self.budget = time.time(), budget_s
+
+    def left(self) -> float:
+        return math.inf if self.budget is None else self.budget - (time.time() - self.t0)
+
+
+def _dist_name(wheel: str) -> str:
+    """A wheel file's distribution name, normalised (PEP 503): hydra_core-1.3.8-py3-none-any.whl → hydra-core."""
+    return re.sub(r"[-_.]+", "-", os.path.basename(wheel).split("-")[0]).lower()
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def install_kit(wheels: str = "wheels", site: str | None = None, dptrain: bool = True) -> dict:
+    """Install the wheel folder's distributions this Python lacks into `site` (pip --target: --no-index, --no-deps,
+    so nothing is downloaded and the installed torch is never touched), then dptrain itself; put the working tree
+    and `site` on sys.path and on PYTHONPATH (the subprocesses: gpu tests, memory probes). No wheel folder: nothing
+    installed, and the report says which of them are missing."""
+    wheels = os.path.join(ROOT, wheels) if not os.path.isabs(wheels) else wheels
+    site = site or os.path.join(tempfile.gettempdir(), "dptrain-site")
+    found = sorted(glob.glob(os.path.join(wheels, "*.whl")))
+    out: dict = {"wheels": wheels, "site": site}
+    paths = [ROOT]
+    if not found:
+        out["why"] = f"no wheel folder ({wheels} holds no .whl): nothing installed"
+    else:
+        need = [w for w in found if not _installed(_dist_name(w))]
+        out["present"] = sorted(_dist_name(w) for w in found if w not in need)
+        out["installed"] = sorted(_dist_name(w) for w in need)
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+               "--find-links", wheels, "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target", site]
+        if need:
+            r = subprocess.run([*pip, *need], capture_output=True, text=True, timeout=300)
+            out["pip_returncode"] = r.returncode
+            if r.returncode:
+                out["pip_error"] = (r.stdout + r.stderr)[-1500:]
+        if dptrain:  # dptrain itself (metadata, console scripts); setuptools of this Python, no download
+            r = subprocess.run([*pip, "--no-build-isolation", ROOT], capture_output=True, text=True, timeout=300,
+                               cwd=tempfile.gettempdir())
+            out["dptrain"] = "installed" if r.returncode == 0 else f"not installed: {(r.stdout + r.stderr)[-500:]}"
+        paths.append(site)
+    for p in paths:
+        if p not in sys.path:
+            sys.path.insert(0 if p == ROOT else len(sys.path), p)
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+    importlib.invalidate_caches()
+    out["missing"] = [m for m in ("hydra", "omegaconf", "antlr4", "opacus", "kymatio", "submitit", "pytest")
+                      if importlib.util.find_spec(m) is None]
+    return out
+
+
+def gpu_tests(device: torch.device, log: str, timeout: float = 600) -> dict:
     """The `gpu` tests in a subprocess (a crash there costs this section only); the log to `log`."""
     try:
         found = importlib.util.find_spec("pytest") is not None
@@ -120,92 +211,310 @@ def gpu_tests(device: torch.device, log: str) -> dict:
         found = False
     if not found:
         return {"ran": False, "why": "pytest is not installed"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "DPTRAIN_TEST_DEVICE": device.type, "WANDB_MODE": "offline",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
-                          os.path.join(root, "tests", "test_gpu.py")], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
+           os.path.join(ROOT, "tests", "test_gpu.py")]
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
+        text, code = out.stdout + out.stderr, out.returncode
+    except subprocess.TimeoutExpired as e:
+        text = "".join(b.decode() if isinstance(b, bytes) else (b or "") for b in (e.stdout, e.stderr))
+        text, code = text + f"\n[gpu-check: stopped by the time budget after {timeout:.0f} s]\n", "timeout"
     with open(log, "w") as f:
-        f.write(out.stdout + out.stderr)
-    lines = out.stdout.strip().splitlines()
-    return {"ran": True, "returncode": out.returncode, "summary": lines[-1] if lines else "", "log": log}
+        f.write(text)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)), lines[-1] if lines
+                   else "")
+    return {"ran": True, "returncode": code, "summary": summary.strip("= "), "log": log}
 
 
-def bench(device: torch.device, size: int, batch: int, steps: int,
-          models=("resnet18", "vit_base", "beit_base")) -> dict:
-    from .bench import build, one_step, time_engines
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    engines = ["nonprivate", "mixed_ghost", "mixed_ghost_2pass", "nonprivate_bf16", "mixed_ghost_bf16"]
+
+def _cuda_peak(eng, batch: int, size: int, device) -> float:
+    """Peak allocated memory (MB, the engine's model and optimizer state included) of one step at `batch`; inf when
+    the step runs out of device memory."""
+    x = y = None
+    try:
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        from .bench import one_step
+
+        one_step(eng, x, y, device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    except torch.OutOfMemoryError:
+        return math.inf
+    finally:
+        del x, y
+        eng.optimizer.zero_grad(set_to_none=True) if hasattr(eng, "optimizer") else None
+        _free(device)
+
+
+def bench_model(model: str, size: int, batch: int, steps: int, device, clock: Clock,
+                engines=BENCH_ENGINES) -> list[dict]:
+    """dptrain.bench rows of one model: interleaved step times; on CUDA each engine's peak memory, one at a time."""
+    from .bench import build, time_engines
+
+    errors: dict = {}
+    times = time_engines(model, size, batch, engines, device, steps=steps, errors=errors)
+    _free(device)
+    rows = []
+    for e in engines:
+        row = {"model": model, "size": size, "batch": batch, "engine": e, "step_ms": None, "peak_mem_mb": None,
+               "extra_mem_mb": None, "max_batch": None, "note": errors.get(e)}
+        if e in times:
+            row["step_ms"] = 1000 * times[e]
+            if device.type == "cuda" and clock.left() > 10:
+                eng, x, y = build(model, size, e, batch, device)
+                del x, y
+                _free(device)
+                base = torch.cuda.memory_allocated(device) / 2**20  # the model and the engine, before any step
+                _cuda_peak(eng, batch, size, device)  # warm-up: the optimizer's state, cuDNN's workspaces
+                row["peak_mem_mb"] = _cuda_peak(eng, batch, size, device)
+                row["extra_mem_mb"] = row["peak_mem_mb"] - base
+                del eng
+                _free(device)
+        rows.append(row)
+        print(f"   {model} {e:<24} {row['step_ms'] or math.nan:9.1f} ms  peak {row['peak_mem_mb'] or math.nan:8.0f}"
+              f" MB  {row['note'] or ''}", flush=True)
+    return rows
+
+
+def max_batch_search(peak, budget_mb: float, probes=(8, 16), max_probes: int = 7, clock: Clock | None = None,
+                     hi_cap: int = 1 << 14) -> dict:
+    """The largest batch b with peak(b) ≤ budget_mb. Memory is close to affine in b: two probes give fixed +
+    per-example·b, the prediction and its neighbour are probed, then bisection between the largest batch seen to
+    fit and the smallest seen over, until they are adjacent ("exact") or the probes or the time run out."""
+    seen: dict[int, float] = {}
+
+    def probe(b):
+        if b not in seen:
+            seen[b] = peak(b)
+        return seen[b]
+
+    for b in probes:
+        probe(b)
+    (b1, p1), (b2, p2) = sorted(seen.items())[:2]
+    slope = (p2 - p1) / (b2 - b1) if math.isfinite(p1) and math.isfinite(p2) else math.nan
+    fixed = p1 - slope * b1
+    pred = int((budget_mb - fixed) // slope) if slope > 0 else None
+
+    def bounds():
+        lo = max((b for b, p in seen.items() if p <= budget_mb), default=0)
+        hi = min((b for b, p in seen.items() if p > budget_mb), default=None)
+        return lo, hi
+
+    guesses = [] if pred is None else [min(max(pred, 1), hi_cap), min(max(pred + 1, 1), hi_cap)]
+    while len(seen) < max_probes and (clock is None or clock.left() > 5):
+        lo, hi = bounds()
+        if hi is not None and hi <= lo + 1:
+            break
+        nxt = next((g for g in guesses if g not in seen and lo < g and (hi is None or g < hi)), None)
+        if nxt is None:
+            if hi is None and lo >= hi_cap:
+                break
+            nxt = min(2 * lo, hi_cap) if hi is None else (lo + hi) // 2
+        probe(nxt)
+    lo, hi = bounds()
+    return {"max_batch": lo, "exact": hi is not None and hi == lo + 1, "smallest_over": hi,
+            "predicted": pred, "mb_per_example": slope, "fixed_mb": fixed, "budget_mb": budget_mb,
+            "probes": {str(b): round(p, 1) if math.isfinite(p) else "out of memory" for b, p in sorted(seen.items())}}
+
+
+def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
+              engines=("mixed_ghost", "opacus")) -> dict:
+    """max_batch_search per engine; CUDA: one engine built once, probed in-process (peak allocated); CPU: one fresh
+    process per probe (dptrain.bench.peak_memory, peak RSS with torch's libraries)."""
+    from .bench import build, peak_memory
+
     out = {}
-    for model in models:
-        times = time_engines(model, size, batch, engines, device, steps=steps)
-        row = {e: {"step_ms": 1000 * t} for e, t in times.items()}
-        for e in engines:
-            if e in row and device.type == "cuda":
-                row[e]["peak_mb"] = _peak(lambda e=e, m=model: build(m, size, e, batch, device), one_step, device)
-        for e, base in (("mixed_ghost", "nonprivate"), ("mixed_ghost_2pass", "nonprivate"),
-                        ("mixed_ghost_bf16", "nonprivate_bf16")):
-            if e in row and base in row:
-                row[e]["time_vs_" + base] = row[e]["step_ms"] / row[base]["step_ms"]
-                if "peak_mb" in row[e]:
-                    row[e]["peak_vs_" + base] = row[e]["peak_mb"] / row[base]["peak_mb"]
-        out[f"{model}/{size}/b{batch}"] = row
-        print(f"  bench {model}: {json.dumps(row)}", flush=True)
-    if device.type == "cuda":  # BEiT-large: memory per example of a physical batch, from two batch sizes
-        peaks = {b: _peak(lambda b=b: build("beit_large", size, "mixed_ghost_bf16", b, device), one_step, device)
-                 for b in (8, 16)}
-        out["beit_large/mixed_ghost_bf16/peak_mb"] = peaks
-        out["beit_large/mb_per_example"] = (peaks[16] - peaks[8]) / 8
+    for e in engines:
+        t = time.time()
+        if device.type == "cuda":
+            eng, x, y = build(model, size, e, 8, device)
+            del x, y
+            _cuda_peak(eng, 8, size, device)  # warm-up
+            res = max_batch_search(lambda b, eng=eng: _cuda_peak(eng, b, size, device), budget_mb, clock=clock)
+            del eng
+            _free(device)
+        else:
+            def cpu_peak(b, e=e):
+                m = peak_memory(model, size, b, e, device.type, steps=1)
+                return math.inf if m is None else m["peak_mb"]
+
+            res = max_batch_search(cpu_peak, budget_mb, max_probes=4, clock=clock)
+        res["seconds"] = round(time.time() - t, 1)
+        out[e] = res
+        print(f"   max batch {model} {e}: {json.dumps(res)}", flush=True)
+    a, b = (out.get(e, {}) for e in engines[:2])
+    if a.get("max_batch") and b.get("max_batch"):  # a ratio of lower bounds means little: said so
+        out[f"{engines[0]}_over_{engines[1]}"] = a["max_batch"] / b["max_batch"]
+        out["ratio_exact"] = bool(a["exact"] and b["exact"])
     return out
 
 
-def _peak(make, step, device) -> float:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    eng, x, y = make()
-    for _ in range(2):
-        step(eng, x, y, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
-    del eng, x, y
-    return peak
+def beit_large(device, size: int = 224) -> dict:
+    from .bench import build
+
+    peaks = {}
+    for b in (8, 16):
+        eng, x, y = build("beit_large", size, "mixed_ghost_bf16", b, device)
+        del x, y
+        _cuda_peak(eng, b, size, device)
+        peaks[b] = _cuda_peak(eng, b, size, device)
+        del eng
+        _free(device)
+    return {"peak_mb": peaks, "mb_per_example": (peaks[16] - peaks[8]) / 8}
+
+
+def _fmt(v, spec=".3g"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def summary_md(report: dict, rows: list[dict]) -> str:
+    """The headline numbers: per model, DP's cost against the same precision's nonprivate and against Opacus."""
+    lines = ["| model | engine | step ms | × nonprivate (same precision) | × opacus | peak MB | note |",
+             "|---|---|---|---|---|---|---|"]
+    by = {(r["model"], r["engine"]): r for r in rows}
+    for r in rows:
+        prec = "_bf16" if r["engine"].endswith("_bf16") else "_fp16" if r["engine"].endswith("_fp16") else ""
+        base, op = by.get((r["model"], "nonprivate" + prec)), by.get((r["model"], "opacus"))
+        def ratio(ref, r=r):
+            return r["step_ms"] / ref["step_ms"] if r["step_ms"] and ref and ref["step_ms"] else None
+
+        lines.append(f"| {r['model']} {r['size']}px b{r['batch']} | {r['engine']} | {_fmt(r['step_ms'], '.1f')} | "
+                     f"{_fmt(ratio(base), '.2f')} | {_fmt(ratio(op), '.2f') if not prec else ''} | "
+                     f"{_fmt(r['peak_mem_mb'], '.0f')} | {(r.get('note') or '')[:120]} |")
+    mb = report.get("max_batch")
+    if isinstance(mb, dict) and "error" not in mb:
+        budget = next((v["budget_mb"] for v in mb.values() if isinstance(v, dict)), None)
+        lines += ["", f"max batch under {_fmt(budget, '.0f')} MB of peak memory:", ""]
+        for e, v in mb.items():
+            if isinstance(v, dict):
+                lines.append(f"- {e}: {v['max_batch']} ({'exact' if v['exact'] else 'lower bound'}; "
+                             f"{_fmt(v['mb_per_example'])} MB per example + {_fmt(v['fixed_mb'], '.0f')} MB)")
+            else:
+                lines.append(f"- {e}: {_fmt(v, '.2f')}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="results/gpu-check", help="output prefix (.json, .md)")
+    ap.add_argument("--out", default="results/gpu-check", help="output prefix (.json, .md, -tests.log)")
+    ap.add_argument("--bench-out", default=None, help="the bench's output prefix (.csv, .md, .png; default: "
+                    "bench-gpu beside --out, bench-cpu on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bench-models", nargs="+", default=["resnet18", "vit_base", "beit_base"],
-                    help="the bench's models (a CPU dry run: resnet18 alone)")
+    ap.add_argument("--bench-models", nargs="+", default=BENCH_MODELS,
+                    help="the bench's models, the first one also for max_batch (a CPU dry run: cnn)")
+    ap.add_argument("--bench-engines", nargs="+", default=BENCH_ENGINES)
+    ap.add_argument("--size", type=int, default=None, help="bench input size (default: 224 on CUDA, 32 on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="bench batch (default: 32 on CUDA, 8 on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per engine (default: 5 on CUDA, 2 on CPU)")
+    ap.add_argument("--memory-budget-mb", type=float, default=40960.0,
+                    help="max_batch's budget of peak memory (default 40 GiB, an A100-40GB's worth)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="the whole command's budget: a section that would start with too little left is skipped "
+                         "(default: 450 on CUDA, none on CPU)")
+    ap.add_argument("--wheels", default="wheels", help="the wheel folder installed first (see kit above)")
+    ap.add_argument("--site", default=None, help="where the wheels go (default: <tmp>/dptrain-site)")
+    ap.add_argument("--no-install", action="store_true", help="skip the kit: install nothing")
     ap.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="which sections to run")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    clock = Clock(args.time_budget_s if args.time_budget_s is not None else 450.0 if gpu else None)
+    size = args.size or (224 if gpu else 32)
+    batch, steps = args.batch or (32 if gpu else 8), args.steps or (5 if gpu else 2)
+    bench_out = args.bench_out or os.path.join(os.path.dirname(args.out), "bench-gpu" if gpu else "bench-cpu")
     report = {"env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                      "name": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu"}}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    sections = {"exactness": lambda: exactness(device), "replay": lambda: dropout_replay(device),
-                "bf16_bound": lambda: bf16_bound(device),
-                "bench": lambda: bench(device, 224 if gpu else 32, 32 if gpu else 8, 5 if gpu else 2,
-                                       tuple(args.bench_models)),
-                "gpu_tests": lambda: gpu_tests(device, args.out + "-tests.log")}
-    for name, run in ((n, sections[n]) for n in SECTIONS if n in args.sections):
+                      "name": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu"},
+              "args": vars(args), "seconds": {}}
+    for d in {os.path.dirname(args.out), os.path.dirname(bench_out)}:
+        os.makedirs(d or ".", exist_ok=True)
+    rows: list[dict] = []
+
+    def save() -> None:
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        if rows:
+            try:
+                from .bench import write
+
+                write(rows, bench_out, device=args.device, argv=["python -m dptrain.gpu_check",
+                                                                 *(sys.argv[1:] if argv is None else argv)])
+                report["bench_files"] = [bench_out + x for x in (".csv", ".md", ".png")]
+            except Exception:  # noqa: BLE001 - pandas/matplotlib missing: the rows stay in the json
+                report["bench_files"] = {"error": traceback.format_exc()[-600:]}
+        with open(args.out + ".md", "w") as f:
+            f.write(f"# gpu-check ({report['env']['name']}, torch {report['env']['torch']}, python "
+                    f"{report['env']['python']})\n\ncommand: `python -m dptrain.gpu_check "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+            if rows or "max_batch" in report:
+                f.write(summary_md(report, rows) + "\n")
+            f.write("```json\n" + json.dumps(report, indent=1, default=str) + "\n```\n")
+
+    plan = [("kit", lambda: install_kit(args.wheels, args.site))] if not args.no_install else []
+    bench_models = list(args.bench_models)
+
+    def bench_section(m):
+        def go():
+            new = bench_model(m, size, batch, steps, device, clock, args.bench_engines)
+            rows.extend(new)
+            return {r["engine"]: {k: r[k] for k in ("step_ms", "peak_mem_mb", "note") if r[k] is not None}
+                    for r in new}
+        return go
+
+    for name in SECTIONS:
+        if name not in args.sections:
+            continue
+        if name == "replay":
+            plan.append((name, lambda: dropout_replay(device)))
+        elif name == "bf16_bound":
+            plan.append((name, lambda: bf16_bound(device)))
+        elif name == "bench":
+            plan.append((f"bench/{bench_models[0]}", bench_section(bench_models[0])))
+        elif name == "max_batch":
+            plan.append((name, lambda: max_batch(bench_models[0], size, device, args.memory_budget_mb, clock)))
+            if "bench" in args.sections:
+                plan += [(f"bench/{m}", bench_section(m)) for m in bench_models[1:]]
+        elif name == "gpu_tests":
+            plan.append((name, lambda: gpu_tests(device, args.out + "-tests.log", timeout=clock.left() - 5)))
+        elif name == "exactness":
+            plan.append((name, lambda: exactness(device, clock)))
+        elif name == "beit_large" and gpu:
+            plan.append((name, lambda: beit_large(device, size)))
+    if "bench" in args.sections and "max_batch" not in args.sections:
+        plan += [(f"bench/{m}", bench_section(m)) for m in bench_models[1:]]
+
+    for name, run in plan:
         t = time.time()
-        print(f"== {name}", flush=True)
+        need = NEEDS.get(name.split("/")[0], 0)
+        if clock.left() < need:
+            report[name] = {"skipped": f"time budget: {clock.left():.0f} s left, this section needs ~{need} s"}
+            print(f"== {name}: skipped ({clock.left():.0f} s left)", flush=True)
+            save()
+            continue
+        print(f"== {name} ({'' if clock.budget is None else f'{clock.left():.0f} s left'})", flush=True)
         try:
             report[name] = run()
         except Exception:  # noqa: BLE001 - one section's failure must not cost the others
             report[name] = {"error": traceback.format_exc()[-2000:]}
-        report.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+        report["seconds"][name] = round(time.time() - t, 1)
         print(json.dumps(report[name], default=str)[:2000], flush=True)
         print(f"   ({report['seconds'][name]} s)", flush=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(args.out + ".md", "w") as f:
-        f.write(f"# gpu-check ({report['env']['name']}, torch {report['env']['torch']})\n\n")
-        f.write("command: `PYTHONPATH=. python -m dptrain.gpu_check`\n\n```json\n")
-        f.write(json.dumps(report, indent=1, default=str) + "\n```\n")
-    print(f"wrote {args.out}.json, {args.out}.md", flush=True)
+        save()
+    report["seconds"]["total"] = round(time.time() - clock.t0, 1)
+    save()
+    print(f"wrote {args.out}.json, {args.out}.md" + (f", {bench_out}.{{csv,md,png}}" if rows else ""), flush=True)
 
 
 if __name__ == "__main__":
