@@ -124,6 +124,17 @@ def test_poisson_batches_are_the_sampler_streams_float64_uniforms_below_q():
     assert not torch.equal(next(iter(PoissonSampler(n, sample_rate=q, steps=1, seed=1))), expected[0])
 
 
+def test_an_example_whose_uniform_equals_q_is_left_out():
+    """Inclusion is u < q, not u ≤ q: on the float64 uniforms' 2**-53 grid P(u < q) is q exactly for a q on the grid,
+    where u ≤ q would add 2**-53 above the accountant's q. Seen where it shows: q set to one example's own uniform
+    (the 51st smallest of step 1's draws) leaves that example out and takes the 50 below it."""
+    n = 1000
+    u = torch.rand(n, generator=Streams(0).generator("sampler"), dtype=torch.float64)
+    j = int(u.argsort()[50])
+    batch = next(iter(PoissonSampler(n, sample_rate=u[j].item(), steps=1)))
+    assert len(batch) == 50 and j not in batch.tolist() and torch.equal(batch, (u < u[j]).nonzero().flatten())
+
+
 def test_shuffle_batches_are_consecutive_slices_of_the_sampler_streams_permutations():
     """Batch after batch, the concatenated random permutations of the "sampler" stream (seed 0 by default): each
     epoch sees every example once; secure mode has no shuffled batches to offer."""
@@ -248,6 +259,61 @@ def test_noise_is_drawn_through_a_scratch_no_larger_than_its_chunk_or_SCRATCH(mo
     seeded = noise(1000)
     monkeypatch.setattr(optimizer, "SCRATCH", {})
     assert torch.equal(noise(1000), seeded)
+
+
+def test_cpu_noise_fills_the_chunks_in_the_thread_pool_an_accelerators_one_by_one_on_its_device(monkeypatch):
+    """On the CPU the chunks fill in parallel in the module's thread pool (all CHUNKS of them, in one map). Any other
+    device (a GPU; here PyTorch's storage-less "meta" device, which takes that path without memory) draws them one
+    after another in this thread, each chunk's generator made on that device, through a scratch ON that device of
+    at most 1 << 22 elements (16 MB of float32: no parameter-sized noise buffer) — a chunk longer than that in
+    several draws, every chunk drawn."""
+    import dptrain.privacy.optimizer as optimizer
+
+    mapped, real_pool = [], optimizer._POOL
+
+    class Pool:
+        def map(self, fn, chunks):
+            mapped.append(list(chunks))
+            return real_pool.map(fn, chunks)
+
+    monkeypatch.setattr(optimizer, "_POOL", Pool())
+    p = torch.nn.Parameter(torch.zeros(1000))
+    DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                seed=0).add_noise()
+    assert mapped == [list(range(CHUNKS))] and p.grad.count_nonzero() == 1000
+
+    mapped.clear()
+    gen_devices, scratches, real_empty = [], [], torch.empty
+    n = CHUNKS * (1 << 22) + CHUNKS * 1000  # each chunk 1000 elements longer than the scratch
+    p = torch.nn.Parameter(torch.zeros(n, device="meta"))
+    p.grad = torch.zeros(n, device="meta")
+    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
+                      seed=0)
+    real_generator = opt.streams.generator
+
+    def generator(name, *sub, device="cpu"):  # a meta generator does not exist: record the device, draw on the CPU
+        gen_devices.append(device)
+        return real_generator(name, *sub)
+
+    def empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        scratches.append((t.numel(), t.device))
+        return t
+
+    monkeypatch.setattr(opt.streams, "generator", generator)
+    monkeypatch.setattr(torch, "empty", empty)
+    draws, real_normal = [], torch.Tensor.normal_
+
+    def normal_(t, *args, **kw):
+        draws.append(t.numel())
+        return real_normal(t, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "normal_", normal_)
+    opt.add_noise()
+    meta = torch.device("meta")
+    assert mapped == [] and gen_devices == [meta] * CHUNKS and list(opt.generator_states()) == ["meta"]
+    assert scratches == [(1 << 22, meta)] * CHUNKS
+    assert draws == [1 << 22, 1000] * CHUNKS
 
 
 def test_physical_batch_size_changes_memory_only(quick):

@@ -187,6 +187,22 @@ def test_an_empty_batch_adds_nothing_and_the_rules_are_logged_once(caplog):
     engine.detach()
 
 
+def test_the_engine_labels_its_phases_for_the_profiler():
+    """bench.profile reads the engine's phases from torch.profiler by their labels: one backward of the one-pass
+    engine shows dptrain::norms and dptrain::clipped_sum (the noise's dptrain::noise is the optimizer's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = WithCustom()
+    engine = PrivacyEngine(model, max_grad_norm=1.0)
+    x = torch.randn(3, 5)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2]), reduction="sum").backward()
+    labels = {a.key for a in prof.key_averages() if a.key.startswith("dptrain::")}
+    assert labels == {"dptrain::norms", "dptrain::clipped_sum"}
+    engine.detach()
+
+
 def tiny_resnet():
     from dptrain.models import fix_batchnorm
 

@@ -114,3 +114,34 @@ def test_dropped_counts_every_overflowed_example_and_only_under_a_loss_scale():
     F.cross_entropy(model(x), y, reduction="sum").backward()
     assert engine.dropped == 2 and not all(torch.isfinite(p.grad).all() for p in model.parameters())
     engine.detach()
+
+
+def test_an_overflowed_examples_clip_factor_is_zero_and_its_state_rows_are_zeroed():
+    """Both halves of leaving an overflowed example out, each checked on its own (either alone would hide the other's
+    loss in the gradient): its clip factor is 0 while the others' stay min(1, R/‖g_i‖), and every per-example state
+    tensor of the rules has that example's rows (k per example) set to 0 — 0·inf would be NaN — other rows, tensors
+    whose rows are not whole multiples of the examples, and non-tensors untouched."""
+    from dptrain.privacy.engine import _zero_rows
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(3, 5).double(), torch.tensor([0, 1, 2])
+    x[1] = float("inf")
+    R, S = 0.5, 4.0
+    engine = PrivacyEngine(model, max_grad_norm=R)
+    engine.loss_scale = S
+    seen, clip_factors = [], engine._clip_factors
+    engine._clip_factors = lambda records: seen.append(clip_factors(records)) or seen[-1]
+    (S * F.cross_entropy(model(x), y, reduction="sum")).backward()
+    c, norms = seen[0][0], engine.per_sample_norms
+    assert engine.dropped == 1 and not torch.isfinite(norms[1]) and torch.isfinite(norms[[0, 2]]).all()
+    assert c[1].item() == 0.0 and torch.equal(c[[0, 2]], (R / norms[[0, 2]]).clamp(max=1.0))
+    engine.detach()
+
+    bad = torch.tensor([False, True, False])
+    t = torch.arange(1.0, 13.0).view(6, 2)  # 2 rows per example
+    assert torch.equal(_zero_rows(bad, t), torch.tensor([[1., 2], [3, 4], [0, 0], [0, 0], [9, 10], [11, 12]]))
+    idx = torch.tensor([[4, 5], [6, 7], [8, 9]])
+    assert torch.equal(_zero_rows(bad, idx), torch.tensor([[4, 5], [0, 0], [8, 9]]))
+    other = torch.ones(4, 2)
+    assert _zero_rows(bad, other) is other and _zero_rows(bad, 3) == 3 and _zero_rows(bad, torch.tensor(2.0)) == 2

@@ -2,6 +2,8 @@
 draws the sampler and the noise from the OS."""
 
 import logging
+import math
+import os
 import re
 
 import numpy as np
@@ -177,6 +179,66 @@ def test_os_normal_is_standard_normal():
     assert abs((z.abs() > 1.959964).double().mean().item() - 0.05) < 6 * (0.05 * 0.95 / n) ** 0.5
     assert abs((z**4).mean().item() - 3) < 6 * (96 / n) ** 0.5  # Gaussian kurtosis; var(z⁴) = 105 - 9
     assert len(torch.unique(os_normal(1000))) == 1000
+
+
+def test_os_bernoulli_includes_exactly_the_64_bit_words_below_floor_q_2_64(monkeypatch):
+    """Example i is in iff its 64-bit word from os.urandom (8 bytes each, one read) is < floor(q·2**64): a word
+    equal to the threshold stays out, so the rate is ≤ q, and at q = 0 nothing is ever included."""
+    from fractions import Fraction
+
+    words = []
+
+    def urandom(k):
+        assert k == 8 * len(words)
+        return np.array(words, dtype=np.uint64).tobytes()
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    t3 = math.floor(Fraction(0.3) * 2**64)
+    for q, w, want in [(0.25, [2**62 - 1, 2**62, 2**62 + 1, 0, 2**64 - 1], [1, 0, 0, 1, 0]),
+                       (0.0, [0, 1, 2**63], [0, 0, 0]), (0.3, [t3 - 1, t3, t3 + 1], [1, 0, 0])]:
+        words[:] = w
+        assert os_bernoulli(len(w), q).tolist() == [bool(x) for x in want], q
+
+
+def test_os_normal_reads_32_bytes_per_value_and_halves_four_box_muller_normals(monkeypatch):
+    """n values read 32·n bytes in one call (the cost the module docstring states): 4n normals from 2n Box–Muller
+    pairs of 53-bit uniforms (the top 53 bits of each 64-bit word × 2**-53), radii from the first 2n uniforms and
+    angles from the last 2n, cosines then sines; value j is half the sum of normals j, n + j, 2n + j, 3n + j."""
+    n, asked = 3, []
+    raw = np.random.default_rng(0).integers(0, 2**64, size=64, dtype=np.uint64, endpoint=False).tobytes()
+
+    def urandom(k):
+        asked.append(k)
+        return raw[:k]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    z = os_normal(n)
+    assert asked == [32 * n] and z.dtype == torch.float64 and z.shape == (n,)
+    u = [int(w >> np.uint64(11)) * 2.0**-53 for w in np.frombuffer(raw[:32 * n], dtype=np.uint64)]
+    k = 2 * n
+    normals = ([math.sqrt(-2 * math.log1p(-u[i])) * math.cos(2 * math.pi * u[k + i]) for i in range(k)]
+               + [math.sqrt(-2 * math.log1p(-u[i])) * math.sin(2 * math.pi * u[k + i]) for i in range(k)])
+    want = [0.5 * sum(normals[a * n + j] for a in range(4)) for j in range(n)]
+    assert z.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_a_generator_is_made_on_the_device_asked_for(monkeypatch):
+    """generator(name, *sub, device=d) is a torch.Generator on d (a CUDA tensor's normal_ refuses a CPU generator,
+    and CUDA's Philox keeps all 64 seed bits), seeded with seed_for(name, *sub); the default device is the CPU."""
+    made, real = [], torch.Generator
+    if torch.cuda.is_available():
+        assert Streams(0).generator("noise", 0, device="cuda").device.type == "cuda"
+
+    def generator(device="cpu"):  # no CUDA here: record the device asked for, make a CPU generator
+        made.append(device)
+        return real()
+
+    monkeypatch.setattr(torch, "Generator", generator)
+    s = Streams(3)
+    g = s.generator("noise", 2, device="cuda:1")
+    assert made == ["cuda:1"] and g.initial_seed() == Streams(3).seed_for("noise", 2)
+    s.generator("sampler")
+    assert made == ["cuda:1", "cpu"]
 
 
 FIXED_SIGMA = ("eps=null", "privacy.noise_multiplier=1.0")  # no σ calibration: these tests are about streams
