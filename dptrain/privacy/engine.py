@@ -11,7 +11,8 @@ sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i 
 into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
 (a functional use, a tied weight) raises instead of being silently unclipped.
 
-passes=2 (less memory, one more forward and backward) lives in two_pass.py.
+passes=2 (less memory, one more forward and backward) lives in two_pass.py; the engine reads the flags of the
+passes' current phase (passes.py), never which path it is on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CoverageError
+from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
 from .rules import FALLBACK, Record, is_replaying
@@ -107,18 +109,13 @@ class PrivacyEngine:
                 full = f"{e.name}.{n}" if e.name else n
                 self._handles.append(p.register_hook(partial(_outside_use, full)))
         self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
-        self._two = TwoPass(self, model) if passes == 2 else None
-        if self._two is not None:
-            self._handles.append(self._two.handle)
+        self._passes = TwoPass(self, model) if passes == 2 else OnePass()  # passes.py: what the engine asks of it
+        self._handles += self._passes.handles
         self.fallback_share = _fallback_share(self.entries)
-
-    @property
-    def _phase(self) -> str:
-        return self._two.phase if self._two is not None else ""
 
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args, kwargs):
-        if is_replaying() or self._phase == "recompute" or self._probing:
+        if is_replaying() or not self._passes.phase.new_forward or self._probing:
             return
         if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
             self._probing = True
@@ -135,13 +132,8 @@ class PrivacyEngine:
         self._rows = self._rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
-        if self._two is not None and torch.is_grad_enabled() and _autocast_on():
-            raise CoverageError(
-                "passes=2 under autocast (precision=bf16/fp16): the clipped pass relies on the backward being linear "
-                "in its output gradient, which reduced-precision rounding breaks (each example's contribution would "
-                "exceed c_i·g_i by the rounding); use passes=1 with mixed precision")
-        if self._two is not None and torch.is_grad_enabled():
-            self._two.save_rng(args, kwargs)
+        if torch.is_grad_enabled():
+            self._passes.start(args, kwargs)
 
     @staticmethod
     def _rows_of(args, kwargs) -> int:
@@ -221,9 +213,10 @@ class PrivacyEngine:
                 "forward of the model (do not sum losses of several forwards, do not retain the graph)"
             )
         rec.grads[k] = g.detach()
-        if self._phase:
-            self._two.compare(rec, k, rec.grads[k])
-        if not self._queued and not self._phase:
+        phase = self._passes.phase
+        if phase.compare:
+            self._passes.compare(rec, k, rec.grads[k])
+        if not self._queued and phase.queue_finish:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
@@ -233,7 +226,7 @@ class PrivacyEngine:
         if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
             B = self._examples(entry, rec.rows)
             if B:
-                self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
+                self._run_sum(entry, [rec], B) if phase.plain_sum else self._run_rule(entry, [rec], B)
 
     def _examples(self, entry: Entry, rows: int) -> int:
         """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
@@ -252,7 +245,7 @@ class PrivacyEngine:
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         _ready(entry, recs, B)
-        keep = self._phase != "norms"  # the norm pass of passes=2 needs no state: the clipped sum comes later
+        keep = self._passes.phase.keep_state  # the norm pass of passes=2 needs none: the clipped sum comes later
         with torch.no_grad(), record_function("dptrain::norms"):
             n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
@@ -341,6 +334,22 @@ class PrivacyEngine:
                 f"{' …' if len(unused) > 8 else ''}. If a parent module uses them functionally, "
                 "pass fallback=['<parent module name>']; if they are unused, freeze them (requires_grad=False)"
             )
+
+    # ------------------------------------------------ for the passes (two_pass.Host: all TwoPass may use)
+    @property
+    def forward_id(self) -> int:
+        return self._forward_id
+
+    def clip_factors(self) -> torch.Tensor | None:
+        return self._clip_factors(self._records)[0]
+
+    def restart_records(self) -> None:
+        self._records, self._calls = [], {}
+
+    def clipped_sums(self) -> None:
+        groups, _, B = self._pending(self._records)
+        for e, rs in groups.values():
+            self._run_sum(e, rs, B)
 
     # ---------------------------------------------------------------- public
     def describe(self) -> str:
@@ -438,8 +447,6 @@ def _to_fp32(x):
     return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _autocast_on() -> bool:
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _check_dropout(e: Entry) -> None:
