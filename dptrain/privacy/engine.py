@@ -1,9 +1,8 @@
 """PrivacyEngine: exact per-example clipping by book-keeping, in the same backward pass.
 
-Forward: every hooked module runs with its own parameters *detached*, so autograd never computes the
-non-private weight gradient (only activation gradients flow); the call's inputs are kept and a tensor
-hook on each output keeps the output gradient. Tensor hooks (not module backward hooks) survive timm's
-in-place `x += shortcut` and ReLU(inplace=True).
+Forward (attach.py): every hooked module runs with its own parameters *detached*, so autograd never computes
+the non-private weight gradient (only activation gradients flow); the call's inputs are kept and a tensor
+hook on each output keeps the output gradient.
 
 Backward: the first output gradient queues a callback on the autograd engine, which runs once the
 whole backward has finished — independent of the order modules were registered or fired. It then
@@ -23,8 +22,9 @@ from functools import partial
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
+from .attach import guard, unwrap, wrap
 from .errors import CoverageError
 from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
@@ -35,18 +35,6 @@ from .two_pass import TwoPass
 log = logging.getLogger("dptrain.privacy")
 
 CLIPPING = ("abadi", "automatic")
-class _Anchor(torch.autograd.Function):
-    """Makes an output that does not require grad (a first layer on raw data) part of the graph, so a
-    tensor hook can see its gradient; returns a copy because in-place ops on a custom Function's
-    returned input are forbidden. Gives the parameters no gradient (book-keeping builds it)."""
-
-    @staticmethod
-    def forward(ctx, out, leaf):
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
 
 
 class PrivacyEngine:
@@ -101,13 +89,9 @@ class PrivacyEngine:
         self._audited = self._logged = False
         self._handles: list = []
         self._leaf = torch.zeros((), requires_grad=True)  # puts raw-data layers' outputs in the graph
-        self._saved_forward: list[tuple[nn.Module, object]] = []
+        self._saved_forward = [wrap(e, self._keep, self._leaf, lambda: self._rows) for e in self.entries]
         for e in self.entries:
-            self._wrap(e)
-        for e in self.entries:
-            for n, p in e.params:
-                full = f"{e.name}.{n}" if e.name else n
-                self._handles.append(p.register_hook(partial(_outside_use, full)))
+            self._handles += guard(e)
         self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
         self._passes = TwoPass(self, model) if passes == 2 else OnePass()  # passes.py: what the engine asks of it
         self._handles += self._passes.handles
@@ -117,7 +101,7 @@ class PrivacyEngine:
     def _new_forward(self, module, args, kwargs):
         if is_replaying() or not self._passes.phase.new_forward or self._probing:
             return
-        if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
+        if not self._probed and torch.is_grad_enabled() and _rows_of(args, kwargs) >= 2:
             self._probing = True
             for e in self.entries:
                 e.split = set()
@@ -129,77 +113,18 @@ class PrivacyEngine:
                 for e in self.entries:
                     e.split = None
         self._forward_id += 1
-        self._rows = self._rows_of(args, kwargs)
+        self._rows = _rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
         if torch.is_grad_enabled():
             self._passes.start(args, kwargs)
 
-    @staticmethod
-    def _rows_of(args, kwargs) -> int:
-        return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
-
-    def _wrap(self, entry: Entry) -> None:
-        if entry.rule.expands:
-            return self._wrap_expanded(entry)
-        m = entry.module
-        self._saved_forward.append((m, m.__dict__.get("forward")))
-        orig = m.forward
-        slots = []  # (owning module, attribute name, parameter) for the detached swap
-        for n, p in entry.params:
-            owner = m.get_submodule(n.rpartition(".")[0]) if "." in n else m
-            slots.append((owner, n.rpartition(".")[2], p))
-
-        def forward(*args, **kwargs):
-            if is_replaying() or not torch.is_grad_enabled():
-                return orig(*args, **kwargs)
-            if entry.dropouts and m.training:
-                _check_dropout(entry)
-            for owner, name, p in slots:
-                owner._parameters[name] = p.detach()
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                for owner, name, p in slots:
-                    owner._parameters[name] = p
-            flat, spec = tree_flatten(out)
-            idx = [i for i, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
-            batch = _batch(entry, args, kwargs)
-            if not idx:
-                raise CoverageError(f"{entry.label()}: the engine needs a floating-point tensor output")
-            rec = Record(tree_map(_detach, args), tree_map(_detach, kwargs), batch, self._forward_id, len(idx))
-            for k, i in enumerate(idx):
-                o = flat[i]
-                if not o.requires_grad:
-                    o = flat[i] = _Anchor.apply(o, self._leaf)
-                o.register_hook(partial(self._on_grad, entry, rec, k))
-            self._add(entry, rec)
-            return tree_unflatten(flat, spec)
-
-        m.forward = forward
-
-    def _wrap_expanded(self, entry: Entry) -> None:
-        """The forward runs with per-example stand-ins (taps) of the owned parameters (rules/expand.py); a tap's
-        gradient is the per-example gradient."""
-        m, rule = entry.module, entry.rule
-        self._saved_forward.append((m, m.__dict__.get("forward")))
-        orig = m.forward
-
-        def forward(*args, **kwargs):
-            if is_replaying() or not torch.is_grad_enabled():
-                return orig(*args, **kwargs)
-            rows = _batch(entry, args, kwargs, default=self._rows)
-            taps = [_Anchor.apply(t, self._leaf) for t in rule.taps(m, entry.params, rows)]
-            rec = Record((), {}, rows, self._forward_id, len(taps))
-            for k, t in enumerate(taps):
-                t.register_hook(partial(self._on_grad, entry, rec, k))
-            out = rule.run(m, orig, entry.params, taps, args, kwargs)
-            self._add(entry, rec)
-            return out
-
-        m.forward = forward
-
-    def _add(self, entry: Entry, rec: Record) -> None:
+    def _keep(self, entry: Entry, args: tuple, kwargs: dict, rows: int, outs: list[torch.Tensor]) -> None:
+        """A training call of a hooked module (attach.py): its record, and a hook on the gradient of each output
+        (or tap) its rule needs."""
+        rec = Record(args, kwargs, rows, self._forward_id, len(outs))
+        for k, o in enumerate(outs):
+            o.register_hook(partial(self._on_grad, entry, rec, k))
         rec.place = len(self._records)
         self._records.append((entry, rec))
         self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
@@ -359,11 +284,8 @@ class PrivacyEngine:
         """Remove every hook; the model is a plain module again."""
         for h in self._handles:
             h.remove()
-        for m, saved in self._saved_forward:
-            if saved is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = saved
+        for saved in self._saved_forward:
+            unwrap(saved)
         self._handles, self._saved_forward, self._records = [], [], []
         return self.model
 
@@ -381,6 +303,10 @@ def _check_arguments(*, mode, clipping, max_grad_norm, augmult, passes) -> None:
         raise ValueError(f"passes must be 1 or 2, got {passes}")
 
 
+def _rows_of(args, kwargs) -> int:
+    return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
+
+
 def _fallback_share(entries: list[Entry]) -> float:
     """The fraction of trainable parameters on the generic (slow) fallback, logged with the modules behind it."""
     total = sum(p.numel() for e in entries for _, p in e.params)
@@ -395,27 +321,10 @@ def _fallback_share(entries: list[Entry]) -> float:
     return share
 
 
-def _batch(entry: Entry, args, kwargs, default: int = 0) -> int:
-    """The batch size: the leading dimension of the call's first batched tensor argument (`default`, the
-    model input's, for a module called without one)."""
-    for a in tree_flatten((args, kwargs))[0]:
-        if torch.is_tensor(a) and a.dim():
-            return a.shape[0]
-    if default:
-        return default
-    raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input")
 
 
-def _detach(x):
-    return x.detach() if torch.is_tensor(x) else x
 
 
-def _outside_use(name: str, grad: torch.Tensor) -> None:
-    raise CoverageError(
-        f"parameter '{name}' received a gradient outside its module's forward (a functional use such as "
-        "F.linear(x, m.weight), or a tied weight), which the engine cannot clip. Route the use through the "
-        "module, or make the module that uses it a fallback unit: PrivacyEngine(..., fallback=['<module>'])"
-    )
 
 
 def _ready(e: Entry, recs: list[Record], B: int) -> None:
@@ -445,15 +354,3 @@ def _zero_rows(bad: torch.Tensor, t):
 
 def _to_fp32(x):
     return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-
-
-def _check_dropout(e: Entry) -> None:
-    for d in e.dropouts:
-        p = getattr(d, "p", getattr(d, "drop_prob", 0.0)) or 0.0
-        if d.training and p > 0:
-            raise CoverageError(
-                f"{e.label()} is replayed per example by the fallback, which cannot reproduce the random "
-                f"dropout inside it ({type(d).__name__}, p={p}); set that dropout / drop-path rate to 0"
-            )
