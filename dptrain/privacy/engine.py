@@ -29,6 +29,7 @@ from .errors import CoverageError
 from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
+from .records import examples, pending, ready
 from .rules import FALLBACK, Record, is_replaying
 from .two_pass import TwoPass
 
@@ -149,27 +150,12 @@ class PrivacyEngine:
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
         # waits for _finish (outside the engine's hooks).
         if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
-            B = self._examples(entry, rec.rows)
+            B = examples(entry, rec.rows, model_rows=self._rows, augmult=self.augmult)
             if B:
                 self._run_sum(entry, [rec], B) if phase.plain_sum else self._run_rule(entry, [rec], B)
 
-    def _examples(self, entry: Entry, rows: int) -> int:
-        """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
-        example's consecutive); a layer may see a whole multiple of them, each example's rows consecutive (Swin's
-        windows: B·nW rows) — the probe checked which rows belong to which example. The fallback replays row by
-        row, so its rows must be the model's."""
-        model_rows = self._rows or rows
-        if model_rows == 0:  # an empty batch: nothing to clip, nothing added
-            return 0
-        if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
-            raise CoverageError(
-                f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
-                "its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the batch "
-                "dimension first")
-        return model_rows // self.augmult
-
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
-        _ready(entry, recs, B)
+        ready(entry, recs, B)
         keep = self._passes.phase.keep_state  # the norm pass of passes=2 needs none: the clipped sum comes later
         with torch.no_grad(), record_function("dptrain::norms"):
             n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
@@ -180,27 +166,14 @@ class PrivacyEngine:
 
     def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
         """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
-        _ready(entry, recs, B)
+        ready(entry, recs, B)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
             entry.rule.accumulate_plain(entry, recs)
         for r in recs:
             r.release()
 
     def _pending(self, records) -> tuple[dict[int, tuple[Entry, list[Record]]], list[tuple[Entry, Record]], int]:
-        """Records whose rule still has to run (per layer: reused layers, fallback units), those done during
-        the backward, and the number of examples B."""
-        groups: dict[int, tuple[Entry, list[Record]]] = {}
-        done: list[tuple[Entry, Record]] = []
-        for e, r in records:
-            if r.result is not None:
-                done.append((e, r))
-            elif any(g is not None for g in r.grads):
-                groups.setdefault(id(e), (e, []))[1].append(r)
-        calls = [(e, r) for e, rs in groups.values() for r in rs] + done
-        if not self._rows and len({r.rows for _, r in calls}) > 1:  # no model batch to check against
-            raise CoverageError(f"hooked layers saw different batch sizes {sorted({r.rows for _, r in calls})}")
-        sizes = {self._examples(e, r.rows) for e, r in calls}
-        return groups, done, sizes.pop() if sizes else 0
+        return pending(records, model_rows=self._rows, augmult=self.augmult)
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
@@ -327,30 +300,9 @@ def _fallback_share(entries: list[Entry]) -> float:
 
 
 
-def _ready(e: Entry, recs: list[Record], B: int) -> None:
-    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples. Inputs and
-    output gradients a forward under autocast left in bfloat16/float16 are cast up to float32 here, so a rule's
-    norms and its clipped sum are computed in float32 from the same per-example quantities: each example's
-    contribution is c_i times the float32 g_iᵀa_i whose norm gave c_i, ≤ R up to float32 rounding."""
-    for r in recs:
-        for a, v in zip(r.args, r.versions):
-            if v is not None and a._version != v:
-                raise CoverageError(
-                    f"the input of {e.label()} was modified in place after its forward; its per-example "
-                    "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
-                )
-        r.batch = B
-        r.args, r.kwargs = tree_map(_to_fp32, r.args), tree_map(_to_fp32, r.kwargs)
-        r.grads = [None if g is None else _to_fp32(g) for g in r.grads]
-
-
 def _zero_rows(bad: torch.Tensor, t):
     """A rule's per-example state with the rows of `bad` examples (B,) zeroed (k rows per example: k·B rows)."""
     if not (torch.is_tensor(t) and t.dim() and t.shape[0] % bad.shape[0] == 0):
         return t
     rows = bad.repeat_interleave(t.shape[0] // bad.shape[0]).view(-1, *([1] * (t.dim() - 1)))
     return t.masked_fill(rows, 0)
-
-
-def _to_fp32(x):
-    return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
