@@ -238,7 +238,7 @@ class PrivacyEngine:
     def forward_id(self) -> int:
         return self._forward_id
 
-    def clip_factors(self) -> torch.Tensor | None:
+    def factors(self) -> torch.Tensor | None:
         return self._clip_factors(self._records)[0]
 
     def restart_records(self) -> None:

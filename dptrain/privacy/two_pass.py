@@ -37,9 +37,9 @@ class Host(Protocol):
     def forward_id(self) -> int:
         """The number of forwards of the model so far (a backward belongs to the latest)."""
 
-    def clip_factors(self) -> torch.Tensor | None:
-        """After a backward: run the rules on this forward's records, set per_sample_norms → c (B,), or None when
-        there is nothing to clip (an empty batch)."""
+    def factors(self) -> torch.Tensor | None:
+        """After a backward: run the rules on this forward's records, set per_sample_norms → the clip factors c (B,),
+        or None when there is nothing to clip (an empty batch)."""
 
     def restart_records(self) -> None:
         """Forget this forward's records (before the recomputed forward makes them again, and when done)."""
@@ -94,7 +94,7 @@ class TwoPass:
             self.phase = NORMS
             torch.autograd.backward(out, G)  # frees the graph as it goes, like a non-private backward
             del out
-            c = eng.clip_factors()
+            c = eng.factors()
             if c is None:
                 return
             self.phase = RECOMPUTE
