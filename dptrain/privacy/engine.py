@@ -1,9 +1,8 @@
 """PrivacyEngine: exact per-example clipping by book-keeping, in the same backward pass.
 
-Forward: every hooked module runs with its own parameters *detached*, so autograd never computes the
-non-private weight gradient (only activation gradients flow); the call's inputs are kept and a tensor
-hook on each output keeps the output gradient. Tensor hooks (not module backward hooks) survive timm's
-in-place `x += shortcut` and ReLU(inplace=True).
+Forward (attach.py): every hooked module runs with its own parameters *detached*, so autograd never computes
+the non-private weight gradient (only activation gradients flow); the call's inputs are kept and a tensor
+hook on each output keeps the output gradient.
 
 Backward: the first output gradient queues a callback on the autograd engine, which runs once the
 whole backward has finished — independent of the order modules were registered or fired. It then
@@ -11,7 +10,8 @@ sums the per-layer squared norms, computes the clip factors c_i and builds Σ_i 
 into p.grad (accumulating across physical batches). A gradient that reaches a parameter any other way
 (a functional use, a tied weight) raises instead of being silently unclipped.
 
-passes=2 (less memory, one more forward and backward) lives in two_pass.py.
+passes=2 (less memory, one more forward and backward) lives in two_pass.py; the engine reads the flags of the
+passes' current phase (passes.py), never which path it is on.
 """
 
 from __future__ import annotations
@@ -22,29 +22,20 @@ from functools import partial
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
+from .attach import guard, unwrap, wrap
 from .errors import CoverageError
+from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
+from .records import examples, pending, ready
 from .rules import FALLBACK, Record, is_replaying
 from .two_pass import TwoPass
 
 log = logging.getLogger("dptrain.privacy")
 
 CLIPPING = ("abadi", "automatic")
-class _Anchor(torch.autograd.Function):
-    """Makes an output that does not require grad (a first layer on raw data) part of the graph, so a
-    tensor hook can see its gradient; returns a copy because in-place ops on a custom Function's
-    returned input are forbidden. Gives the parameters no gradient (book-keeping builds it)."""
-
-    @staticmethod
-    def forward(ctx, out, leaf):
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
 
 
 class PrivacyEngine:
@@ -99,28 +90,19 @@ class PrivacyEngine:
         self._audited = self._logged = False
         self._handles: list = []
         self._leaf = torch.zeros((), requires_grad=True)  # puts raw-data layers' outputs in the graph
-        self._saved_forward: list[tuple[nn.Module, object]] = []
+        self._saved_forward = [wrap(e, self._keep, self._leaf, lambda: self._rows) for e in self.entries]
         for e in self.entries:
-            self._wrap(e)
-        for e in self.entries:
-            for n, p in e.params:
-                full = f"{e.name}.{n}" if e.name else n
-                self._handles.append(p.register_hook(partial(_outside_use, full)))
+            self._handles += guard(e)
         self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
-        self._two = TwoPass(self, model) if passes == 2 else None
-        if self._two is not None:
-            self._handles.append(self._two.handle)
+        self._passes = TwoPass(self, model) if passes == 2 else OnePass()  # passes.py: what the engine asks of it
+        self._handles += self._passes.handles
         self.fallback_share = _fallback_share(self.entries)
-
-    @property
-    def _phase(self) -> str:
-        return self._two.phase if self._two is not None else ""
 
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args, kwargs):
-        if is_replaying() or self._phase == "recompute" or self._probing:
+        if is_replaying() or not self._passes.phase.new_forward or self._probing:
             return
-        if not self._probed and torch.is_grad_enabled() and self._rows_of(args, kwargs) >= 2:
+        if not self._probed and torch.is_grad_enabled() and _rows_of(args, kwargs) >= 2:
             self._probing = True
             for e in self.entries:
                 e.split = set()
@@ -132,82 +114,18 @@ class PrivacyEngine:
                 for e in self.entries:
                     e.split = None
         self._forward_id += 1
-        self._rows = self._rows_of(args, kwargs)
+        self._rows = _rows_of(args, kwargs)
         self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
         self._calls = {}  # id(entry) → its calls in this forward
-        if self._two is not None and torch.is_grad_enabled() and _autocast_on():
-            raise CoverageError(
-                "passes=2 under autocast (precision=bf16/fp16): the clipped pass relies on the backward being linear "
-                "in its output gradient, which reduced-precision rounding breaks (each example's contribution would "
-                "exceed c_i·g_i by the rounding); use passes=1 with mixed precision")
-        if self._two is not None and torch.is_grad_enabled():
-            self._two.save_rng(args, kwargs)
+        if torch.is_grad_enabled():
+            self._passes.start(args, kwargs)
 
-    @staticmethod
-    def _rows_of(args, kwargs) -> int:
-        return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
-
-    def _wrap(self, entry: Entry) -> None:
-        if entry.rule.expands:
-            return self._wrap_expanded(entry)
-        m = entry.module
-        self._saved_forward.append((m, m.__dict__.get("forward")))
-        orig = m.forward
-        slots = []  # (owning module, attribute name, parameter) for the detached swap
-        for n, p in entry.params:
-            owner = m.get_submodule(n.rpartition(".")[0]) if "." in n else m
-            slots.append((owner, n.rpartition(".")[2], p))
-
-        def forward(*args, **kwargs):
-            if is_replaying() or not torch.is_grad_enabled():
-                return orig(*args, **kwargs)
-            if entry.dropouts and m.training:
-                _check_dropout(entry)
-            for owner, name, p in slots:
-                owner._parameters[name] = p.detach()
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                for owner, name, p in slots:
-                    owner._parameters[name] = p
-            flat, spec = tree_flatten(out)
-            idx = [i for i, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
-            batch = _batch(entry, args, kwargs)
-            if not idx:
-                raise CoverageError(f"{entry.label()}: the engine needs a floating-point tensor output")
-            rec = Record(tree_map(_detach, args), tree_map(_detach, kwargs), batch, self._forward_id, len(idx))
-            for k, i in enumerate(idx):
-                o = flat[i]
-                if not o.requires_grad:
-                    o = flat[i] = _Anchor.apply(o, self._leaf)
-                o.register_hook(partial(self._on_grad, entry, rec, k))
-            self._add(entry, rec)
-            return tree_unflatten(flat, spec)
-
-        m.forward = forward
-
-    def _wrap_expanded(self, entry: Entry) -> None:
-        """The forward runs with per-example stand-ins (taps) of the owned parameters (rules/expand.py); a tap's
-        gradient is the per-example gradient."""
-        m, rule = entry.module, entry.rule
-        self._saved_forward.append((m, m.__dict__.get("forward")))
-        orig = m.forward
-
-        def forward(*args, **kwargs):
-            if is_replaying() or not torch.is_grad_enabled():
-                return orig(*args, **kwargs)
-            rows = _batch(entry, args, kwargs, default=self._rows)
-            taps = [_Anchor.apply(t, self._leaf) for t in rule.taps(m, entry.params, rows)]
-            rec = Record((), {}, rows, self._forward_id, len(taps))
-            for k, t in enumerate(taps):
-                t.register_hook(partial(self._on_grad, entry, rec, k))
-            out = rule.run(m, orig, entry.params, taps, args, kwargs)
-            self._add(entry, rec)
-            return out
-
-        m.forward = forward
-
-    def _add(self, entry: Entry, rec: Record) -> None:
+    def _keep(self, entry: Entry, args: tuple, kwargs: dict, rows: int, outs: list[torch.Tensor]) -> None:
+        """A training call of a hooked module (attach.py): its record, and a hook on the gradient of each output
+        (or tap) its rule needs."""
+        rec = Record(args, kwargs, rows, self._forward_id, len(outs))
+        for k, o in enumerate(outs):
+            o.register_hook(partial(self._on_grad, entry, rec, k))
         rec.place = len(self._records)
         self._records.append((entry, rec))
         self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
@@ -221,9 +139,10 @@ class PrivacyEngine:
                 "forward of the model (do not sum losses of several forwards, do not retain the graph)"
             )
         rec.grads[k] = g.detach()
-        if self._phase:
-            self._two.compare(rec, k, rec.grads[k])
-        if not self._queued and not self._phase:
+        phase = self._passes.phase
+        if phase.compare:
+            self._passes.compare(rec, k, rec.grads[k])
+        if not self._queued and phase.queue_finish:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
@@ -231,31 +150,13 @@ class PrivacyEngine:
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
         # waits for _finish (outside the engine's hooks).
         if self._calls.get(id(entry)) == 1 and entry.rule.eager and all(x is not None for x in rec.grads):
-            B = self._examples(entry, rec.rows)
+            B = examples(entry, rec.rows, model_rows=self._rows, augmult=self.augmult)
             if B:
-                self._run_sum(entry, [rec], B) if self._phase == "sum" else self._run_rule(entry, [rec], B)
-
-    def _examples(self, entry: Entry, rows: int) -> int:
-        """The examples B behind a call of `rows` rows. The model's input has K·B rows (K = augmult copies, each
-        example's consecutive); a layer may see a whole multiple of them, each example's rows consecutive (Swin's
-        windows: B·nW rows) — the probe checked which rows belong to which example. The fallback replays row by
-        row, so its rows must be the model's."""
-        model_rows = self._rows or rows
-        if model_rows == 0:  # an empty batch: nothing to clip, nothing added
-            return 0
-        if rows % model_rows or model_rows % self.augmult or (not entry.rule.eager and rows != model_rows):
-            windows = "" if entry.rule.eager or rows % model_rows else (
-                "; or several rows per example (window attention's windows), which the generic fallback cannot "
-                "replay: such a module needs a rule of its own (dptrain/privacy/rules/)")
-            raise CoverageError(
-                f"{entry.label()} saw {rows} rows but the model's input has {model_rows} (augmult={self.augmult}): "
-                "its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the batch "
-                f"dimension first{windows}")
-        return model_rows // self.augmult
+                self._run_sum(entry, [rec], B) if phase.plain_sum else self._run_rule(entry, [rec], B)
 
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
-        _ready(entry, recs, B)
-        keep = self._phase != "norms"  # the norm pass of passes=2 needs no state: the clipped sum comes later
+        ready(entry, recs, B)
+        keep = self._passes.phase.keep_state  # the norm pass of passes=2 needs none: the clipped sum comes later
         with torch.no_grad(), record_function("dptrain::norms"):
             n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
@@ -265,27 +166,14 @@ class PrivacyEngine:
 
     def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
         """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
-        _ready(entry, recs, B)
+        ready(entry, recs, B)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
             entry.rule.accumulate_plain(entry, recs)
         for r in recs:
             r.release()
 
     def _pending(self, records) -> tuple[dict[int, tuple[Entry, list[Record]]], list[tuple[Entry, Record]], int]:
-        """Records whose rule still has to run (per layer: reused layers, fallback units), those done during
-        the backward, and the number of examples B."""
-        groups: dict[int, tuple[Entry, list[Record]]] = {}
-        done: list[tuple[Entry, Record]] = []
-        for e, r in records:
-            if r.result is not None:
-                done.append((e, r))
-            elif any(g is not None for g in r.grads):
-                groups.setdefault(id(e), (e, []))[1].append(r)
-        calls = [(e, r) for e, rs in groups.values() for r in rs] + done
-        if not self._rows and len({r.rows for _, r in calls}) > 1:  # no model batch to check against
-            raise CoverageError(f"hooked layers saw different batch sizes {sorted({r.rows for _, r in calls})}")
-        sizes = {self._examples(e, r.rows) for e, r in calls}
-        return groups, done, sizes.pop() if sizes else 0
+        return pending(records, model_rows=self._rows, augmult=self.augmult)
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
@@ -345,6 +233,22 @@ class PrivacyEngine:
                 "pass fallback=['<parent module name>']; if they are unused, freeze them (requires_grad=False)"
             )
 
+    # ------------------------------------------------ for the passes (two_pass.Host: all TwoPass may use)
+    @property
+    def forward_id(self) -> int:
+        return self._forward_id
+
+    def factors(self) -> torch.Tensor | None:
+        return self._clip_factors(self._records)[0]
+
+    def restart_records(self) -> None:
+        self._records, self._calls = [], {}
+
+    def clipped_sums(self) -> None:
+        groups, _, B = self._pending(self._records)
+        for e, rs in groups.values():
+            self._run_sum(e, rs, B)
+
     # ---------------------------------------------------------------- public
     def describe(self) -> str:
         return describe(self.entries)
@@ -353,11 +257,8 @@ class PrivacyEngine:
         """Remove every hook; the model is a plain module again."""
         for h in self._handles:
             h.remove()
-        for m, saved in self._saved_forward:
-            if saved is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = saved
+        for saved in self._saved_forward:
+            unwrap(saved)
         self._handles, self._saved_forward, self._records = [], [], []
         return self.model
 
@@ -375,6 +276,10 @@ def _check_arguments(*, mode, clipping, max_grad_norm, augmult, passes) -> None:
         raise ValueError(f"passes must be 1 or 2, got {passes}")
 
 
+def _rows_of(args, kwargs) -> int:
+    return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
+
+
 def _fallback_share(entries: list[Entry]) -> float:
     """The fraction of trainable parameters on the generic (slow) fallback, logged with the modules behind it."""
     total = sum(p.numel() for e in entries for _, p in e.params)
@@ -389,44 +294,10 @@ def _fallback_share(entries: list[Entry]) -> float:
     return share
 
 
-def _batch(entry: Entry, args, kwargs, default: int = 0) -> int:
-    """The batch size: the leading dimension of the call's first batched tensor argument (`default`, the
-    model input's, for a module called without one)."""
-    for a in tree_flatten((args, kwargs))[0]:
-        if torch.is_tensor(a) and a.dim():
-            return a.shape[0]
-    if default:
-        return default
-    raise CoverageError(f"{entry.label()}: the engine needs a batched tensor input")
 
 
-def _detach(x):
-    return x.detach() if torch.is_tensor(x) else x
 
 
-def _outside_use(name: str, grad: torch.Tensor) -> None:
-    raise CoverageError(
-        f"parameter '{name}' received a gradient outside its module's forward (a functional use such as "
-        "F.linear(x, m.weight), or a tied weight), which the engine cannot clip. Route the use through the "
-        "module, or make the module that uses it a fallback unit: PrivacyEngine(..., fallback=['<module>'])"
-    )
-
-
-def _ready(e: Entry, recs: list[Record], B: int) -> None:
-    """Before a rule runs on the records: their inputs are unchanged since the forward; B examples. Inputs and
-    output gradients a forward under autocast left in bfloat16/float16 are cast up to float32 here, so a rule's
-    norms and its clipped sum are computed in float32 from the same per-example quantities: each example's
-    contribution is c_i times the float32 g_iᵀa_i whose norm gave c_i, ≤ R up to float32 rounding."""
-    for r in recs:
-        for a, v in zip(r.args, r.versions):
-            if v is not None and a._version != v:
-                raise CoverageError(
-                    f"the input of {e.label()} was modified in place after its forward; its per-example "
-                    "gradient would be wrong. Make that operation out of place (e.g. inplace=False)"
-                )
-        r.batch = B
-        r.args, r.kwargs = tree_map(_to_fp32, r.args), tree_map(_to_fp32, r.kwargs)
-        r.grads = [None if g is None else _to_fp32(g) for g in r.grads]
 
 
 def _zero_rows(bad: torch.Tensor, t):
@@ -435,21 +306,3 @@ def _zero_rows(bad: torch.Tensor, t):
         return t
     rows = bad.repeat_interleave(t.shape[0] // bad.shape[0]).view(-1, *([1] * (t.dim() - 1)))
     return t.masked_fill(rows, 0)
-
-
-def _to_fp32(x):
-    return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _autocast_on() -> bool:
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
-
-
-def _check_dropout(e: Entry) -> None:
-    for d in e.dropouts:
-        p = getattr(d, "p", getattr(d, "drop_prob", 0.0)) or 0.0
-        if d.training and p > 0:
-            raise CoverageError(
-                f"{e.label()} is replayed per example by the fallback, which cannot reproduce the random "
-                f"dropout inside it ({type(d).__name__}, p={p}); set that dropout / drop-path rate to 0"
-            )

@@ -16,32 +16,61 @@ pass's (a backward that changed between the passes).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .errors import CoverageError
+from .passes import NORMS, ONE_PASS, RECOMPUTE, SUM
 from .rules import Record, is_replaying
 
 
-class TwoPass:
-    """The passes=2 machinery of one PrivacyEngine (`engine`: its records, clip factors and rule runners)."""
+class Host(Protocol):
+    """What TwoPass may use of its engine (PrivacyEngine provides it; nothing else of the engine is touched)."""
 
-    def __init__(self, engine, model: nn.Module):
+    augmult: int  # rows per example: c (B,) is repeated to the model's rows
+
+    @property
+    def forward_id(self) -> int:
+        """The number of forwards of the model so far (a backward belongs to the latest)."""
+
+    def factors(self) -> torch.Tensor | None:
+        """After a backward: run the rules on this forward's records, set per_sample_norms → the clip factors c (B,),
+        or None when there is nothing to clip (an empty batch)."""
+
+    def restart_records(self) -> None:
+        """Forget this forward's records (before the recomputed forward makes them again, and when done)."""
+
+    def clipped_sums(self) -> None:
+        """After the clipped pass: the rules that waited for the whole backward add their plain weight gradients."""
+
+
+class TwoPass:
+    """The passes=2 path of one PrivacyEngine (passes.py says what the engine asks of it; `Host`, what it asks of
+    the engine)."""
+
+    def __init__(self, engine: Host, model: nn.Module):
         self.engine = engine
-        self.phase = ""  # "norms", then "recompute", then "sum", inside the user's backward
+        self.phase = ONE_PASS  # NORMS, then RECOMPUTE, then SUM, inside the user's backward
         self._rng: tuple = ()
         self._prints: dict[tuple[int, int], torch.Tensor] = {}  # (record, output) → per-row gradient norms, pass 1
         self._c_rows: torch.Tensor | None = None
-        self.handle = model.register_forward_hook(self._cut_output, with_kwargs=True)
+        self.handles = (model.register_forward_hook(self._cut_output, with_kwargs=True),)
 
-    def save_rng(self, args, kwargs) -> None:
-        """At each training forward: the random state the recomputed forward replays."""
+    def start(self, args, kwargs) -> None:
+        """At each training forward: refuse autocast; save the random state the recomputed forward replays."""
+        if _autocast_on():
+            raise CoverageError(
+                "passes=2 under autocast (precision=bf16/fp16): the clipped pass relies on the backward being linear "
+                "in its output gradient, which reduced-precision rounding breaks (each example's contribution would "
+                "exceed c_i·g_i by the rounding); use passes=1 with mixed precision")
         self._rng = (torch.get_rng_state(), *get_device_states(*args, *kwargs.values()))
 
     def _cut_output(self, module, args, kwargs, out):
-        if is_replaying() or not torch.is_grad_enabled() or self.phase == "recompute":
+        if is_replaying() or not torch.is_grad_enabled() or not self.phase.new_forward:
             return None
         if not (torch.is_tensor(out) and out.is_floating_point() and out.dim() and out.requires_grad):
             raise CoverageError(
@@ -51,24 +80,25 @@ class TwoPass:
             raise CoverageError("passes=2 backpropagates twice, so an input that requires grad would collect both "
                                 "passes' gradients; detach the model's inputs or use passes=1")
         cut = out.detach().requires_grad_()
-        call = (self.engine._forward_id, args, kwargs, self._rng)
+        call = (self.engine.forward_id, args, kwargs, self._rng)
         cut.register_hook(lambda G: self._run(module, out, G, call))
         return cut
 
     def _run(self, module: nn.Module, out: torch.Tensor, G: torch.Tensor, call: tuple) -> None:
         eng = self.engine
         fid, args, kwargs, (cpu_rng, devices, device_rngs) = call
-        if fid != eng._forward_id:
+        if fid != eng.forward_id:
             raise CoverageError("passes=2: call backward once after each forward of the model, before the next one")
         first = out.detach()
         try:
-            self.phase = "norms"
+            self.phase = NORMS
             torch.autograd.backward(out, G)  # frees the graph as it goes, like a non-private backward
             del out
-            c, _ = eng._clip_factors(eng._records)
+            c = eng.factors()
             if c is None:
                 return
-            self.phase, eng._records, eng._calls = "recompute", [], {}
+            self.phase = RECOMPUTE
+            eng.restart_records()
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.set_rng_state(cpu_rng)
                 set_device_states(devices, device_rngs)
@@ -78,14 +108,12 @@ class TwoPass:
                 raise CoverageError(
                     "passes=2: the recomputed forward gave a different output (a forward with internal state or "
                     "random numbers not drawn from torch's generators); use passes=1 for this model")
-            self.phase, self._c_rows = "sum", c.repeat_interleave(eng.augmult).double()
+            self.phase, self._c_rows = SUM, c.repeat_interleave(eng.augmult).double()
             torch.autograd.backward(again, G * self._c_rows.to(G.dtype).view(-1, *([1] * (G.dim() - 1))))
-            groups, _, B = eng._pending(eng._records)
-            for e, rs in groups.values():
-                eng._run_sum(e, rs, B)
+            eng.clipped_sums()
         finally:
-            self.phase = ""
-            eng._records, self._prints = [], {}
+            self.phase, self._prints = ONE_PASS, {}
+            eng.restart_records()
 
     def compare(self, rec: Record, k: int, g: torch.Tensor) -> None:
         """Tripwire: every hooked output's per-row gradient norm in the clipped pass must be c_i times the one
@@ -96,7 +124,7 @@ class TwoPass:
             return
         n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()  # (rows,)
         key = (rec.place, k)
-        if self.phase == "norms":
+        if self.phase is NORMS:
             self._prints[key] = n
             return
         want = self._prints.pop(key, None)
@@ -107,3 +135,7 @@ class TwoPass:
             raise CoverageError(
                 "passes=2: a layer's output gradient in the clipped pass is not c_i times the one its norm came from "
                 "(the forward or backward changed between the passes); use passes=1 for this model")
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
