@@ -19,17 +19,25 @@ log = logging.getLogger("dptrain")
 
 def main():
     """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's."""
-    from .distributed import worker_overrides
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun only: distributed.py imports torch (seconds)
+        from .distributed import worker_overrides
 
-    sys.argv += worker_overrides()
+        sys.argv += worker_overrides()
     return _main()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg) -> float:
+    from .config import validate
+    from .errors import UserError
+
+    if not cfg.resume:  # numbers and keys need neither torch nor timm: refused before they load (seconds)
+        try:
+            validate(cfg)
+        except UserError as e:
+            _fail(e)
     from .checkpoint import resume_config
     from .distributed import init
-    from .errors import UserError
     from .privacy import CoverageError
     from .run import run
     from .tracking import wandb_sync_hint
@@ -40,9 +48,7 @@ def _main(cfg) -> float:
         dist = init(cfg.device)  # torchrun's environment → the process group; one process: a no-op
         summary = run(cfg, HydraConfig.get().runtime.output_dir, dist=dist)
     except (UserError, CoverageError) as e:
-        log.error("%s", e)
-        print(f"dptrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
     except KeyboardInterrupt:  # Ctrl-C: one line, the run directory says how far it got (status.json)
         print(interrupted(HydraConfig.get().runtime.output_dir), file=sys.stderr)
         sys.exit(130)
@@ -53,6 +59,13 @@ def _main(cfg) -> float:
         if hint:
             print(hint)
     return summary[key.TEST_ACC]
+
+
+def _fail(e: Exception):
+    """A user's mistake: one line, exit 2."""
+    log.error("%s", e)
+    print(f"dptrain: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def interrupted(run_dir: str) -> str:

@@ -143,3 +143,19 @@ def test_every_conf_option_has_a_registry_entry_and_back():
     for group, registry in [("engine", ENGINES), ("optimizer", OPTIMIZERS), ("logger", LOGGERS)]:
         names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
         assert names == sorted(registry), group
+
+
+def test_bad_numbers_and_unknown_keys_are_refused_before_torch_loads(tmp_path):
+    """Issue #15 item 5: a mistake in a number or a key is one line, exit 2, without waiting for torch and timm to
+    import (seconds, up to tens of seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dptrain.cli import main\nsys.argv = ['dptrain', sys.argv[1], 'hydra.run.dir=.']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    for override, message in (("eps=-1", "eps must be > 0"), ("+epoch=1", "unknown config key 'epoch'")):
+        p = subprocess.run([sys.executable, "-c", code, override], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+        assert p.stdout.split()[-2:] == ["2", "False"], p.stdout + p.stderr
+        errors = [line for line in p.stderr.splitlines() if line.startswith("dptrain: error:")]
+        assert len(errors) == 1 and message in errors[0]
