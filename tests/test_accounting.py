@@ -87,6 +87,29 @@ def test_the_accountants_notes_are_silenced_not_raised():
         assert epsilon(noise_multiplier=0.05, sample_rate=0.5, steps=1000, delta=1e-5) == math.inf
 
 
+def test_only_the_accountants_known_notes_are_silenced(monkeypatch):
+    """The accounting silences Opacus' UserWarning notes and (in ε) numpy's RuntimeWarning overflow, nothing else:
+    a FutureWarning — an Opacus deprecation — still reaches the user, from ε and from σ's calibration."""
+    import opacus.accountants.utils
+    from opacus.accountants.rdp import RDPAccountant
+
+    def warns(categories, result):
+        def f(*_, **__):
+            for category in categories:
+                warnings.warn(category.__name__, category, stacklevel=2)
+            return result
+        return f
+
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", warns((UserWarning, RuntimeWarning, FutureWarning), 1.5))
+    monkeypatch.setattr(opacus.accountants.utils, "get_noise_multiplier", warns((UserWarning, FutureWarning), 2.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="rdp") == 1.5
+        assert [w.category for w in caught] == [FutureWarning]
+        assert noise_multiplier_for(eps=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp") == 2.0
+        assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+
+
 def test_steps_and_default_delta():
     assert steps_for(3, 0.02) == 150 and steps_for(0.001, 0.5) == 1
     assert default_delta(50_000) == 1e-5 and default_delta(1437) == 1e-5
