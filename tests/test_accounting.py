@@ -1,14 +1,12 @@
 """Privacy accounting matches what happens: Poisson sampling, σ from ε, exact step counts, noise."""
 
-import contextlib
 import json
 import math
-import signal
 import warnings
 
 import pytest
 import torch
-from conftest import assert_eps_spent
+from conftest import assert_eps_spent, deadline
 from opacus.accountants import PRVAccountant
 
 from dptrain import schema as key
@@ -122,21 +120,6 @@ CAL = {"delta": 1e-5, "sample_rate": 1.0, "steps": 5, "accountant": "rdp", "prio
 def spent(sigma, **kw):
     """ε of training at σ composed with the prior (CAL, overridden by kw)."""
     return epsilon(noise_multiplier=sigma, **(CAL | kw))
-
-
-@contextlib.contextmanager
-def deadline(seconds=10):
-    """A bisection that no longer converges fails the test instead of hanging it."""
-    def hang(*_):
-        raise TimeoutError(f"the calibration did not return within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("eps,golden", [(0.75, 33.125), (1.0, 12.96875), (3.0, 3.4765625), (20.0, 0.68359375)])
