@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -74,3 +76,19 @@ def assert_eps_spent(s: dict, *, target: float | None = None, steps: int | None 
     assert s["privacy/eps_spent"] == pytest.approx(accountant_eps(s, steps), rel=1e-6)
     if target is not None:
         assert target * (1 - 0.005) <= s["privacy/eps_spent"] <= target
+
+
+@contextlib.contextmanager
+def deadline(seconds=10):
+    """A bisection that no longer converges (a σ calibration, under mutation testing) fails the test instead of hanging
+    it."""
+    def hang(*_):
+        raise TimeoutError(f"the calibration did not return within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_eps_spent
+from conftest import assert_eps_spent, deadline
 from opacus.accountants import PRVAccountant
 
 from dptrain import schema as key
 from dptrain.privacy import DPOptimizer
-from dptrain.privacy.accounting import default_delta, epsilon, noise_multiplier_for, steps_for
+from dptrain.privacy.accounting import _calibrate, default_delta, epsilon, noise_multiplier_for, steps_for
 from dptrain.privacy.optimizer import CHUNKS, SCRATCH
 from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler, physical
 from dptrain.privacy.streams import Streams
@@ -85,6 +85,98 @@ def test_the_accountants_notes_are_silenced_not_raised():
         eps = epsilon(noise_multiplier=50.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="rdp")
         assert eps == pytest.approx(0.1029, abs=1e-3)
         assert epsilon(noise_multiplier=0.05, sample_rate=0.5, steps=1000, delta=1e-5) == math.inf
+
+
+def test_only_the_accountants_known_notes_are_silenced(monkeypatch):
+    """The accounting silences Opacus' UserWarning notes and (in ε) numpy's RuntimeWarning overflow, nothing else:
+    a FutureWarning — an Opacus deprecation — still reaches the user, from ε and from σ's calibration."""
+    import opacus.accountants.utils
+    from opacus.accountants.rdp import RDPAccountant
+
+    def warns(categories, result):
+        def f(*_, **__):
+            for category in categories:
+                warnings.warn(category.__name__, category, stacklevel=2)
+            return result
+        return f
+
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", warns((UserWarning, RuntimeWarning, FutureWarning), 1.5))
+    monkeypatch.setattr(opacus.accountants.utils, "get_noise_multiplier", warns((UserWarning, FutureWarning), 2.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="rdp") == 1.5
+        assert [w.category for w in caught] == [FutureWarning]
+        assert noise_multiplier_for(eps=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp") == 2.0
+        assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+
+
+# σ calibrated with a prior (dataset.normalize=dp's statistics, data.py) is dptrain's own bisection, _calibrate (Opacus'
+# calibration takes no prior); tests/test_normalize.py checks it end to end. Here every branch, at RDP with q = 1 (its
+# closed form: ~0.1 ms an ε).
+PRIOR = ((8.0, 1.0, 2),)  # two Gaussian queries of noise 8 on the full data
+CAL = {"delta": 1e-5, "sample_rate": 1.0, "steps": 5, "accountant": "rdp", "prior": PRIOR}
+
+
+def spent(sigma, **kw):
+    """ε of training at σ composed with the prior (CAL, overridden by kw)."""
+    return epsilon(noise_multiplier=sigma, **(CAL | kw))
+
+
+@pytest.mark.parametrize("eps,golden", [(0.75, 33.125), (1.0, 12.96875), (3.0, 3.4765625), (20.0, 0.68359375)])
+def test_calibration_with_a_prior_spends_eps_composed_within_tolerance(eps, golden):
+    """σ above 20 and above 10 (the search doubles its first bracket (0, 10] twice, once), between 1 and 10, below 1:
+    training composed with the prior spends eps to within 0.5% and never more; the prior counts (σ calibrated without
+    it is smaller and overspends); σ is the bisection's own midpoint, pinned so that a config keeps mapping to the
+    same σ (the bracket's start, its doubling, the midpoint and the stopping rule all decide which σ is returned)."""
+    with deadline():
+        sigma = noise_multiplier_for(eps=eps, **CAL)
+        alone = noise_multiplier_for(eps=eps, **(CAL | {"prior": ()}))
+    assert eps * (1 - 0.005) < spent(sigma) <= eps
+    assert sigma == pytest.approx(golden, rel=1e-9)
+    assert alone < sigma and spent(alone) > eps
+
+
+@pytest.mark.parametrize("eps", [3.0, 200.0])
+def test_calibration_without_tolerance_stops_at_a_millionth_of_sigma(eps):
+    """tolerance=0: the bisection runs until its bracket is 1e-6 of σ wide — σ spends at most eps, σ less a
+    millionth more (σ ≈ 3.5 and ≈ 0.14)."""
+    with deadline():
+        sigma = _calibrate(eps=eps, tolerance=0, **CAL)
+    assert spent(sigma) <= eps < spent(sigma * (1 - 1e-6))
+
+
+def test_calibration_stops_at_the_documented_boundaries():
+    """It stops once eps·(1 - tolerance) < ε(σ) ≤ eps, from the bracket (0, 10]: a σ spending exactly eps is taken
+    (10 itself: no doubling; 5, the first midpoint); one spending exactly eps·(1 - 0.005) is not."""
+    x = spent(5.0)
+    tie = [e for e in _floats_around(x / (1 - 0.005)) if e * (1 - 0.005) == x]
+    assert tie, "no float eps with eps·0.995 == ε(5) exactly"
+    with deadline():
+        assert noise_multiplier_for(eps=spent(10.0), **CAL) == 10.0
+        assert noise_multiplier_for(eps=x, **CAL) == 5.0
+        sigma = noise_multiplier_for(eps=tie[0], **CAL)
+    assert sigma < 5.0 and tie[0] * (1 - 0.005) < spent(sigma) <= tie[0]
+
+
+def _floats_around(x, n=50):
+    """x and its n float neighbours on each side."""
+    below, above = [x], [x]
+    for _ in range(n):
+        below.append(math.nextafter(below[-1], -math.inf))
+        above.append(math.nextafter(above[-1], math.inf))
+    return below[::-1] + above[1:]
+
+
+def test_calibration_refuses_a_prior_that_already_spends_eps():
+    """The prior alone spends ε = 0.6948 (RDP): an eps at or below it — 0.67 is above PRV's 0.644, so the chosen
+    accountant's ε counts — is refused with that ε; an eps just above it needs a σ above 1e6, also refused."""
+    floor = spent(1.0, steps=0)
+    assert floor == pytest.approx(0.6948, abs=1e-4) and floor > spent(1.0, steps=0, accountant="prv")
+    for eps in (floor, 0.67):
+        with deadline(), pytest.raises(ValueError, match=r"^the mechanisms before training already spend eps=0\.6948$"):
+            noise_multiplier_for(eps=eps, **CAL)
+    with deadline(), pytest.raises(ValueError, match=r"^no noise multiplier below 1e6 reaches it$"):
+        noise_multiplier_for(eps=math.nextafter(floor, math.inf), **CAL)
 
 
 def test_steps_and_default_delta():

@@ -3,7 +3,7 @@
 import logging
 
 import pytest
-from conftest import accountant_eps
+from conftest import accountant_eps, deadline
 
 from dptrain import schema as key
 from dptrain.budget import Budget, create_budget
@@ -99,3 +99,27 @@ def test_batch_sizes_1_and_n_and_augmult_with_augmentation_are_accepted(compose)
 def test_budget_input_errors_are_one_clear_error(compose, overrides, message):
     with pytest.raises(UserError, match=message):
         create_budget(compose(*overrides), 1000, private=True)
+
+
+def test_a_prior_is_composed_into_sigma_eps_spent_and_the_summary(compose):
+    """Mechanisms that ran on the training examples before training (dataset.normalize=dp's statistics, handed over
+    as lists by data.Data.prior): σ is calibrated so that training composed with them spends eps, eps_spent and the
+    summary compose them, also where σ is given; an eps they already spend is one clear error. (RDP at q = 1: fast.)"""
+    prior = [[8.0, 1.0, 2]]
+    rdp = ("batch_size=1000", "epochs=5", "privacy.accountant=rdp")
+    with deadline():
+        b = create_budget(compose("eps=2", *rdp), 1000, private=True, prior=prior)
+    assert (b.prior, b.sample_rate, b.steps, b.delta) == (((8.0, 1.0, 2),), 1.0, 5, 1e-5)
+    at = {"delta": 1e-5, "sample_rate": 1.0, "steps": 5, "accountant": "rdp"}
+    assert b.noise_multiplier == noise_multiplier_for(eps=2, prior=b.prior, **at) > noise_multiplier_for(eps=2, **at)
+    assert b.eps_spent(5) == epsilon(noise_multiplier=b.noise_multiplier, prior=b.prior, **at)
+    assert 2 * (1 - 0.005) < b.eps_spent(5) <= 2
+    assert b.eps_spent(0) == pytest.approx(0.6948, abs=1e-4)  # before the first step: the prior's ε
+    s = b.summary(5)
+    assert s[key.PRIOR] == prior and accountant_eps(s) == pytest.approx(b.eps_spent(5), rel=1e-6)
+    g = create_budget(compose("eps=null", "privacy.noise_multiplier=1.5", *rdp), 1000, private=True, prior=prior)
+    assert g.eps_spent(5) == epsilon(noise_multiplier=1.5, prior=g.prior, **at) > epsilon(noise_multiplier=1.5, **at)
+    assert g.summary(5)[key.PRIOR] == prior
+    refused = r"^cannot reach eps=0.5 in 5 steps at q=1: the mechanisms before training already spend eps=0\.6948$"
+    with deadline(), pytest.raises(UserError, match=refused):
+        create_budget(compose("eps=0.5", *rdp), 1000, private=True, prior=prior)
