@@ -208,3 +208,25 @@ def test_a_mask_with_as_many_rows_as_the_batch_stays_refused(passes):
     torch.manual_seed(0)
     with pytest.raises(CoverageError, match=r"attn \(MultiheadAttention\): argument \d has 3 rows .*ambiguous"):
         step(SeqMHA(kwargs=True, causal=True), torch.randn(3, 3, 4), torch.tensor([0, 1, 2]), passes=passes)
+
+
+class DefaultLayer(nn.Module):
+    """nn.TransformerEncoderLayer at its defaults (dropout=0.1) in a batch-first model."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, batch_first=batch_first)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.layer(x) if self.layer.self_attn.batch_first else self.layer(x.transpose(0, 1)).transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_dropout_on_the_fallback_is_refused_by_name(batch_first):
+    """The default dropout=0.1 reaches the attention (a float, not a Dropout module), which the fallback cannot
+    replay: a CoverageError naming the module, not vmap's RuntimeError."""
+    with pytest.raises(CoverageError, match=r"^layer\.self_attn \(MultiheadAttention\) .*\(MultiheadAttention, "
+                                            r"p=0\.1\); set that dropout"):
+        step(DefaultLayer(batch_first).train(), torch.randn(3, 3, 4), torch.tensor([0, 1, 2]))

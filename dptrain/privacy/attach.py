@@ -141,7 +141,7 @@ def _outside_use(name: str, grad: torch.Tensor) -> None:
 
 def _check_dropout(e: Entry) -> None:
     for d in e.dropouts:
-        p = getattr(d, "p", getattr(d, "drop_prob", 0.0)) or 0.0
+        p = getattr(d, "p", getattr(d, "drop_prob", getattr(d, "dropout", 0.0))) or 0.0  # MHA: a float `dropout`
         if d.training and p > 0:
             raise CoverageError(
                 f"{e.label()} is replayed per example by the fallback, which cannot reproduce the random "

@@ -41,10 +41,11 @@ _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
 def _dropouts(module: nn.Module) -> list[nn.Module]:
-    """Random layers a fallback replay could not reproduce (nn.Dropout*, timm DropPath)."""
+    """Random layers a fallback replay could not reproduce (nn.Dropout*, timm DropPath, nn.MultiheadAttention's own
+    attention dropout)."""
     out = []
     for m in module.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) or hasattr(m, "drop_prob"):
+        if isinstance(m, nn.modules.dropout._DropoutNd | nn.MultiheadAttention) or hasattr(m, "drop_prob"):
             out.append(m)
     return out
 
