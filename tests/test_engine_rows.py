@@ -1,5 +1,6 @@
 """Issue #14 items 2–4: the engine refuses layers whose rows are not the examples (sequence-first layouts, also
-when T == B), never splits a tensor shared by the batch, and refuses Embedding(scale_grad_by_freq=True) — in
+when T == B; torch's batch_first=False attention modules are read batch-first instead: test_engine_seqfirst.py), never
+splits a tensor shared by the batch, and refuses Embedding(scale_grad_by_freq=True) — in
 both pass modes. Exactness where it accepts (a shared table of another size) against the float64 reference."""
 
 import pytest
@@ -59,10 +60,13 @@ class MHA(nn.Module):
 
 
 @pytest.mark.parametrize("passes", PASSES)
-def test_multihead_attention_sequence_first_is_refused_when_T_equals_B(passes):
+def test_multihead_attention_sequence_first_is_exact_when_T_equals_B(passes):
+    """batch_first=False (refused until the second half of item 2): read batch-first from its attribute, confirmed by
+    the probe, exact (tests/test_engine_seqfirst.py has the modes, T != B and the Transformer layers)."""
     torch.manual_seed(0)
-    with pytest.raises(CoverageError, match="attn .*not the examples"):
-        step(MHA(batch_first=False), torch.randn(3, 3, 4), torch.tensor([0, 1, 2]), passes=passes)
+    data = [(torch.randn(3, 3, 4), torch.tensor([0, 1, 2])), (torch.randn(2, 3, 4), torch.tensor([2, 0]))]
+    err, engine = check(MHA(batch_first=False), data, mode="mixed_ghost", max_grad_norm=0.5, passes=passes)
+    assert err < 1e-12 and engine.per_sample_norms.shape == (2,)
 
 
 @pytest.mark.parametrize("passes", PASSES)
@@ -131,14 +135,26 @@ def test_probe_leaves_training_state_and_random_stream_alone():
     engine.detach()
 
 
+class SeqMix(nn.Module):
+    """A fallback unit (own parameter, no rule) the user applies to (T, B, d): nothing says it is sequence-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = Mix()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, T, d)
+        return self.head(self.mix(x.transpose(0, 1), 0.0).mean(0))
+
+
 @pytest.mark.parametrize("passes", PASSES)
 def test_sequence_first_with_a_multiple_of_the_batch_is_refused_as_sequence_first(passes):
-    """T = 2B through a fallback unit (nn.MultiheadAttention): every row moves with example 0 — sequence-first,
-    not two rows per example."""
+    """T = 2B through a fallback unit after the user's transpose: every row moves with example 0 — sequence-first,
+    not two rows per example. (nn.MultiheadAttention(batch_first=False) is now read batch-first and exact.)"""
     torch.manual_seed(0)
-    with pytest.raises(CoverageError, match=r"attn \(MultiheadAttention\): rows \[0, 1, 2, 3, 4, 5\] .*moved with "
+    with pytest.raises(CoverageError, match=r"mix \(Mix\): rows \[0, 1, 2, 3, 4, 5\] .*moved with "
                                             r"example 0.*batch_first=True"):
-        step(MHA(batch_first=False), torch.randn(3, 6, 4), torch.tensor([0, 1, 2]), passes=passes)
+        step(SeqMix(), torch.randn(3, 6, 4), torch.tensor([0, 1, 2]), passes=passes)
 
 
 @pytest.mark.parametrize("passes", PASSES)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CoverageError
+from .layout import to_batch_first
 from .plan import Entry
 from .rules import is_replaying
 
@@ -85,13 +86,14 @@ def _plain(entry: Entry, orig, keep: Keep, leaf: torch.Tensor, model_rows) -> Ca
                 owner._parameters[name] = p
         flat, spec = tree_flatten(out)
         idx = [i for i, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
-        rows = batch(entry, args, kwargs)
         if not idx:
             raise CoverageError(f"{entry.label()}: the engine needs a floating-point tensor output")
         for i in idx:
             if not flat[i].requires_grad:
                 flat[i] = _Anchor.apply(flat[i], leaf)
-        keep(entry, tree_map(_detach, args), tree_map(_detach, kwargs), rows, [flat[i] for i in idx])
+        args, kwargs = to_batch_first(entry, args, kwargs)  # a sequence-first call's record is batch-first
+        keep(entry, tree_map(_detach, args), tree_map(_detach, kwargs), batch(entry, args, kwargs),
+             [flat[i] for i in idx])
         return tree_unflatten(flat, spec)
 
     return forward
@@ -139,7 +141,7 @@ def _outside_use(name: str, grad: torch.Tensor) -> None:
 
 def _check_dropout(e: Entry) -> None:
     for d in e.dropouts:
-        p = getattr(d, "p", getattr(d, "drop_prob", 0.0)) or 0.0
+        p = getattr(d, "p", getattr(d, "drop_prob", getattr(d, "dropout", 0.0))) or 0.0  # MHA: a float `dropout`
         if d.training and p > 0:
             raise CoverageError(
                 f"{e.label()} is replayed per example by the fallback, which cannot reproduce the random "

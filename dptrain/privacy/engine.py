@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .attach import guard, unwrap, wrap
 from .errors import CoverageError
+from .layout import grad_to_batch_first
 from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
@@ -138,7 +139,7 @@ class PrivacyEngine:
                 "backward reached a forward whose records were discarded: call backward once after each "
                 "forward of the model (do not sum losses of several forwards, do not retain the graph)"
             )
-        rec.grads[k] = g.detach()
+        rec.grads[k] = grad_to_batch_first(entry, k, g.detach())  # a sequence-first call's (T, B, …) → (B, T, …)
         phase = self._passes.phase
         if phase.compare:
             self._passes.compare(rec, k, rec.grads[k])

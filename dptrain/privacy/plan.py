@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import CoverageError
+from .layout import mark
 from .rules import FALLBACK, TOKEN, Rule, rule_for
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
@@ -30,6 +31,7 @@ class Entry:
     calls: int = 0
     dropouts: list[nn.Module] = field(default_factory=list)  # only for fallback units
     split: set[int] | None = None  # fallback: flat argument positions that are per example (probe.py); None: unprobed
+    batch_dim: int = 0  # 1: a sequence-first call (T, B, …), recorded batch-first (layout.py)
 
     def label(self) -> str:
         return f"{self.name or '<root>'} ({type(self.module).__name__})"
@@ -39,10 +41,11 @@ _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
 def _dropouts(module: nn.Module) -> list[nn.Module]:
-    """Random layers a fallback replay could not reproduce (nn.Dropout*, timm DropPath)."""
+    """Random layers a fallback replay could not reproduce (nn.Dropout*, timm DropPath, nn.MultiheadAttention's own
+    attention dropout)."""
     out = []
     for m in module.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) or hasattr(m, "drop_prob"):
+        if isinstance(m, nn.modules.dropout._DropoutNd | nn.MultiheadAttention) or hasattr(m, "drop_prob"):
             out.append(m)
     return out
 
@@ -91,6 +94,7 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:  # pragma: no cover - visit() covers every module
             raise CoverageError(f"parameter '{n}' is not covered by any rule")
+    mark(model, entries)  # sequence-first torch modules (batch_first=False): their calls are recorded batch-first
     return entries
 
 

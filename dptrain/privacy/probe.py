@@ -11,9 +11,11 @@ B leading rows that a hooked call takes or returns:
   forward:  the model on the batch and on the batch with example 0 changed — only row 0 may change;
   backward: the gradient of example 0's outputs alone — only row 0 may receive any.
 A row that moves with another example, or that influences another example, is not an example: CoverageError
-naming the module. An argument whose rows neither depend on the examples nor carry a gradient (a mask or table
-passed in) is ambiguous — shared, or per-example copies of a constant — and is refused when the fallback would
-split it (for the other rules the backward check on their outputs decides).
+naming the module. A call that layout.py reads as sequence-first (torch's batch_first=False attention modules) is
+checked batch-first, along its dim 1: a module fed another layout than its batch_first says is refused. An argument
+whose rows neither depend on the examples nor carry a gradient (a mask or table passed in) is ambiguous — shared, or
+per-example copies of a constant — and is refused when the fallback would split it (for the other rules the backward
+check on their outputs decides).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CoverageError
+from .layout import seen_as, seq_positions, to_batch_first
 from .plan import Entry
 from .rules import FALLBACK, replaying
 
@@ -36,12 +39,21 @@ def _perturbed(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool) -> dict[int, list[list]]:
+def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool,
+             moves: dict | None = None) -> dict[int, list[list]]:
     """Per entry, per call: the flat tensor arguments (and, with grad=True, outputs appended), detached unless
-    grad=True (then the live tensors, for torch.autograd.grad)."""
+    grad=True (then the live tensors, for torch.autograd.grad). A sequence-first call's (layout.py) are batch-first:
+    detached copies moved here; for live tensors, `moves[(entry id, call)]` gets the positions whose gradients
+    _example_zero_grads moves."""
     seen: dict[int, list[list]] = {id(e): [] for e in entries}
 
     def hook(entry, module, a, kw, out):
+        if grad:
+            n_in = len(tree_flatten((a, kw))[0])
+            moved = seq_positions(entry, a, kw) + ([n_in] if entry.batch_dim else [])  # + the first output
+            moves[(id(entry), len(seen[id(entry)]))] = moved
+        else:
+            a, kw = to_batch_first(entry, a, kw)
         flat = tree_flatten((a, kw))[0] + (tree_flatten(out)[0] if grad else [])
         keep = (lambda t: t) if grad else (lambda t: t.detach().clone())
         seen[id(entry)].append([keep(t) if torch.is_tensor(t) else None for t in flat])
@@ -81,10 +93,14 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
             first = _capture(model, entries, args, kwargs, grad=False)
             changed = tree_unflatten([_perturbed(t) if i == x else t for i, t in enumerate(flat)], spec)
             second = _capture(model, entries, *changed, grad=False)
-            live = _capture(model, entries, args, kwargs, grad=True)
+            moves: dict[tuple[int, int], list[int]] = {}
+            live = _capture(model, entries, args, kwargs, grad=True, moves=moves)
     finally:
         model.train(was)
     grads = _example_zero_grads(live)
+    for (eid, c, pos), g in grads.items():  # a sequence-first call's gradients, batch-first as its tensors above
+        if pos in moves.get((eid, c), ()) and g.dim() >= 3:
+            grads[(eid, c, pos)] = g.movedim(1, 0)
     for e in entries:
         for c, (call_a, call_b) in enumerate(zip(first[id(e)], second[id(e)])):
             _check_inputs(e, call_a, call_b, {pos: grads.get((id(e), c, pos)) for pos in range(len(call_a))}, B)
@@ -96,7 +112,7 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
                     if g is not None and g.dim() and g.shape[0] % B == 0:
                         rows = _rows(_nonzero(g), g.shape[0])
                         if rows[g.shape[0] // B:].any():
-                            _refuse(e, call[pos], "reached example 0's output", rows)
+                            _refuse(e, g, "reached example 0's output", rows)
     return True
 
 
@@ -119,8 +135,8 @@ def _check_inputs(e: Entry, call_a: list, call_b: list, grads: dict, B: int) -> 
         if R % B or (e.rule is FALLBACK and R != B):
             raise CoverageError(
                 f"{e.label()}: its {tuple(x.shape)} input has {R} rows but the model's batch has "
-                f"{B}, so its rows are not the examples (a sequence-first (T, B, …) layout or a transpose); keep the "
-                "batch dimension first")
+                f"{B}, so its rows are not the examples (a sequence-first (T, B, …) layout or a transpose)"
+                f"{seen_as(e)}; keep the batch dimension first")
     for pos, (a, b) in enumerate(zip(call_a, call_b)):
         if not (torch.is_tensor(a) and a.dim() and a.shape[0] % B == 0) or (
                 e.rule is not FALLBACK and pos != first_arg) or (e.rule is FALLBACK and a.shape[0] != B):
@@ -173,7 +189,7 @@ def _refuse(e: Entry, a: torch.Tensor, what: str, rows: torch.Tensor) -> None:
     raise CoverageError(
         f"{e.label()}: rows {moved[:6]}{' …' if len(moved) > 6 else ''} of its {tuple(a.shape)} input or output "
         f"{what}, so its rows are not the examples (a sequence-first (T, B, …) layout, a transpose, or a tensor "
-        "shared by the batch); keep the batch dimension first (e.g. batch_first=True)")
+        f"shared by the batch){seen_as(e)}; keep the batch dimension first (e.g. batch_first=True)")
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
