@@ -17,7 +17,7 @@ def test_mixed_precision_run(quick, engine, precision):
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    (("engine=opacus", "precision=bf16"), "precision=bf16 needs a built-in engine"),
+    (("engine=opacus_ghost", "precision=bf16"), "precision=bf16 needs engine=opacus"),
     (("engine.passes=2", "precision=bf16"), "precision=bf16 needs engine.passes=1"),
     (("precision=fp8",), "unknown precision 'fp8'"),
 ])
