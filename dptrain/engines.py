@@ -93,9 +93,9 @@ class BuiltIn(_Precision):
                  clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32", dist=None):
         self.model, self.augmult = model, augmult
         self._set_precision(precision, model)
-        if self.amp_dtype is not None and passes == 2:
-            raise UserError(f"precision={precision} needs engine.passes=1: the clipped pass of passes=2 relies on the "
-                            "backward being linear in its output gradient, which reduced-precision rounding breaks")
+        if precision == "fp16" and passes == 2:
+            raise UserError("precision=fp16 needs engine.passes=1 (or precision=bf16 with passes=2): an example whose "
+                            "loss-scaled gradient overflows would carry inf/NaN rows through passes=2's tripwires")
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
                                     augmult=augmult, passes=passes)
         self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
