@@ -93,9 +93,9 @@ class BuiltIn(_Precision):
                  clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32", dist=None):
         self.model, self.augmult = model, augmult
         self._set_precision(precision, model)
-        if self.amp_dtype is not None and passes == 2:
-            raise UserError(f"precision={precision} needs engine.passes=1: the clipped pass of passes=2 relies on the "
-                            "backward being linear in its output gradient, which reduced-precision rounding breaks")
+        if precision == "fp16" and passes == 2:
+            raise UserError("precision=fp16 needs engine.passes=1 (or precision=bf16 with passes=2): an example whose "
+                            "loss-scaled gradient overflows would carry inf/NaN rows through passes=2's tripwires")
         self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
                                     augmult=augmult, passes=passes)
         self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
@@ -158,15 +158,27 @@ class NonPrivate(_Precision):
         return self.raw
 
 
-class Opacus:
+class Opacus(_Precision):
     """Opacus 1.x as users run it: GradSampleModule + DPOptimizer (hooks), or the fast-gradient-clipping
-    trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does."""
+    trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does.
+
+    Mixed precision (engine=opacus only): the forward under torch.autocast, parameters, noise and the optimizer
+    float32, as Opacus 1.6 supports it. Opacus' hooks leave bf16/fp16 per-example gradients and would take their
+    norms and clip factors in that precision (a rounded norm lets a clipped example exceed R by ~2⁻⁸); here they are
+    cast to float32 before its optimizer clips them, so norms, clip factors and the clipped sum are float32 of the
+    same per-example gradients (the built-in engine's bound: ≤ R up to float32 rounding). fp16: the static loss scale
+    S = FP16_LOSS_SCALE, the per-example gradients divided by S before clipping (clipping the scaled ones at R would
+    clip at R·S), an example whose scaled gradient overflowed left out (`dropped`), every step taken — as the
+    built-in engine does (GradScaler's unscale_ reaches .grad, not Opacus' grad_sample, and skips steps).
+    opacus_ghost refuses reduced precision: its clipped sum comes from a second backward of Σ c_i·loss_i through the
+    reduced-precision graph, not from the quantities its norms were taken of (see `_AMP_GHOST`)."""
 
     def __init__(self, model, optimizer, *, ghost, noise_multiplier, max_grad_norm, expected_batch_size, streams,
                  clipping="abadi", augmult=1, precision="fp32", dist=None, **_):
-        if precision != "fp32":
-            raise UserError(f"precision={precision} needs a built-in engine ({', '.join(MODES)}) or nonprivate: "
-                            "Opacus' per-sample gradient hooks are not checked under autocast here")
+        self._set_precision(precision, model)
+        if ghost and self.amp_dtype is not None:
+            raise UserError(f"precision={precision} needs engine=opacus (hooks), a built-in engine "
+                            f"({', '.join(MODES)}) or nonprivate: {_AMP_GHOST}")
         if clipping != "abadi" or augmult != 1:
             raise UserError(f"engine.clipping={clipping} and privacy.augmult={augmult} need a built-in engine "
                             f"({', '.join(MODES)}) or nonprivate")
@@ -210,10 +222,32 @@ class Opacus:
             self.optimizer = OpacusDPOptimizer(optimizer, **kw)
             self.criterion = nn.CrossEntropyLoss()
         self._stepped = False
+        self.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+        self.dropped = 0  # fp16: examples whose scaled per-example gradient overflowed, left out so far
+
+    def _unscaled_fp32_grad_samples(self) -> None:
+        """Under autocast, before Opacus' optimizer clips: every p.grad_sample in float32 and divided by the loss
+        scale, so Opacus takes the norms and clip factors of the unscaled per-example gradients in float32 and sums
+        exactly the tensors it measured. fp16: an example whose scaled gradient is not finite gets zero rows in
+        every p.grad_sample (norm 0, nothing added: a function of that example alone, ≤ R), not a NaN step."""
+        params = [p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None]
+        for p in params:
+            gs = p.grad_sample
+            gs = torch.cat(gs, 0) if isinstance(gs, list) else gs
+            p.grad_sample = gs.float() / self.loss_scale if self.loss_scale != 1.0 else gs.float()
+        if self.loss_scale != 1.0 and params:
+            ok = torch.stack([torch.isfinite(p.grad_sample.reshape(len(p.grad_sample), -1)).all(1) for p in params])
+            bad = ~ok.all(0)
+            if bad.any():
+                self.dropped += int(bad.sum())
+                for p in params:
+                    p.grad_sample = p.grad_sample.masked_fill(bad.view(-1, *[1] * (p.grad_sample.dim() - 1)), 0.0)
 
     def backward(self, out, y, *, last: bool) -> float:
-        loss = self.criterion(out, y)
-        loss.backward()
+        loss = self.criterion(out.float() if self.amp_dtype is not None else out, y)
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+        if self.amp_dtype is not None:
+            self._unscaled_fp32_grad_samples()
         self.optimizer.signal_skip_step(do_skip=not last)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -237,12 +271,14 @@ class Opacus:
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
 
-    def autocast(self):
-        return contextlib.nullcontext()
-
     def detach(self) -> nn.Module:
         inner = self.model._module
         return _unclone(inner.module if self.dist is not None else inner)  # DPDDP holds the model in .module
+
+
+_AMP_GHOST = ("Opacus' ghost clipping takes its clipped sum from a second backward of Σ c_i·loss_i through the "
+              "reduced-precision graph, not from the per-example quantities its norms came from, so a clipped example "
+              "can exceed R by that backward's rounding")
 
 
 def _opacus_distributed(model, kw: dict, dist):

@@ -19,8 +19,8 @@ Then, in order of value, each written to <out>.json/.md as soon as it ends, unde
   bf16_bound  one example alone under bf16 autocast: its clipped gradient's norm ≤ R·(1 + 1e-3)
   bench       per model (vgg19 first, then resnet18, vit_base, beit_base at 224×224; CPU: 32×32): median step time
               of interleaved steps and peak memory (CUDA: max_memory_allocated, one engine at a time) of
-              nonprivate, mixed_ghost, mixed_ghost_2pass, opacus in fp32 and nonprivate, mixed_ghost in bf16
-              (Opacus and passes=2 refuse bf16: one line each) → <bench-out>.{csv,md,png} (dptrain.bench.write)
+              nonprivate, mixed_ghost, mixed_ghost_2pass, opacus in fp32 and in bf16
+              → <bench-out>.{csv,md,png} (dptrain.bench.write)
   max_batch   right after the first model's bench: the largest batch whose step's peak memory fits
               --memory-budget-mb, mixed_ghost vs opacus (the paper's "18× larger batch than Opacus" on VGG19):
               two probes fit memory = fixed + per-example·batch, then probes around the prediction pin it down

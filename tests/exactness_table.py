@@ -3,11 +3,14 @@ mixed_ghost with passes=2 (norm pass, recomputed forward, clipped pass).
 
     .venv/bin/python tests/exactness_table.py                       # float64: the table in results/exactness.md
     .venv/bin/python tests/exactness_table.py --precision           # float32 params, fp32 / bf16 / fp16 autocast
+    .venv/bin/python tests/exactness_table.py --two-pass-bf16       # mixed_ghost bf16: passes=2 against passes=1
 
 --precision (issue #18 item 2): the model in float32, its forward under torch.autocast(cpu, bf16 | fp16) as
 precision=bf16|fp16 runs it (fp16 with the runner's static loss scale, FP16_LOSS_SCALE), passes=1, against the
 float64 reference of the same weights; and, to separate the engine from the forward's rounding, against the
 one-example-at-a-time reference under the same autocast (each example's float32 gradient clipped in float64).
+--two-pass-bf16 (issue #18 item 1, passes=2 under autocast): mixed_ghost in bf16 with passes=1 and passes=2, each
+against those references, and the max relative difference between the two.
 """
 
 import copy
@@ -51,8 +54,9 @@ def _amp_reference(model, data, dtype, R):
     return total
 
 
-def reduced(make, data, mode, precision, R=0.5):
-    """(error vs the float64 reference, error vs the same-autocast reference) of the engine at `precision`."""
+def reduced(make, data, mode, precision, R=0.5, passes=1, grads=False):
+    """(error vs the float64 reference, error vs the same-autocast reference) of the engine at `precision`
+    (grads: and the engine's clipped sum)."""
     from dptrain.engines import FP16_LOSS_SCALE, PRECISIONS
     from dptrain.privacy import PrivacyEngine
 
@@ -63,7 +67,7 @@ def reduced(make, data, mode, precision, R=0.5):
                                [(x.double() if x.is_floating_point() else x, y) for x, y in data], max_grad_norm=R)
     ref_amp = _amp_reference(model, data, dtype, R)
     S = FP16_LOSS_SCALE if precision == "fp16" else 1.0
-    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R)
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R, passes=passes)
     engine.loss_scale = S
     model.zero_grad(set_to_none=True)
     try:
@@ -75,7 +79,7 @@ def reduced(make, data, mode, precision, R=0.5):
         engine.detach()
     got = [torch.zeros_like(r) if p.grad is None else p.grad.double() / S
            for p, r in zip((p for p in model.parameters() if p.requires_grad), ref64)]
-    return max_rel_err(got, ref64), max_rel_err(got, ref_amp)
+    return (max_rel_err(got, ref64), max_rel_err(got, ref_amp)) + ((got,) if grads else ())
 
 
 def main_precision():
@@ -95,7 +99,22 @@ def main_precision():
         print(f"| {name} | " + " | ".join(errs) + " |", flush=True)
 
 
+def main_two_pass_bf16():
+    print("mixed_ghost, bf16: vs the float64 reference (in brackets, vs the same-autocast reference)\n")
+    print("| model / layer | passes=1 | passes=2 | max rel. diff passes=2 vs passes=1 |\n|---|---|---|---|")
+    for name, make, data in cases():
+        try:
+            (a64, aamp, ga), (b64, bamp, gb) = (reduced(make, data, "mixed_ghost", "bf16", passes=p, grads=True)
+                                                for p in (1, 2))
+            cells = [f"{a64:.1e} ({aamp:.0e})", f"{b64:.1e} ({bamp:.0e})", f"{max_rel_err(gb, ga):.1e}"]
+        except Exception as e:  # noqa: BLE001 - a case that refuses is a cell, not a stop
+            cells = [type(e).__name__] * 3
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
+    if "--two-pass-bf16" in sys.argv[1:]:
+        return main_two_pass_bf16()
     if "--precision" in sys.argv[1:]:
         return main_precision()
     runs = [(mode, 1) for mode in MODES] + [("mixed_ghost", 2)]

@@ -13,15 +13,16 @@ from dptrain.privacy import PrivacyEngine
 MODES = ["mixed_ghost", "ghost", "per_sample"]
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("make", [tiny_vgg, tiny_vit, tiny_beit], ids=["vgg_gn", "vit", "beit"])
-def test_bf16_single_example_stays_within_the_bound(make, mode):
+def test_bf16_single_example_stays_within_the_bound(make, mode, passes):
     """The bound of the issue: one example alone, ‖clipped gradient‖ ≤ R·(1 + 1e-3) under bf16 autocast on CPU
     (float32 rounding only: the contribution is c·g with c computed from ‖g‖ of that same float32 g)."""
     torch.manual_seed(0)
     model = make()
     R = 1e-3  # far below every example's norm: the example is clipped
-    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R)
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R, passes=passes)
     x = torch.randn(1, 3, 16 if make is tiny_vgg else 8, 16 if make is tiny_vgg else 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)

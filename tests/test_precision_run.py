@@ -16,9 +16,16 @@ def test_mixed_precision_run(quick, engine, precision):
         assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
 
 
+def test_two_pass_bf16_run_spends_the_target(quick):
+    s, _ = quick("engine=mixed_ghost", "engine.passes=2", "precision=bf16")
+    assert s[key.CONFIG]["precision"] == "bf16"
+    assert s[key.TRAIN_LOSS] == s[key.TRAIN_LOSS]  # finite, not NaN
+    assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
-    (("engine=opacus", "precision=bf16"), "precision=bf16 needs a built-in engine"),
-    (("engine.passes=2", "precision=bf16"), "precision=bf16 needs engine.passes=1"),
+    (("engine=opacus_ghost", "precision=bf16"), "precision=bf16 needs engine=opacus"),
+    (("engine.passes=2", "precision=fp16"), "precision=fp16 needs engine.passes=1"),
     (("precision=fp8",), "unknown precision 'fp8'"),
 ])
 def test_mixed_precision_refusals(quick, overrides, match):

@@ -50,7 +50,7 @@ class PrivacyEngine:
     augmult: K > 1 means each example enters as K consecutive rows (augmented copies); example i's
     gradient is the sum of its rows' gradients (scale the loss by 1/K for their mean) and is clipped
     as one (De et al. 2022, augmentation multiplicity).
-    Mixed precision: a forward under torch.autocast (bf16/fp16) is accepted with passes=1; norms, clip factors
+    Mixed precision: a forward under torch.autocast (bf16/fp16; passes=2: bf16) is accepted; norms, clip factors
     and the clipped sum are computed in float32 from the per-example quantities the forward left. With a scaled
     loss (fp16's GradScaler) set `engine.loss_scale = S` before backward: the norms are then taken of the
     unscaled gradients and .grad holds S·Σ c_i·g_i, which the caller divides by S; an example whose scaled
@@ -166,9 +166,12 @@ class PrivacyEngine:
         recs[0].result = (n2, state if keep else None)
 
     def _run_sum(self, entry: Entry, recs: list[Record], B: int) -> None:
-        """Second pass: the output gradients already carry c_i, so the plain weight gradient is the clipped sum."""
+        """Second pass: the passes scale the output gradients' rows by c_i, so the plain weight gradient is the
+        clipped sum."""
         ready(entry, recs, B)
         with torch.no_grad(), record_function("dptrain::clipped_sum"):
+            for r in recs:
+                self._passes.clip(r)  # row i of the (float32) output gradients times c_i
             entry.rule.accumulate_plain(entry, recs)
         for r in recs:
             r.release()

@@ -9,6 +9,7 @@ What a passes object provides (the engine uses nothing else of it):
   handles                  hook handles the engine removes in `detach()`.
   start(args, kwargs)      at each training forward of the model (grad enabled), with its inputs.
   compare(rec, k, g)       when `phase.compare`: the gradient g of output k of a hooked call `rec`.
+  clip(rec)                when `phase.plain_sum`, after records.ready: scale rec.grads' rows by the clip factors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Phase:
     queue_finish: bool = True
     # a rule keeps what its accumulate needs; False: the norm pass, whose clipped sum comes from the second backward
     keep_state: bool = True
-    # the output gradients already carry c_i: a rule adds its plain weight gradient (Rule.accumulate_plain)
+    # the passes scale the output gradients' rows by c_i (clip), then a rule adds its plain weight gradient
+    # (Rule.accumulate_plain)
     plain_sum: bool = False
     # every output gradient goes to the passes' tripwire (TwoPass.compare)
     compare: bool = False
@@ -49,4 +51,7 @@ class OnePass:
         pass
 
     def compare(self, rec, k, g) -> None:  # never called: ONE_PASS.compare is False
+        pass
+
+    def clip(self, rec) -> None:  # never called: ONE_PASS.plain_sum is False
         pass

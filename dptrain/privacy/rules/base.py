@@ -72,7 +72,7 @@ class Rule:
                 keep=False: the state is discarded (the two-pass norm pass), so skip building it.
       accumulate(entry, recs, c, state)        p.grad += Σ_i c_i·g_i[p] for every owned p.
       accumulate_plain(entry, recs)            p.grad += Σ over rows (the two-pass engine's clipped pass, whose
-                                               output gradients already carry c_i).
+                                               output gradients' rows the engine scaled by c_i).
     Rules raise, never approximate: whatever they cannot compute exactly is refused in `check` or `norms`.
     """
 
