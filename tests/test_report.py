@@ -75,7 +75,7 @@ def test_experiments_compose(compose):
 
 
 def test_optuna_search_runs_when_the_extra_is_installed(tmp_path):
-    """The optional extra (pip install 'dptrain[optuna]'); skipped where it is not installed."""
+    """The optional extra (pip install 'dptrain[optuna]', also in the dev extras, so `make test` runs it)."""
     import importlib.util
 
     import pytest
