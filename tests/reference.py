@@ -61,3 +61,16 @@ def check(model, batches, *, mode, max_grad_norm=1.0, clipping="abadi", tol=1e-6
         assert torch.allclose(g, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item())), (n, mode, err)
     assert torch.allclose(norms, ref_norms, rtol=tol), (mode, norms, ref_norms)
     return err, engine
+
+
+def step(model, x, y, **kw):
+    """One backward of the summed cross-entropy with a PrivacyEngine attached (detached afterwards, also when it
+    raises); the engine, for its per_sample_norms and entries."""
+    from dptrain.privacy import PrivacyEngine
+
+    engine = PrivacyEngine(model, max_grad_norm=1.0, **kw)
+    try:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    finally:
+        engine.detach()
+    return engine
