@@ -7,6 +7,7 @@ test compares the 2-rank results with the 1-process ones and with the formula (t
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -107,9 +108,8 @@ def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: lis
     import shutil
 
     import torch.distributed as tdist
-    from test_checkpoint import EVERY_STEP, Killed, _compose
+    from test_checkpoint import EVERY_STEP, Killed, _compose, dies_at
 
-    import dptrain.loop
     from dptrain.run import run
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -119,21 +119,8 @@ def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: lis
     d = f"{out_dir}/run"
     try:
         run(_compose(*overrides), f"{out_dir}/ref", dist=dist)
-        real, count = dptrain.loop.all_finite, [0]
-
-        def all_finite(tensors):  # called once per step, right after it: the kill comes before anything is saved
-            count[0] += 1
-            if count[0] == 6:
-                raise Killed
-            return real(tensors)
-
-        dptrain.loop.all_finite = all_finite
-        try:
+        with contextlib.suppress(Killed), dies_at(6):  # after step 6, before anything of it is saved
             run(_compose(*overrides, EVERY_STEP), d, dist=dist)
-        except Killed:
-            pass
-        finally:
-            dptrain.loop.all_finite = real
         tdist.barrier()
         if dist.is_main:
             shutil.copytree(d, f"{out_dir}/killed")

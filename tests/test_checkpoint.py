@@ -2,6 +2,7 @@
 resumed ends with the weights (bit for bit), metrics and ε of the same run left alone; resume refuses
 overrides that would change the run; dptrain-report lists killed runs as unfinished."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -129,6 +130,27 @@ class Killed(BaseException):
     """In-process stand-in for SIGKILL: not an Exception, so nothing in dptrain handles it."""
 
 
+@contextlib.contextmanager
+def dies_at(step: int):
+    """Inside: a run dies (Killed) once its `step`-th step is taken, before anything after it is saved or logged;
+    dptrain.loop is restored on the way out. For callers without pytest's monkeypatch (a module fixture, a worker)."""
+    import dptrain.loop
+
+    real, count = dptrain.loop.all_finite, [0]
+
+    def all_finite(tensors):
+        count[0] += 1
+        if count[0] == step:
+            raise Killed
+        return real(tensors)
+
+    dptrain.loop.all_finite = all_finite
+    try:
+        yield
+    finally:
+        dptrain.loop.all_finite = real
+
+
 def interrupt(monkeypatch, at_step: int) -> None:
     """The next run dies once its `at_step`-th step is taken, before anything after it is saved or logged."""
     import dptrain.loop
@@ -211,24 +233,11 @@ def test_secure_mode_resumes_with_fresh_entropy(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """A run killed (in-process) after step 3, with a checkpoint at step 2; status.json "running"."""
-    import dptrain.loop
     from dptrain.run import run
 
     d = tmp_path_factory.mktemp("killed") / "run"
-    real, count = dptrain.loop.all_finite, [0]
-
-    def all_finite(tensors):
-        count[0] += 1
-        if count[0] == 3:
-            raise Killed
-        return real(tensors)
-
-    dptrain.loop.all_finite = all_finite
-    try:
-        with pytest.raises(Killed):
-            run(_compose(*RUN, EVERY_STEP), str(d))
-    finally:
-        dptrain.loop.all_finite = real
+    with dies_at(3), pytest.raises(Killed):
+        run(_compose(*RUN, EVERY_STEP), str(d))
     return d
 
 
