@@ -80,7 +80,7 @@ def _flags(entry, args: tuple, kwargs: dict) -> list[bool]:
 
 def seq_positions(entry, args: tuple, kwargs: dict) -> list[int]:
     """The positions in tree_flatten((args, kwargs)) of a marked call's sequence-first tensors ([] if unmarked)."""
-    if not getattr(entry, "batch_dim", 0):
+    if not entry.batch_dim:
         return []
     return [i for i, f in enumerate(_flags(entry, args, kwargs)) if f is True]
 
@@ -104,20 +104,20 @@ def to_batch_first(entry, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 def grad_to_batch_first(entry, k: int, g: torch.Tensor) -> torch.Tensor:
     """The gradient of a hooked call's output k, batch-first: a marked call's first output is (T, B, …)."""
-    return g.movedim(1, 0) if k == 0 and getattr(entry, "batch_dim", 0) and g.dim() >= 3 else g
+    return g.movedim(1, 0) if k == 0 and entry.batch_dim and g.dim() >= 3 else g
 
 
 def seen_as(entry) -> str:
     """For a refusal: a marked call's shapes and rows are its batch-first record's."""
     return (" (read as (B, T, …) from a (T, B, …) call, as its batch_first=False says; a different layout is "
-            "refused)") if getattr(entry, "batch_dim", 0) else ""
+            "refused)") if entry.batch_dim else ""
 
 
 @contextlib.contextmanager
 def replayed_batch_first(entry):
     """The fallback replays a marked MultiheadAttention on its batch-first records as batch_first=True."""
     m = entry.module
-    if not (getattr(entry, "batch_dim", 0) and isinstance(m, nn.MultiheadAttention)):
+    if not (entry.batch_dim and isinstance(m, nn.MultiheadAttention)):
         yield
         return
     m.batch_first = True
