@@ -60,6 +60,7 @@ from omegaconf import OmegaConf
 
 from . import schema as key
 from .budget import Budget
+from .distributed import SINGLE, fingerprint
 from .errors import UserError
 from .tracking import write_json
 
@@ -296,8 +297,6 @@ class Checkpointer:
                  scheduler, ema, engine, sampler, augment, t_start: float, dist=None):
         """dist: this process's place under torchrun (distributed.Dist; None: one process). Every rank calls
         save() at the same steps (a collective); rank 0 alone writes, as it owns the run directory."""
-        from .distributed import SINGLE
-
         self.run_dir, self.every_s, self.config, self.commit, self.budget = run_dir, every_s, config, commit, budget
         self.dist = dist if dist is not None else SINGLE
         self.writes = self.dist.is_main
@@ -434,7 +433,7 @@ class Checkpointer:
             return
         local = self._local(position)
         if self.dist.enabled:
-            local["weights"] = _fingerprint(self.model)
+            local["weights"] = fingerprint(self.model)
         ranks = self.dist.gather(local)
         if not self.writes:
             return
@@ -494,12 +493,6 @@ class Checkpointer:
         write_json(os.path.join(self.run_dir, STATUS_FILE), {
             key.STATUS: status, **self.status, "resumed": self.resumed, key.COMMIT: self.commit,
             "host": socket.gethostname(), "pid": os.getpid(), "updated": _now()})
-
-
-@torch.no_grad()
-def _fingerprint(model) -> torch.Tensor:
-    """One float64 sum per parameter tensor (on the CPU): equal replicas give equal fingerprints."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
 
 
 def _atomic(path: str, write) -> None:

@@ -55,6 +55,12 @@ log = logging.getLogger("dptrain")
 BUCKET = 1 << 24  # elements per all-reduce buffer (64 MB of fp32): large messages, bounded extra memory
 
 
+@torch.no_grad()
+def fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """One float64 sum per parameter tensor (on the CPU): equal replicas give equal fingerprints."""
+    return torch.stack([p.detach().double().sum() for p in module.parameters()]).cpu()
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place among the training processes. `SINGLE` (world_size 1): every method a no-op."""
@@ -196,7 +202,7 @@ class Dist:
         weights must equal rank 0's. A difference means the ranks desynchronised — an error, not a warning."""
         if not self.enabled:
             return
-        mine = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(self.comm_device)
+        mine = fingerprint(module).to(self.comm_device)
         ref = mine.clone()
         tdist.broadcast(ref, src=0)
         if not torch.equal(mine, ref):
