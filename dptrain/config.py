@@ -40,6 +40,9 @@ class DatasetConfig:
     cache: bool = True  # decode small image datasets once into memory
     val_fraction: float = 0.0  # >0: hold out part of train as "test" (tune on it, not on the test split)
     augment: bool = False  # random crop (pad 4) + horizontal flip on each physical batch
+    # test-time augmentation: evaluate on each held-out image and its mirror image, averaging the softmax (with
+    # features: the mirror image's features, computed once; needs augment). Post-processing: no privacy cost
+    tta: bool = False
     features: str = "none"  # none | scattering: a fixed ScatterNet transform, computed once (Tramèr & Boneh 2021)
     # none | dp: standardise each channel by a DP estimate of its mean and variance over the training examples
     # (two Gaussian mechanisms, noise normalize_noise × clip normalize_clip; their ε composes with training's)

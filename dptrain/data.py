@@ -42,20 +42,28 @@ class Data:
     prior: tuple = ()
     # fixed views stored per training example: train's inputs are (N, views, ...) when > 1 (features of the image
     # and of its mirror image, dataset.features + dataset.augment); the loop feeds an example's views as consecutive
-    # rows, clipped as one example (augmentation multiplicity). The evaluation split has one view
+    # rows, clipped as one example (augmentation multiplicity)
     views: int = 1
+    # dataset.tta (test-time augmentation: `evaluate` averages the model's softmax over an evaluation example's views):
+    # test_views = 2 stores the features of the image and of its mirror image, (N, 2, ...); test_flip: images,
+    # flipped left-right on the fly
+    test_views: int = 1
+    test_flip: bool = False
 
 
 def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
                    download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
                    size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
                    features: str = "none", normalize: str = "none", normalize_noise: float = 8.0,
-                   normalize_clip: float = 2.0, augment: bool = False, streams: Streams | None = None) -> Data:
+                   normalize_clip: float = 2.0, augment: bool = False, tta: bool = False,
+                   streams: Streams | None = None) -> Data:
     """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
     seed: the run's seed; fake data and the validation split use its "data" and "split" streams.
     normalize=dp: per-channel statistics of the training examples by the Gaussian mechanism (_dp_normalize), its
     noise from `streams`' "norm" stream (OS entropy in secure mode); recorded in Data.prior.
-    augment with features: the features of each training image's mirror image too, as a second view (Data.views)."""
+    augment with features: the features of each training image's mirror image too, as a second view (Data.views).
+    tta: evaluate on each held-out example and its mirror image, averaging the softmax (Data.test_views / test_flip);
+    with features it needs `augment` (the held-out part of a validation split has its mirror image's features then)."""
     load = lookup("dataset", name, DATASETS)
     if name == "folder" and not root:  # not the data_dir default: a path the user never gave
         raise UserError("dataset=folder needs dataset.root=<a folder with train/<class>/*.jpg and test/<class>/*.jpg>")
@@ -64,7 +72,11 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
     data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
                 download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
                 num_classes=num_classes, channels=channels)
-    data = featurize(data, cache_dir=os.path.join(data_dir, "features"), flips=augment)
+    if tta and features != "none" and not augment:
+        raise UserError(f"dataset.tta=true with dataset.features={features} evaluates on the mirror images' features, "
+                        "computed with the training images': set dataset.augment=true (and privacy.augmult=2)")
+    data = featurize(data, cache_dir=os.path.join(data_dir, "features"), flips=augment, tta=tta)
+    data.test_flip = tta and features == "none"  # images: flipped on the fly by `evaluate`
     if val_fraction > 0:
         data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
     if normalize == "dp":  # after the split: the statistics read the examples trained on, never the held-out ones
@@ -118,7 +130,8 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
         floor = 3 * noise * clip / n * (1 + 2 * mean.abs())  # the std of sq - mean², to first order
         var = torch.maximum(sq - mean ** 2, floor)
         xt, yt = data.test.tensors
-        shape = (1, C) + (1,) * (xt.dim() - 2)  # the evaluation split's (N, C, ...); train's may have views first
+        # (C, 1, ..., 1): broadcast from the right, over (N, C, ...) and (N, views, C, ...) alike
+        shape = (C,) + (1,) * (xt.dim() - 2 - (data.test_views > 1))
         m, inv = mean.float().view(shape), var.rsqrt().float().view(shape)
         data.train = TensorDataset(x.sub_(m).mul_(inv), y)
         data.test = TensorDataset(xt.sub_(m).mul_(inv), yt)
@@ -131,7 +144,7 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
 NORMALIZE = ("none", "dp")
 
 
-def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False) -> Data:
+def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False, tta: bool = False) -> Data:
     """Replace the images by a fixed, data-independent feature map, computed once for both splits:
     the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
     (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
@@ -139,7 +152,8 @@ def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False
     flips: also the features of each training image flipped left-right (another fixed, per-example map), stored as
     a second view: train's inputs become (N, 2, 81·C, H/4, W/4), and both views of an example are trained on as one
     example (privacy.augmult=2). The flip changes the ScatterNet's angles, not only the map's columns, so the
-    flipped features are computed, not derived."""
+    flipped features are computed, not derived.
+    tta: the test split's likewise, (N, 2, 81·C, H/4, W/4), for test-time augmentation (Data.test_views)."""
     if not isinstance(data.train, TensorDataset):
         raise UserError(f"dataset.features=scattering needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
                         "and dataset.cache=true")
@@ -163,8 +177,12 @@ def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False
             del train
             views[:, 1] = _cached(cache_dir, "scattering-J2-L8-hflip", (x,), lambda: (apply(x.flip(-1)),))[0]
             train, data.views = views, 2
+        data.in_chans, data.image_size = test.shape[1], test.shape[-1]
+        if tta:  # computed for this split's own images: another cache entry
+            test = torch.stack([test, _cached(cache_dir, "scattering-J2-L8-hflip", (xt,),
+                                              lambda: (apply(xt.flip(-1)),))[0]], 1)
+            data.test_views = 2
     data.train, data.test = TensorDataset(train, y), TensorDataset(test, yt)
-    data.in_chans, data.image_size = test.shape[1], test.shape[-1]
     data.name += "-scattering"
     return data
 
@@ -353,7 +371,7 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, int(n * fraction))
     data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
-    if data.views > 1:  # held out: evaluated as the test split is, on the first view (the image itself)
+    if data.views > 1 and data.test_views == 1:  # held out: evaluated as the test split is, on the first view
         xv, yv = data.test.tensors
         data.test = TensorDataset(xv[:, 0], yv)
     data.name += "-val"

@@ -88,13 +88,22 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, test_set, *, device, batch_size=512, num_workers=0) -> dict:
+def evaluate(model, test_set, *, device, batch_size=512, num_workers=0, views=1, flip=False) -> dict:
+    """Accuracy and mean cross-entropy over `test_set`. Test-time augmentation (dataset.tta): views > 1, inputs
+    (B, views, ...) whose softmax is averaged over the views; flip, the softmax of each image and of its mirror image
+    averaged. The loss is then the cross-entropy of the averaged softmax."""
     model.eval()
     n, correct, loss = 0, 0, 0.0
     idx = torch.arange(len(test_set))
     for x, y in batches(test_set, list(torch.split(idx, batch_size)), num_workers=num_workers):
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        if views > 1 or flip:
+            rows = x.flatten(0, 1) if views > 1 else torch.cat([x, x.flip(-1)])  # (B·V, ...) or (2B, ...)
+            p = model(rows).float().softmax(-1)
+            p = p.view(len(y), views, -1).mean(1) if views > 1 else p.view(2, len(y), -1).mean(0)
+            out = p.clamp_min(1e-12).log()  # log of the averaged softmax: cross_entropy below is its NLL
+        else:
+            out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)

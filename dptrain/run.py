@@ -186,7 +186,7 @@ def _data(cfg, streams) -> Data:
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
                           channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
                           normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
-                          augment=ds.augment and ds.features != "none", streams=streams)
+                          augment=ds.augment and ds.features != "none", tta=ds.tta, streams=streams)
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
@@ -266,7 +266,8 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             # eval_every=0: only after the last epoch, so a reported row's test split is read once
             due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
             test = (evaluate(ema.module if ema is not None else model, data.test, device=device,
-                             num_workers=cfg.dataset.num_workers) if due else {"acc": None, "loss": None})
+                             num_workers=cfg.dataset.num_workers, views=data.test_views, flip=data.test_flip)
+                    if due else {"acc": None, "loss": None})
             row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                    key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
             rows.append(row)

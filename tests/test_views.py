@@ -105,3 +105,70 @@ def test_a_run_trains_on_both_views_and_other_multiplicities_are_refused(compose
     for k in (1, 3):
         with pytest.raises(UserError, match=rf"two fixed views of each example .*set privacy.augmult=2 \(got {k}\)"):
             run(compose(*base, f"privacy.augmult={k}"), str(tmp_path / f"b{k}"))
+
+
+def test_tta_stores_the_test_images_mirror_features_as_a_second_view():
+    """dataset.tta with features: the evaluation split is (N, 2, ...) too — the features of each test image and of
+    its mirror image (computed, not derived) — and it needs dataset.augment (a validation split's held-out part has
+    its mirror features then)."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    data = create_dataset("fake", size=8, image_size=16, features="scattering", augment=True, tta=True)
+    plain = create_dataset("fake", size=8, image_size=16, features="scattering")
+    raw = create_dataset("fake", size=8, image_size=16).test.tensors[0]
+    xt = data.test.tensors[0]
+    assert xt.shape == (2, 2, 243, 4, 4) and data.test_views == 2 and not data.test_flip
+    assert (data.in_chans, data.image_size) == (243, 4) and plain.test_views == 1
+    assert torch.equal(xt[:, 0], plain.test.tensors[0])
+    assert torch.allclose(xt[:, 1], ScatteringTorch2D(J=2, shape=(16, 16))(raw.flip(-1)).flatten(1, 2), atol=1e-6)
+    images = create_dataset("fake", size=8, image_size=16, tta=True)
+    assert images.test_flip and images.test_views == 1 and images.test.tensors[0].shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="dataset.tta=true with dataset.features=scattering .*dataset.augment=true"):
+        create_dataset("fake", size=8, image_size=16, features="scattering", tta=True)
+
+
+def test_tta_holds_out_both_views_and_normalises_them_alike():
+    x = torch.randn(20, 2, 3, 4, 4) + 3
+    data = Data(TensorDataset(x, torch.arange(20)), TensorDataset(x[:2], torch.arange(2)), 2, 3, 4, "t", views=2,
+                test_views=2)
+    data = _validation_split(data, 0.25, seed=1)
+    xv, yv = data.test.tensors
+    assert xv.shape == (5, 2, 3, 4, 4) and torch.equal(xv, x[yv])
+    out = _dp_normalize(data, noise=8.0, clip=100.0, normal=lambda k: torch.zeros(k, dtype=torch.float64))
+    xt, xtr = out.test.tensors[0], out.train.tensors[0]
+    # one affine map per channel for both splits and both views: recover it from the training split, apply to held-out
+    a = (xtr[0, 0, :, 0, 0] - xtr[1, 1, :, 0, 0]) / (x[out.train.tensors[1][0], 0, :, 0, 0]
+                                                     - x[out.train.tensors[1][1], 1, :, 0, 0])
+    b = xtr[0, 0, :, 0, 0] - a * x[out.train.tensors[1][0], 0, :, 0, 0]
+    assert torch.allclose(xt, x[yv] * a.view(3, 1, 1) + b.view(3, 1, 1), atol=1e-4)
+
+
+def test_evaluate_averages_the_softmax_over_views_or_mirror_images():
+    from dptrain.loop import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(7, 2, 3, 2, 2), torch.randint(0, 3, (7,))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        p = (model(x[:, 0]).softmax(-1) + model(x[:, 1]).softmax(-1)) / 2
+        q = (model(x[:, 0]).softmax(-1) + model(x[:, 0].flip(-1)).softmax(-1)) / 2
+    for got, probs in ((evaluate(model, TensorDataset(x, y), device=cpu, batch_size=3, views=2), p),
+                       (evaluate(model, TensorDataset(x[:, 0], y), device=cpu, batch_size=3, flip=True), q)):
+        assert got["acc"] == pytest.approx((probs.argmax(1) == y).float().mean().item())
+        assert got["loss"] == pytest.approx(-probs[torch.arange(7), y].log().mean().item(), rel=1e-5)
+    plain = evaluate(model, TensorDataset(x[:, 0], y), device=cpu)
+    with torch.no_grad():
+        assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(model(x[:, 0]), y).item(), rel=1e-5)
+
+
+def test_a_run_evaluates_with_tta(compose, tmp_path):
+    from dptrain.run import run
+
+    base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "epochs=1",
+            "batch_size=16", "dataset.tta=true"]
+    s = run(compose(*base, "model=scatter_cnn", "model.kwargs.width=4", "dataset.features=scattering",
+                    "dataset.augment=true", "privacy.augmult=2", "dataset.normalize=dp"), str(tmp_path / "a"))
+    assert 0 <= s[key.TEST_ACC] <= 1 and s[key.CONFIG]["dataset"]["tta"] is True
+    s = run(compose(*base), str(tmp_path / "b"))
+    assert 0 <= s[key.TEST_ACC] <= 1
