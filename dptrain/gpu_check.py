@@ -407,7 +407,7 @@ def summary_md(report: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/gpu-check", help="output prefix (.json, .md, -tests.log)")
     ap.add_argument("--bench-out", default=None, help="the bench's output prefix (.csv, .md, .png; default: "
@@ -428,7 +428,67 @@ def main(argv=None) -> None:
     ap.add_argument("--site", default=None, help="where the wheels go (default: <tmp>/dptrain-site)")
     ap.add_argument("--no-install", action="store_true", help="skip the kit: install nothing")
     ap.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="which sections to run")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _save(report: dict, rows: list[dict], args, bench_out: str, command: list[str]) -> None:
+    """Write <out>.json and <out>.md (and the bench's files when it has rows): called after every section."""
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    if rows:
+        try:
+            from .bench import write
+
+            write(rows, bench_out, device=args.device, argv=["python -m dptrain.gpu_check", *command])
+            report["bench_files"] = [bench_out + x for x in (".csv", ".md", ".png")]
+        except Exception:  # noqa: BLE001 - pandas/matplotlib missing: the rows stay in the json
+            report["bench_files"] = {"error": traceback.format_exc()[-600:]}
+    with open(args.out + ".md", "w") as f:
+        f.write(f"# gpu-check ({report['env']['name']}, torch {report['env']['torch']}, python "
+                f"{report['env']['python']})\n\ncommand: `python -m dptrain.gpu_check {' '.join(command)}`\n\n")
+        if rows or "max_batch" in report:
+            f.write(summary_md(report, rows) + "\n")
+        f.write("```json\n" + json.dumps(report, indent=1, default=str) + "\n```\n")
+
+
+def _plan(args, device, clock: Clock, size: int, batch: int, steps: int, rows: list[dict]) -> list[tuple]:
+    """(name, thunk) per section, in SECTIONS' order; the first bench model's max_batch right after its bench."""
+    gpu = device.type == "cuda"
+    plan = [("kit", lambda: install_kit(args.wheels, args.site))] if not args.no_install else []
+    models = list(args.bench_models)
+
+    def bench_section(m):
+        def go():
+            new = bench_model(m, size, batch, steps, device, clock, args.bench_engines)
+            rows.extend(new)
+            return {r["engine"]: {k: r[k] for k in ("step_ms", "peak_mem_mb", "note") if r[k] is not None}
+                    for r in new}
+        return go
+
+    sections = {
+        "replay": lambda: dropout_replay(device),
+        "bf16_bound": lambda: bf16_bound(device),
+        "max_batch": lambda: max_batch(models[0], size, device, args.memory_budget_mb, clock),
+        "gpu_tests": lambda: gpu_tests(device, args.out + "-tests.log", timeout=clock.left() - 5),
+        "exactness": lambda: exactness(device, clock),
+        "beit_large": lambda: beit_large(device, size),
+    }
+    rest = [(f"bench/{m}", bench_section(m)) for m in models[1:]] if "bench" in args.sections else []
+    for name in SECTIONS:
+        if name not in args.sections or (name == "beit_large" and not gpu):
+            continue
+        if name == "bench":
+            plan.append((f"bench/{models[0]}", bench_section(models[0])))
+        else:
+            plan.append((name, sections[name]))
+            if name == "max_batch":
+                plan += rest
+    return plan if "max_batch" in args.sections else plan + rest  # no max_batch: the other models last
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    command = sys.argv[1:] if argv is None else list(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     clock = Clock(args.time_budget_s if args.time_budget_s is not None else 450.0 if gpu else None)
@@ -442,66 +502,13 @@ def main(argv=None) -> None:
         os.makedirs(d or ".", exist_ok=True)
     rows: list[dict] = []
 
-    def save() -> None:
-        with open(args.out + ".json", "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        if rows:
-            try:
-                from .bench import write
-
-                write(rows, bench_out, device=args.device, argv=["python -m dptrain.gpu_check",
-                                                                 *(sys.argv[1:] if argv is None else argv)])
-                report["bench_files"] = [bench_out + x for x in (".csv", ".md", ".png")]
-            except Exception:  # noqa: BLE001 - pandas/matplotlib missing: the rows stay in the json
-                report["bench_files"] = {"error": traceback.format_exc()[-600:]}
-        with open(args.out + ".md", "w") as f:
-            f.write(f"# gpu-check ({report['env']['name']}, torch {report['env']['torch']}, python "
-                    f"{report['env']['python']})\n\ncommand: `python -m dptrain.gpu_check "
-                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-            if rows or "max_batch" in report:
-                f.write(summary_md(report, rows) + "\n")
-            f.write("```json\n" + json.dumps(report, indent=1, default=str) + "\n```\n")
-
-    plan = [("kit", lambda: install_kit(args.wheels, args.site))] if not args.no_install else []
-    bench_models = list(args.bench_models)
-
-    def bench_section(m):
-        def go():
-            new = bench_model(m, size, batch, steps, device, clock, args.bench_engines)
-            rows.extend(new)
-            return {r["engine"]: {k: r[k] for k in ("step_ms", "peak_mem_mb", "note") if r[k] is not None}
-                    for r in new}
-        return go
-
-    for name in SECTIONS:
-        if name not in args.sections:
-            continue
-        if name == "replay":
-            plan.append((name, lambda: dropout_replay(device)))
-        elif name == "bf16_bound":
-            plan.append((name, lambda: bf16_bound(device)))
-        elif name == "bench":
-            plan.append((f"bench/{bench_models[0]}", bench_section(bench_models[0])))
-        elif name == "max_batch":
-            plan.append((name, lambda: max_batch(bench_models[0], size, device, args.memory_budget_mb, clock)))
-            if "bench" in args.sections:
-                plan += [(f"bench/{m}", bench_section(m)) for m in bench_models[1:]]
-        elif name == "gpu_tests":
-            plan.append((name, lambda: gpu_tests(device, args.out + "-tests.log", timeout=clock.left() - 5)))
-        elif name == "exactness":
-            plan.append((name, lambda: exactness(device, clock)))
-        elif name == "beit_large" and gpu:
-            plan.append((name, lambda: beit_large(device, size)))
-    if "bench" in args.sections and "max_batch" not in args.sections:
-        plan += [(f"bench/{m}", bench_section(m)) for m in bench_models[1:]]
-
-    for name, run in plan:
+    for name, run in _plan(args, device, clock, size, batch, steps, rows):
         t = time.time()
         need = NEEDS.get(name.split("/")[0], 0)
         if clock.left() < need:
             report[name] = {"skipped": f"time budget: {clock.left():.0f} s left, this section needs ~{need} s"}
             print(f"== {name}: skipped ({clock.left():.0f} s left)", flush=True)
-            save()
+            _save(report, rows, args, bench_out, command)
             continue
         print(f"== {name} ({'' if clock.budget is None else f'{clock.left():.0f} s left'})", flush=True)
         try:
@@ -511,9 +518,9 @@ def main(argv=None) -> None:
         report["seconds"][name] = round(time.time() - t, 1)
         print(json.dumps(report[name], default=str)[:2000], flush=True)
         print(f"   ({report['seconds'][name]} s)", flush=True)
-        save()
+        _save(report, rows, args, bench_out, command)
     report["seconds"]["total"] = round(time.time() - clock.t0, 1)
-    save()
+    _save(report, rows, args, bench_out, command)
     print(f"wrote {args.out}.json, {args.out}.md" + (f", {bench_out}.{{csv,md,png}}" if rows else ""), flush=True)
 
 
