@@ -64,14 +64,40 @@ RULES: dict[type, Rule] = {
 
 
 def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for `module`, or None (the exact fallback). A rule replaces the whole computation of its type —
+    `forward` and every method it calls (Conv2d.forward calls `_conv_forward`, which a weight-standardised conv
+    overrides) — so a subclass gets its parent's rule only if it overrides nothing the parent defines."""
+    if "forward" in vars(module):  # a forward set on the instance
+        return None
     rule = RULES.get(type(module))
     if rule is not None:
         return rule
-    # subclasses that keep the parent's forward compute the same function (e.g. timm's Linear wrappers)
     for base, r in RULES.items():
-        if isinstance(module, base) and type(module).forward is base.forward:
+        if isinstance(module, base) and _computes_as(type(module), base):
             return r
     return None
+
+
+# Methods a subclass may define without changing what the module computes
+_HARMLESS = {"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__", "__getstate__",
+             "_load_from_state_dict", "__init_subclass__", "__class_getitem__"}
+
+
+def _computes_as(cls: type, base: type) -> bool:
+    """Whether every class between `cls` and `base` leaves the parent's behaviour alone: it may add new methods
+    and class constants, but not override a method or attribute that `base` (or nn.Module) defines, and not
+    define a property or other descriptor (a `weight` property, as parametrizations install, changes the
+    forward's weight)."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return True
+        for name, value in vars(klass).items():
+            if name in _HARMLESS or (name.startswith("__") and name.endswith("__") and not callable(value)):
+                continue
+            if hasattr(base, name) or isinstance(value, property) or hasattr(value, "__get__") and hasattr(
+                    value, "__set__"):
+                return False
+    return False
 
 
 __all__ = ["FALLBACK", "RULES", "TOKEN", "ExpandRule", "FallbackRule", "Record", "Rule", "choose", "is_replaying",
