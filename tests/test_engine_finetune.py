@@ -145,14 +145,15 @@ CONVS = {
 
 
 @pytest.mark.parametrize(("mode", "passes"), MODES_PASSES)
-@pytest.mark.parametrize("conv", sorted(CONVS))
+@pytest.mark.parametrize("conv", sorted(CONVS))  # timm_std_conv_same: stride 2, dynamic 'SAME' padding
 def test_weight_standardised_convs_are_exact(conv, mode, passes):
     torch.manual_seed(0)
     model = Pool(CONVS[conv](), 4)
     x, y = data((3, 6, 6), n=4)
     R = small_r(model.double(), x, y)
     _, engine = check(model, [(x, y)], mode=mode, max_grad_norm=R, passes=passes, tol=1e-8)
-    assert engine.entries[0].rule.name != "conv"  # never the plain conv's rule
+    rule = engine.entries[0].rule.name
+    assert rule == ("fallback" if conv in ("user_conv_forward", "timm_std_conv_same") else "std_conv")  # never "conv"
 
 
 # ------------------------------------------------------------------------ 4: rows per example differ by call
@@ -334,3 +335,29 @@ def test_after_an_exception_mid_backward_the_next_backward_is_exact(where, passe
     ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=0.5)
     assert max_rel_err([p.grad for p in model.parameters()], ref) < 1e-9
     assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------- the runner: model.grad_checkpointing
+def test_the_runner_trains_the_same_model_with_grad_checkpointing(compose, tmp_path):
+    from dptrain.run import run
+
+    def go(name, *extra):
+        cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model=timm",
+                      "model.name=vit_tiny_patch16_224", "+model.kwargs.patch_size=4", "+model.kwargs.embed_dim=16",
+                      "+model.kwargs.depth=2", "+model.kwargs.num_heads=2", "epochs=1", "batch_size=16",
+                      "physical_batch_size=8", f"name={name}", *extra)
+        run(cfg, str(tmp_path / name))
+        return torch.load(tmp_path / name / "model.pt")
+
+    plain, ckpt = go("plain"), go("ckpt", "model.grad_checkpointing=true")
+    for k in plain:
+        assert torch.allclose(plain[k], ckpt[k], atol=1e-6), k
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_one_line(compose, tmp_path):
+    from dptrain.errors import UserError
+    from dptrain.run import run
+
+    cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "batch_size=8", "model.grad_checkpointing=true")
+    with pytest.raises(UserError, match="has no set_grad_checkpointing"):
+        run(cfg, str(tmp_path / "r"))

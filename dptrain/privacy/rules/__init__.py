@@ -2,6 +2,7 @@
 
     base.py       the Rule protocol, Record, the mixed rule's cost model, shared tensor helpers
     linear.py     nn.Linear                     conv.py       nn.Conv1d/2d/3d
+    std_conv.py   timm's weight-standardised convs (BiT ResNet-V2, NFNet), by the chain rule through f(w)
     norm.py       LayerNorm, GroupNorm, InstanceNorm, timm LayerNorm2d, LayerScale(2d)
     embedding.py  nn.Embedding                  expand.py     tokens / position embeddings, block layer scale
     beit.py       timm BEiT attention (functional qkv, q/v biases, relative-position table), shared rel-pos bias,
@@ -9,7 +10,8 @@
     fallback.py   any other module with parameters (torch.func replay; slow, reported)
 
 To support a new layer type: write a Rule (base.Rule's docstring says what it must provide) and add its type
-to RULES below (or to `_timm_rules`).
+to RULES below (or to `_timm_rules`). A subclass of a listed type gets its parent's rule only if it overrides
+nothing the parent defines (`rule_for`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .expand import ConvNeXtGammaRule, ExpandRule, GammaRule, TokenRule
 from .fallback import FALLBACK, FallbackRule, is_replaying, replaying
 from .linear import LinearRule
 from .norm import GroupNormRule, InstanceNormRule, LayerNormRule, ScaleRule
+from .std_conv import StdConvRule
 
 TOKEN = TokenRule()
 
@@ -32,18 +35,19 @@ def _timm_rules() -> dict[type, Rule]:
     try:
         from timm.layers import LayerNorm as TimmLN
         from timm.layers import LayerNorm2d as TimmLN2d
-        from timm.layers import LayerScale, LayerScale2d
+        from timm.layers import LayerScale, LayerScale2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
         from timm.layers import Linear as TimmLinear
         from timm.models import beit, cait, convnext, eva, swin_transformer
     except ImportError:  # pragma: no cover - timm is a dependency
         return {}
-    gamma = GammaRule()
+    gamma, std = GammaRule(), StdConvRule()
     # timm's Linear overrides forward only to cast dtypes under torchscript: the same function as nn.Linear
     return {TimmLinear: LinearRule(), TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True),
             LayerScale: ScaleRule(-1), LayerScale2d: ScaleRule(1), beit.Block: gamma, cait.LayerScaleBlock: gamma,
             cait.LayerScaleBlockClassAttn: gamma, eva.EvaBlock: gamma, beit.Attention: AttentionRule(),
             beit.RelativePositionBias: SharedBiasRule(), convnext.ConvNeXtBlock: ConvNeXtGammaRule(),
-            swin_transformer.WindowAttention: WindowAttentionRule()}
+            swin_transformer.WindowAttention: WindowAttentionRule(), StdConv2d: std, StdConv2dSame: std,
+            ScaledStdConv2d: std, ScaledStdConv2dSame: std}
 
 
 # Exact type → rule. Subclasses that override forward are not assumed to compute the same thing:
@@ -70,12 +74,9 @@ def rule_for(module: nn.Module) -> Rule | None:
     if "forward" in vars(module):  # a forward set on the instance
         return None
     rule = RULES.get(type(module))
-    if rule is not None:
-        return rule
-    for base, r in RULES.items():
-        if isinstance(module, base) and _computes_as(type(module), base):
-            return r
-    return None
+    if rule is None:
+        rule = next((r for b, r in RULES.items() if isinstance(module, b) and _computes_as(type(module), b)), None)
+    return rule if rule is not None and rule.serves(module) else None
 
 
 # Methods a subclass may define without changing what the module computes
