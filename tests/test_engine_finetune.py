@@ -361,3 +361,19 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_line(compose, tmp_path)
     cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "batch_size=8", "model.grad_checkpointing=true")
     with pytest.raises(UserError, match="has no set_grad_checkpointing"):
         run(cfg, str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_engine_opacus_refuses_a_trainable_set_changed_after_wrapping(change):
+    from dptrain.engines import create_engine
+    from dptrain.errors import UserError
+
+    model = mlp().float()
+    if change == "unfreeze":
+        model[2].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    eng = create_engine("opacus", model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    model[2].requires_grad_(change == "unfreeze")
+    x, y = data((6,))
+    with pytest.raises(UserError, match="trainable parameters changed after Opacus wrapped the model"):
+        eng.backward(eng.model(x.float()), y, last=True)
