@@ -59,8 +59,11 @@ def test_group_files_repeat_no_default(group):
     from dptrain.config import TrainConfig
 
     schema = getattr(TrainConfig(), group)
+    # pinned on purpose: regime=finetune sets automatic clipping, which Opacus does not have (listed after the regime)
+    pinned = {"opacus.yaml": {"clipping"}, "opacus_ghost.yaml": {"clipping"}} if group == "engine" else {}
     for f in sorted(os.listdir(os.path.join(CONF, group))):
         values = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, group, f)))
+        values = {k: v for k, v in values.items() if k not in pinned.get(f, ()) and k != "defaults"}
         repeated = {k: v for k, v in values.items() if k != "name" and getattr(schema, k, object()) == v}
         assert not repeated, f"conf/{group}/{f} repeats config.py's defaults {repeated}"
 
