@@ -67,9 +67,10 @@ class DatasetConfig:
     normalize: str = "none"
     normalize_noise: float = 8.0  # σ of each of the two statistics (Tramèr & Boneh's 8)
     normalize_clip: float = 2.0  # L2 bound on an example's per-channel means (and mean squares); data-independent
-    size: int = 512  # fake: training examples (test: a quarter)
-    num_classes: int = 10  # fake
-    channels: int = 3  # fake
+    # dataset=fake only (conf/dataset/fake.yaml sets them): null under a real dataset, whose data says them
+    size: int | None = None  # training examples (test: a quarter)
+    num_classes: int | None = None
+    channels: int | None = None
 
 
 @dataclass
