@@ -101,6 +101,26 @@ def test_merged_lora_is_the_plain_architecture_computing_the_same():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["opacus", "mixed_ghost", "nonprivate"])
+@pytest.mark.parametrize("trainable", ["head", "bias", "lora"])
+def test_every_engine_steps_the_subset_and_nothing_else(engine, trainable):
+    """Through the runner's engines (Opacus wraps leaf layers: peft's layer still reads its adapters' weights)."""
+    from dptrain.engines import create_engine
+    from dptrain.privacy.streams import Streams
+
+    model, shape = subset("vit_tiny", trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    eng = create_engine(engine, model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+                        streams=Streams(0))
+    x, y = batches(shape, sizes=(4,))[0]
+    eng.backward(eng.model(x), y, last=True)
+    eng.step()
+    after = dict(eng.detach().named_parameters())
+    assert {n for n in before if not torch.equal(before[n], after[n])} == trains
+
+
 def test_zero_head():
     model = tiny_vit()
     zero_head(model)
