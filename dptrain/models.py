@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -179,17 +180,34 @@ def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
         raise UserError(f"model.kwargs {dict(kwargs)} are the small CNN's settings (conf/model/cnn.yaml); for a timm "
                         f"model pick its group: dptrain model=timm model.name={name}")
     kw = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        log.info("loading timm's pretrained weights of %s (Hugging Face cache, else the hub)", name)
     try:
-        try:
-            return timm.create_model(name, pretrained=pretrained, **kw, **({"img_size": img_size} if img_size else {}))
-        except TypeError:  # a model that takes no img_size (CNNs are size-agnostic)
-            return timm.create_model(name, pretrained=pretrained, **kw)
+        with _quiet_hub():
+            try:
+                return timm.create_model(name, pretrained=pretrained, **kw,
+                                         **({"img_size": img_size} if img_size else {}))
+            except TypeError:  # a model that takes no img_size (CNNs are size-agnostic)
+                return timm.create_model(name, pretrained=pretrained, **kw)
     except TypeError as e:
         raise UserError(f"model '{name}' rejected model.kwargs {dict(kwargs)}: {e}") from None
     except (OSError, RuntimeError) as e:
         if pretrained:
             raise UserError(_weights_missing(name, e)) from None
         raise
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The Hugging Face hub's per-retry warnings (~20 lines over ~45 s offline without HF_HUB_OFFLINE=1) kept off the
+    console: a failed load ends in _weights_missing's one line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def _weights_missing(name: str, e: Exception) -> str:
