@@ -217,7 +217,10 @@ def _weights_missing(name: str, e: Exception) -> str:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(name)
-    where = ((cfg.hf_hub_id and f"hf-hub:{cfg.hf_hub_id}") or cfg.url or cfg.file or "?") if cfg else "?"
+    where = ((cfg.hf_hub_id and f"hf-hub:{cfg.hf_hub_id}") or cfg.url or cfg.file) if cfg else None
+    if where is None or "No pretrained weights exist" in str(e):
+        return (f"timm has no pretrained weights for '{name}': train it from scratch with regime=scratch, or give "
+                "a weights file with model.checkpoint=<file>")
     return (f"cannot load the pretrained weights of '{name}' ({where}; {type(e).__name__}: offline, or not in the "
             "Hugging Face cache): go online once (they are cached; later runs can set HF_HUB_OFFLINE=1), or point "
             "HF_HOME at a cache that holds them, or give a weights file with model.checkpoint=<file>, or train from "

@@ -115,6 +115,9 @@ def test_offline_without_the_weights_is_one_line(tmp_path, monkeypatch):
         assert way_out in msg
     with pytest.raises(UserError, match="^model=cnn has no pretrained weights: train it from scratch"):
         create_model("cnn", num_classes=10, pretrained=True)
+    with pytest.raises(UserError, match="^timm has no pretrained weights for 'beit3_giant_patch14_224': train it "
+                                        "from scratch with regime=scratch"):
+        create_model("beit3_giant_patch14_224", num_classes=10, pretrained=True, depth=1, embed_dim=32, num_heads=2)
 
 
 def test_batchnorm_replaced_in_pretrained_weights_is_said(tmp_path, monkeypatch):
