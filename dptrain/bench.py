@@ -34,8 +34,12 @@ ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + 
 
 
 def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0, dist=None,
-          expected_batch_size: int | None = None):
+          expected_batch_size: int | None = None, trainable: str = "all"):
+    """trainable: model.trainable's subset (finetune.py; lora with conf's default LoraConfig), frozen before the
+    engine attaches, as a run does."""
+    from .config import LoraConfig
     from .engines import create_engine
+    from .finetune import set_trainable
     from .models import create_model, grad_checkpointing
 
     ckpt = "_ckpt" in engine  # <engine>_ckpt: with the model's activation checkpointing
@@ -43,10 +47,11 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
     torch.manual_seed(seed)
     kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
     model_name, extra = SIZED.get(model_name, (model_name, {}))
-    model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
+    model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra)
     if ckpt:
         grad_checkpointing(model, model_name)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model = set_trainable(model, trainable, LoraConfig()).to(device)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     name, passes, precision = parse_engine(engine)
     eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0,
                         expected_batch_size=expected_batch_size or batch, passes=passes, precision=precision, dist=dist)
@@ -81,14 +86,14 @@ def one_step(eng, x, y, device) -> float:
 
 
 def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2,
-                 errors: dict | None = None) -> dict[str, float]:
+                 errors: dict | None = None, trainable: str = "all") -> dict[str, float]:
     """Median step time (s) per engine, steps interleaved round-robin in this process. `errors`, if given, gets
     engine → the one line of an engine that could not be built or stepped."""
     built = {}
     errors = {} if errors is None else errors
     for e in engines:
         try:
-            built[e] = build(model_name, size, e, batch, device)
+            built[e] = build(model_name, size, e, batch, device, trainable=trainable)
         except Exception as err:  # e.g. Opacus cannot run the model: recorded, not fatal
             errors[e] = f"cannot build: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             print(f"  {e}: cannot build ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
@@ -132,12 +137,12 @@ def profile(model_name, size, batch, engines, device, steps=3) -> str:
     return "\n".join(lines)
 
 
-def peak_memory(model_name, size, batch, engine, device_name, steps=2) -> dict | None:
+def peak_memory(model_name, size, batch, engine, device_name, steps=2, trainable: str = "all") -> dict | None:
     """{"peak_mb": the process's peak memory during `steps` steps in a fresh process (CPU: RSS, libraries
     included; CUDA: max allocated), "extra_mb": that peak minus the memory held before the first step (model,
     data, imports)}. None if it failed (e.g. out of memory)."""
     code = (f"from dptrain.bench import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
-            f"{engine!r}, {device_name!r}, {steps})")
+            f"{engine!r}, {device_name!r}, {steps}, {trainable!r})")
     # glibc's dynamic mmap threshold keeps freed blocks in the heap, so RSS would depend on allocation order
     # (measured: the same non-private step's RSS after a step alternated 1.5 and 2.2 GB). A fixed threshold
     # returns every freed tensor to the OS: RSS then follows live memory, like CUDA's max allocated.
@@ -175,9 +180,9 @@ class _RSSPeak:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def _memory_child(model_name, size, batch, engine, device_name, steps):
+def _memory_child(model_name, size, batch, engine, device_name, steps, trainable="all"):
     device = torch.device(device_name)
-    eng, x, y = build(model_name, size, engine, batch, device)
+    eng, x, y = build(model_name, size, engine, batch, device, trainable=trainable)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -225,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batches", nargs="*", type=int, help="batch sizes (default: per model)")
     ap.add_argument("--engines", nargs="*", default=ENGINES)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--trainable", nargs="*", default=["all"], help="model.trainable subsets, one set of rows each: "
+                    "all, head, bias, lora (finetune.py; ratios against the same subset's nonprivate)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
@@ -251,23 +258,25 @@ def main(argv=None) -> None:
         configs = [(m, s, b) for m in args.models for s in (args.sizes or [32]) for b in (args.batches or [32])]
     else:
         configs = [(m, s, b) for m, s0, b0 in DEFAULT for s in (args.sizes or [s0]) for b in (args.batches or [b0])]
+    configs = [(m, s, b, t) for m, s, b in configs for t in args.trainable]
     out = args.out or default_out(f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
     if args.profile:
-        for model_name, size, batch in configs:
+        for model_name, size, batch, _ in configs:
             print(profile(model_name, size, batch, args.engines, device, steps=args.steps))
         return
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     rows = []
-    for model_name, size, batch in configs:
-        print(f"== {model_name} {size}x{size} batch {batch}", file=sys.stderr)
-        times = time_engines(model_name, size, batch, args.engines, device, steps=args.steps)
+    for model_name, size, batch, trainable in configs:
+        print(f"== {model_name} {size}x{size} batch {batch} trainable {trainable}", file=sys.stderr)
+        times = time_engines(model_name, size, batch, args.engines, device, steps=args.steps, trainable=trainable)
         for e in args.engines:
-            row = {"model": model_name, "size": size, "batch": batch, "engine": e, "step_ms": None,
+            row = {"model": model_name, "size": size, "batch": batch, "trainable": trainable, "engine": e,
+                   "step_ms": None,
                    "peak_mem_mb": None, "extra_mem_mb": None, "max_batch": None}
             if e in times:
                 row["step_ms"] = 1000 * times[e]
                 if args.memory:
-                    mem = peak_memory(model_name, size, batch, e, args.device) or {}
+                    mem = peak_memory(model_name, size, batch, e, args.device, trainable=trainable) or {}
                     row["peak_mem_mb"], row["extra_mem_mb"] = mem.get("peak_mb"), mem.get("extra_mb")
                 if args.memory_budget:
                     row["max_batch"] = max_batch(model_name, size, e, args.device, args.memory_budget)
@@ -287,16 +296,17 @@ def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
     df = pd.DataFrame(rows)
     num = ["step_ms", "peak_mem_mb", "extra_mem_mb"]
     df[num] = df[num].astype(float)  # None (not measured) → NaN
+    ids = ["model", "size", "batch"] + (["trainable"] if "trainable" in df else [])  # a subset against its own
     for ref in ("nonprivate", "opacus"):
-        base = df[df.engine == ref].set_index(["model", "size", "batch"])
+        base = df[df.engine == ref].set_index(ids)
         for col, name in (("step_ms", "time"), ("peak_mem_mb", "peak"), ("extra_mem_mb", "extra")):
-            key = df.set_index(["model", "size", "batch"]).index
+            key = df.set_index(ids).index
             ref_vals = base[col].reindex(key).to_numpy() if len(base) else None
             df[f"{name}_vs_{ref}"] = df[col].to_numpy() / ref_vals if ref_vals is not None else None
     df["commit"], df["machine"] = git_commit(), machine()
     df.to_csv(out + ".csv", index=False)
-    cols = ["model", "size", "batch", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus", "peak_mem_mb",
-            "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch", "note"]
+    cols = ["model", "size", "batch", "trainable", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus",
+            "peak_mem_mb", "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch", "note"]
     with open(out + ".md", "w") as f:
         f.write(f"# dptrain-bench ({device})\n\ncommand: `{' '.join(argv)}`  \ncommit: {git_commit()}  \n"
                 f"machine: {machine()}\n\n")

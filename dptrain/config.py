@@ -20,6 +20,19 @@ def _open_dict():
 
 
 @dataclass
+class LoraConfig:
+    """model.trainable=lora: low-rank adapters (Hu et al. 2021, via peft) on the modules named by `targets` (peft's
+    target_modules: a name or a dotted suffix of one). The default targets are the attention output and MLP layers of
+    timm's ViT/BEiT/DeiT/Swin blocks: timm's BEiT attention calls F.linear(x, qkv.weight) itself, so an adapter on its
+    `qkv` would never run (refused, finetune.py). For CNNs name convs, e.g. [conv1, conv2] for a ResNet."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is B·A·alpha/rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn.proj", "mlp.fc1", "mlp.fc2"])
+
+
+@dataclass
 class ModelConfig:
     name: str = "cnn"  # a conf/model name's timm model, any timm name, or "cnn"
     pretrained: bool = False  # timm's weights (needs network or a warm cache)
@@ -29,6 +42,11 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=lambda: _open_dict())
     channels_last: bool = False  # NHWC weights and inputs: ~10-20% faster conv steps on CPU (bench), same values
     grad_checkpointing: bool = False  # timm's activation checkpointing: less activation memory, one more forward
+    # what trains (finetune.py): all | head (linear probe) | bias (DP-BiTFiT, Bu et al. 2022: every bias + the head)
+    # | lora (adapters of model.lora + the head); the rest is frozen before the engine attaches
+    trainable: str = "all"
+    head_init: str = "default"  # the new classifier head: default (timm's / the model's init) | zero (weights and bias)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -50,9 +68,10 @@ class DatasetConfig:
     normalize: str = "none"
     normalize_noise: float = 8.0  # σ of each of the two statistics (Tramèr & Boneh's 8)
     normalize_clip: float = 2.0  # L2 bound on an example's per-channel means (and mean squares); data-independent
-    size: int = 512  # fake: training examples (test: a quarter)
-    num_classes: int = 10  # fake
-    channels: int = 3  # fake
+    # dataset=fake only (conf/dataset/fake.yaml sets them): null under a real dataset, whose data says them
+    size: int | None = None  # training examples (test: a quarter)
+    num_classes: int | None = None
+    channels: int | None = None
 
 
 @dataclass
@@ -138,6 +157,7 @@ RANGES = {
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
     "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
     "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",
+    "model.lora.rank": "[1, inf)", "model.lora.alpha": "(0, inf)", "model.lora.dropout": "[0, 1)",
 }
 UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
 

@@ -235,8 +235,10 @@ def _digits(*, image_size: int | None, **_) -> Data:
                 "digits")
 
 
-def _fake(*, size: int, num_classes: int, channels: int, image_size: int | None, seed: int, **_) -> Data:
-    image_size = image_size or 32
+def _fake(*, size: int | None, num_classes: int | None, channels: int | None, image_size: int | None, seed: int,
+          **_) -> Data:
+    # None: dataset.name=fake without conf/dataset/fake.yaml's values (create_dataset's defaults)
+    size, num_classes, channels, image_size = size or 512, num_classes or 10, channels or 3, image_size or 32
     g = torch.Generator().manual_seed(seed)
     n_test = max(1, size // 4)
     x = torch.randn(size + n_test, channels, image_size, image_size, generator=g)

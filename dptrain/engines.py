@@ -337,6 +337,14 @@ class _Cloned(nn.Module):
         out = self.m(*args, **kwargs)
         return out.clone() if torch.is_tensor(out) else out
 
+    def __getattr__(self, name: str):
+        """The wrapped layer's attributes too: a parent that reads its child's weight (peft's LoRA layer reads
+        `lora_A.weight.dtype` before calling it) still finds it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("m"), name)
+
 
 def _clone_outputs(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -137,6 +138,10 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: in
     if name == "timm":  # conf/model/timm.yaml's placeholder: the user gave no name
         raise UserError("model=timm needs a timm model name: dptrain model=timm model.name=<name> (e.g. convnext_atto; "
                         "python -c 'import timm; print(timm.list_models())')")
+    if pretrained and name in ("cnn", "scatter_cnn"):
+        raise UserError(f"model={name} has no pretrained weights: train it from scratch (regime=scratch, or "
+                        "model.pretrained=false)")
+    pretrained = pretrained and not checkpoint  # model.checkpoint's weights replace timm's: no download
     if name == "cnn":
         model = CNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif name == "scatter_cnn":
@@ -149,14 +154,19 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: in
             load_checkpoint(model, checkpoint)
         return model
     fixed, n = fix_batchnorm(model)
-    if n:
-        log.info("converted %d BatchNorm layers to GroupNorm (per-example gradients need it)", n)
+    lost = n if pretrained else 0  # BatchNorm weights of timm's that GroupNorm cannot take
     if checkpoint:
         try:  # a checkpoint of a dptrain run (GroupNorm) ...
             load_checkpoint(fixed, checkpoint)
         except UserError:  # ... or of the original architecture (BatchNorm), converted after loading
             load_checkpoint(model, checkpoint)
-            fixed, _ = fix_batchnorm(model)
+            fixed, lost = fix_batchnorm(model)
+    if lost:  # finetune.weights_from says so in summary.json and the final line
+        log.warning("converted %d pretrained BatchNorm layers to GroupNorm (per-example gradients need it): they "
+                    "start afresh, so the network is not the pretrained one any more", lost)
+    elif n:
+        log.info("converted %d BatchNorm layers to GroupNorm (per-example gradients need it)", n)
+    fixed.batchnorm_replaced = lost  # a plain attribute (not state), for finetune.weights_from
     return fixed
 
 
@@ -170,18 +180,51 @@ def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
         raise UserError(f"model.kwargs {dict(kwargs)} are the small CNN's settings (conf/model/cnn.yaml); for a timm "
                         f"model pick its group: dptrain model=timm model.name={name}")
     kw = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        log.info("loading timm's pretrained weights of %s (Hugging Face cache, else the hub)", name)
     try:
-        try:
-            return timm.create_model(name, pretrained=pretrained, **kw, **({"img_size": img_size} if img_size else {}))
-        except TypeError:  # a model that takes no img_size (CNNs are size-agnostic)
-            return timm.create_model(name, pretrained=pretrained, **kw)
+        with _quiet_hub():
+            try:
+                return timm.create_model(name, pretrained=pretrained, **kw,
+                                         **({"img_size": img_size} if img_size else {}))
+            except TypeError:  # a model that takes no img_size (CNNs are size-agnostic)
+                return timm.create_model(name, pretrained=pretrained, **kw)
     except TypeError as e:
         raise UserError(f"model '{name}' rejected model.kwargs {dict(kwargs)}: {e}") from None
     except (OSError, RuntimeError) as e:
         if pretrained:
-            raise UserError(f"cannot load pretrained weights for '{name}' (offline? {type(e).__name__}); use "
-                            "model.checkpoint=<file> or model.pretrained=false") from None
+            raise UserError(_weights_missing(name, e)) from None
         raise
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The Hugging Face hub's per-retry warnings (~20 lines over ~45 s offline without HF_HUB_OFFLINE=1) kept off the
+    console: a failed load ends in _weights_missing's one line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
+def _weights_missing(name: str, e: Exception) -> str:
+    """The one line for pretrained weights that cannot be had (offline, no cache): which weights, and the ways out.
+    timm fetches them from the Hugging Face hub into its cache ($HF_HOME/hub) once; HF_HUB_OFFLINE=1 reads that
+    cache without asking the network (otherwise each file is retried for ~1 min before this error)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    where = ((cfg.hf_hub_id and f"hf-hub:{cfg.hf_hub_id}") or cfg.url or cfg.file) if cfg else None
+    if where is None or "No pretrained weights exist" in str(e):
+        return (f"timm has no pretrained weights for '{name}': train it from scratch with regime=scratch, or give "
+                "a weights file with model.checkpoint=<file>")
+    return (f"cannot load the pretrained weights of '{name}' ({where}; {type(e).__name__}: offline, or not in the "
+            "Hugging Face cache): go online once (they are cached; later runs can set HF_HUB_OFFLINE=1), or point "
+            "HF_HOME at a cache that holds them, or give a weights file with model.checkpoint=<file>, or train from "
+            "scratch with regime=scratch (model.pretrained=false keeps the fine-tuning recipe)")
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:

@@ -22,6 +22,7 @@ from .data import NORMALIZE, Data, create_dataset
 from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
 from .errors import Diverged, UserError, check_name
+from .finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
 from .loop import evaluate, train_one_epoch
 from .models import checkpoint_provenance, create_model, data_config, grad_checkpointing
 from .optim import create_optimizer, create_schedule
@@ -56,6 +57,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
         torch.manual_seed(streams.seed_for("model", *dist.substream))
     checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
+    weights = {key.INIT: weights_from(model, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint),
+               key.TRAINABLE: cfg.model.trainable, key.TRAINABLE_PARAMS: count_trainable(model)}
+    log.info("%s, model.trainable=%s", weights[key.INIT], cfg.model.trainable)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, budget.steps)
@@ -81,8 +85,10 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         raise err from None
     dist.check_replicas(model)
     if dist.is_main:
-        torch.save(engine.detach().state_dict(), os.path.join(run_dir, "model.pt"))
+        # LoRA adapters merged: model.pt is the plain architecture (finetune.merge_lora)
+        torch.save(merge_lora(engine.detach()).state_dict(), os.path.join(run_dir, "model.pt"))
     return dist.from_rank0(lambda: _finish(cfg, data, budget, trained, streams=streams, checkpoint=checkpoint,
+                                           weights=weights,
                                            device=device, t_start=t_start, commit=commit, tracker=tracker,
                                            saver=saver, dist=dist))  # written by rank 0, returned on every rank
 
@@ -128,10 +134,10 @@ def _tracker(cfg, run_dir: str, dist: Dist):
                    config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
 
 
-def _finish(cfg, data: Data, budget: Budget, trained, *, streams, checkpoint, device, t_start, commit, tracker, saver,
-            dist: Dist) -> dict:
+def _finish(cfg, data: Data, budget: Budget, trained, *, streams, checkpoint, weights, device, t_start, commit, tracker,
+            saver, dist: Dist) -> dict:
     """summary.json (rank 0), status.json "finished", checkpoint.pt removed."""
-    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint,
+    summary = _summary(cfg, data, budget, trained, streams=streams.describe(), checkpoint=checkpoint, weights=weights,
                        device=device, t_start=t_start, commit=commit, resumed=saver.resumed)
     summary[key.DEVICE] = dist.describe(device)  # 'cpu x2 (gloo)' on two processes
     tracker.finish(summary)
@@ -195,9 +201,11 @@ def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
     if cfg.model.grad_checkpointing:
         grad_checkpointing(model, cfg.model.name)
+    model = prepare(model, cfg.model)  # model.head_init, model.trainable: frozen before the engine attaches
     if wrap is not None:
         model = wrap(model)
     _check_input(model, data, cfg.model.name, device)
+    check_adapters_run(model, _example(data, device))  # model.trainable=lora: no adapter the forward skips
     fmt = _memory_format(cfg)
     return model if fmt is None else model.to(memory_format=fmt)
 
@@ -306,8 +314,8 @@ def _eps_postfix(eps) -> dict:
     return {} if eps is None else {"eps": f"{eps:.3g}"}
 
 
-def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None, device,
-             t_start: float, commit, resumed: list) -> dict:
+def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None,
+             weights: dict, device, t_start: float, commit, resumed: list) -> dict:
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
@@ -317,8 +325,9 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
         key.PEAK_MEM_MB: peak_memory_mb(device),
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
-        key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, key.DATASET: data.name, key.EPOCHS: t.epochs,
-        key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
+        key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, **weights, key.DATASET: data.name,
+        key.EPOCHS: t.epochs, key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(),
+        key.COMMIT: commit,
         key.NAME: cfg.name, key.RESUMED: resumed, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -348,8 +357,7 @@ def _device(name: str) -> torch.device:
 def _check_input(model, data, name: str, device) -> None:
     """One example through the model before training, so that a model/input mismatch (a timm model whose
     downsampling needs a larger image, a fixed img_size) is a one-line error rather than a traceback."""
-    x = data.train[0][0]
-    x = (x[0] if data.views > 1 else x).unsqueeze(0).to(device)  # one view
+    x = _example(data, device)
     was = model.training
     model.eval()
     try:
@@ -361,6 +369,12 @@ def _check_input(model, data, name: str, device) -> None:
                         f"({first}); set dataset.image_size to a size the model accepts") from None
     finally:
         model.train(was)
+
+
+def _example(data, device) -> torch.Tensor:
+    """The first training example as a batch of one (its first view)."""
+    x = data.train[0][0]
+    return (x[0] if data.views > 1 else x).unsqueeze(0).to(device)
 
 
 def _ema(model, decay):

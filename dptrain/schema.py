@@ -41,6 +41,9 @@ STEP_MS = "perf/step_ms"  # median over the run's optimizer steps
 
 # what ran, where
 ENGINE, MODEL, DATASET = "engine", "model", "dataset"
+# where the weights came from (finetune.weights_from): "fine-tuned from <timm weights tag>", "fine-tuned from
+# checkpoint <file>" or "from scratch"; model.trainable (all, head, bias, lora) and the parameters it trains
+INIT, TRAINABLE, TRAINABLE_PARAMS = "model/init", "model/trainable", "model/trainable_params"
 EPOCH, STEP = "epoch", "step"  # metrics.jsonl: this line's epoch and the optimizer steps so far
 # epochs trained, as expected passes over the training set: epoch k ends at step round(k / q) (run._epoch_end), and a
 # partial last epoch counts its fraction of steps — so a run of config.epochs = 15 reports 15 (it once said 14)
@@ -52,7 +55,8 @@ RESUMED = "resumed"  # one {step, commit, at} per resume (resume=<run dir>, chec
 
 # summary.json's keys, in file order
 SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, CHECKPOINT, CHECKPOINT_EPS_SPENT, SAMPLES_PER_S, PEAK_MEM_MB,
-           STEP_MS, ENGINE, MODEL, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT, NAME, RESUMED, CONFIG)
+           STEP_MS, ENGINE, MODEL, INIT, TRAINABLE, TRAINABLE_PARAMS, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT,
+           NAME, RESUMED, CONFIG)
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
 
 

@@ -59,8 +59,11 @@ def test_group_files_repeat_no_default(group):
     from dptrain.config import TrainConfig
 
     schema = getattr(TrainConfig(), group)
+    # pinned on purpose: regime=finetune sets automatic clipping, which Opacus does not have (listed after the regime)
+    pinned = {"opacus.yaml": {"clipping"}, "opacus_ghost.yaml": {"clipping"}} if group == "engine" else {}
     for f in sorted(os.listdir(os.path.join(CONF, group))):
         values = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, group, f)))
+        values = {k: v for k, v in values.items() if k not in pinned.get(f, ()) and k != "defaults"}
         repeated = {k: v for k, v in values.items() if k != "name" and getattr(schema, k, object()) == v}
         assert not repeated, f"conf/{group}/{f} repeats config.py's defaults {repeated}"
 
@@ -73,7 +76,8 @@ def test_every_numeric_knob_has_a_range():
     fields = numeric_fields()
     assert set(fields) == set(RANGES) | set(UNRANGED) and not set(RANGES) & set(UNRANGED)
     assert {k for k, nullable in fields.items() if nullable} == {
-        "eps", "delta", "privacy.noise_multiplier", "privacy.ema", "model.img_size", "dataset.image_size"}
+        "eps", "delta", "privacy.noise_multiplier", "privacy.ema", "model.img_size", "dataset.image_size",
+        "dataset.size", "dataset.num_classes", "dataset.channels"}  # fake's: null under a real dataset
 
 
 @pytest.mark.parametrize("value,interval,ok", [

@@ -59,7 +59,8 @@ def test_the_readme_has_its_commands():
     """The parser finds what is there (a broken parser must not pass the test below by finding nothing)."""
     tools = [t for t, _, _ in COMMANDS]
     assert tools.count("dptrain") >= 25 and {"dptrain-audit", "dptrain-bench", "dptrain-report"} <= set(tools)
-    assert ("dptrain", ["model=vit_tiny", "model.kwargs.patch_size=4", "dataset=cifar10"], False) in COMMANDS
+    assert ("dptrain", ["model=vit_tiny", "model.kwargs.patch_size=4", "dataset=cifar10", "regime=scratch"],
+            False) in COMMANDS
     assert sum(torchrun for _, _, torchrun in COMMANDS) >= 5
 
 
