@@ -377,3 +377,23 @@ def test_engine_opacus_refuses_a_trainable_set_changed_after_wrapping(change):
     x, y = data((6,))
     with pytest.raises(UserError, match="trainable parameters changed after Opacus wrapped the model"):
         eng.backward(eng.model(x.float()), y, last=True)
+
+
+@pytest.mark.parametrize(("mode", "passes"), MODES_PASSES)
+def test_bias_only_layers_are_exact_and_keep_no_input(mode, passes):
+    """DP-BiTFiT: a Linear or conv whose weight is frozen needs only its output gradients; its input is not kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), timm.layers.StdConv2d(4, 4, 3, bias=True),
+                          nn.Flatten(1), nn.Linear(4 * 6 * 6, 3)).double()
+    for m in (model[0], model[2], model[4]):
+        m.weight.requires_grad_(False)
+    x, y = data((3, 6, 6), n=4)
+    R = small_r(model, x, y)
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R, passes=passes)
+    out = model(x)
+    assert all(r.args == () for _, r in engine._records)
+    F.cross_entropy(out, y, reduction="sum").backward()
+    engine.detach()
+    ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=R)
+    assert max_rel_err([p.grad for p in model.parameters() if p.requires_grad], ref) < 1e-9
+    assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)

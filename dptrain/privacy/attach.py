@@ -92,8 +92,10 @@ def _plain(entry: Entry, orig, keep: Keep, leaf: torch.Tensor, model_rows) -> Ca
             if not flat[i].requires_grad:
                 flat[i] = _Anchor.apply(flat[i], leaf)
         args, kwargs = to_batch_first(entry, args, kwargs)  # a sequence-first call's record is batch-first
-        keep(entry, tree_map(_detach, args), tree_map(_detach, kwargs), batch(entry, args, kwargs),
-             [flat[i] for i in idx])
+        rows = batch(entry, args, kwargs)
+        if not entry.rule.needs_input(entry):  # e.g. a bias-only Linear (DP-BiTFiT): its input is not kept
+            args, kwargs = (), {}
+        keep(entry, tree_map(_detach, args), tree_map(_detach, kwargs), rows, [flat[i] for i in idx])
         return tree_unflatten(flat, spec)
 
     return forward

@@ -67,6 +67,7 @@ class Rule:
                 forward by per-example stand-ins with a leading batch dimension (B, ...); grads[k] is the
                 gradient of tap k, from which `per_example` reads each parameter's per-example gradient.
       serves(module)                           False: a variant left to the exact fallback.
+      needs_input(entry)                       False: Record.args is () (only output gradients are needed).
       check(module, name)                      raise CoverageError for a variant not computed exactly.
       norms(entry, recs, mode, keep) → (n2, state)
                 (B,) squared norms of the owned parameters' per-example gradients and what `accumulate` needs;
@@ -80,6 +81,11 @@ class Rule:
     name = "rule"
     eager = True
     expands = False
+
+    def needs_input(self, entry) -> bool:
+        """False: norms and sums come from the output gradients alone (a bias-only layer), so the engine does not
+        keep the call's input (activation memory the fine-tuning of biases alone does not need)."""
+        return True
 
     def serves(self, module: nn.Module) -> bool:
         """False: a variant of the type this rule does not compute, which goes to the exact fallback instead."""

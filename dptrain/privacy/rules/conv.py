@@ -144,9 +144,18 @@ class ConvRule(Rule):
 
     name = "conv"
 
+    def needs_input(self, entry):
+        return owned(entry, "weight") is not None
+
     def norms(self, entry, recs, mode, keep=True):
         m = entry.module
         G, B = m.groups, recs[0].batch
+        if not recs[0].args:  # bias only: the output gradients alone
+            gb = [fold(r.grads[0].reshape(r.grads[0].shape[0], m.out_channels, -1).sum(-1), B)
+                  for r in recs if r.grads[0] is not None]
+            if not gb:
+                return m.bias.new_zeros(B), {}
+            return sum(gb).pow(2).sum(1), {"gb": sum(gb)}
         # (input as the convolution sees it, its zero padding, output gradient) per call; rows = K·B, each example's
         # K consecutive, and K may differ between calls (a multi-view forward): every step below reads K per call
         xs = [(*_conv_input(m, r.args[0]), r.grads[0]) for r in recs if r.grads[0] is not None]
@@ -187,9 +196,9 @@ class ConvRule(Rule):
         for r in recs:
             if r.grads[0] is None:
                 continue
-            x, pad = _conv_input(m, r.args[0])
             g = r.grads[0]
             if w is not None:
+                x, pad = _conv_input(m, r.args[0])
                 add_grad(w, _weight_grad(m, x, pad, g))
             if b is not None:
                 add_grad(b, g.sum([0, *range(2, g.dim())]))

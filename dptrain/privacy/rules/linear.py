@@ -21,8 +21,22 @@ class LinearRule(Rule):
              else r.grads[0].reshape(x.shape[0], -1, m.out_features) for r, x in zip(recs, a)]
         return cat(a, 1), cat(g, 1)  # reuse: concatenate calls along T
 
+    def needs_input(self, entry):
+        return owned(entry, "weight") is not None
+
+    @staticmethod
+    def _bias_grads(m: nn.Linear, recs: list[Record]) -> torch.Tensor | None:
+        """A bias-only layer: (B, p) per-example bias gradients from the output gradients alone, or None."""
+        gs = [r.grads[0].reshape(r.batch, -1, m.out_features).sum(1) for r in recs if r.grads[0] is not None]
+        return sum(gs) if gs else None
+
     def norms(self, entry, recs, mode, keep=True):
         m = entry.module
+        if owned(entry, "weight") is None:
+            gb = self._bias_grads(m, recs)
+            if gb is None:
+                return m.bias.new_zeros(recs[0].batch), {}
+            return gb.pow(2).sum(1), {"gb": gb}
         a, g = self._flat(m, recs)
         B, T = a.shape[0], a.shape[1]
         n2 = a.new_zeros(B)
@@ -48,8 +62,13 @@ class LinearRule(Rule):
         return n2, state
 
     def accumulate_plain(self, entry, recs):
-        a, g = self._flat(entry.module, recs)
         w, b = owned(entry, "weight"), owned(entry, "bias")
+        if w is None:
+            gb = self._bias_grads(entry.module, recs)
+            if b is not None and gb is not None:
+                add_grad(b, gb.sum(0))
+            return
+        a, g = self._flat(entry.module, recs)
         if w is not None:
             add_grad(w, g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
         if b is not None:
@@ -63,5 +82,5 @@ class LinearRule(Rule):
             else:
                 a, g = scale_smaller(state["a"], state["g"], c)
                 add_grad(w, g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
-        if b is not None:
+        if b is not None and "gb" in state:
             add_grad(b, c.to(state["gb"].dtype) @ state["gb"])

@@ -31,6 +31,9 @@ def standardised(m: nn.Module, weight: torch.Tensor, gain: torch.Tensor | None) 
 class StdConvRule(ConvRule):
     name = "std_conv"
 
+    def needs_input(self, entry):
+        return any(owned(entry, n) is not None for n in _RAW)
+
     def serves(self, m: nn.Module) -> bool:
         """Padding the conv rule reproduces: zeros, static (a dynamic TF 'SAME' pad goes to the exact fallback)."""
         return m.padding_mode == "zeros" and not getattr(m, "same_pad", False)
@@ -115,8 +118,8 @@ class StdConvRule(ConvRule):
         for r in recs:
             if r.grads[0] is None:
                 continue
-            x, pad = _conv_input(m, r.args[0])
             if pull is not None:
+                x, pad = _conv_input(m, r.args[0])
                 s = s + _weight_grad(m, x, pad, r.grads[0])
             if b is not None:
                 add_grad(b, r.grads[0].sum([0, *range(2, r.grads[0].dim())]))
