@@ -71,7 +71,7 @@ mutants: $(STAMP) ## mutation testing of the privacy code (not in `make test`) �
 # wheels/ (pip --no-index --no-deps --target, never touching torch), then measures; the venv's python when there is one.
 GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 GPU_OUT = $${OUT:-results}
-gpu-check: ## every GPU check in one command, < 8 min on an H200 → $${OUT:-results}/gpu-check.* + bench-gpu.*
+gpu-check: ## every GPU check in one command, ≤ 420 s from its start (no make: python3 -m dptrain.gpu_check) → $${OUT:-results}/gpu-check.* + bench-gpu.*
 	mkdir -p $(GPU_OUT)
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.gpu_check --out $(GPU_OUT)/gpu-check 2>&1 | tee $(GPU_OUT)/gpu-check.log
 

@@ -392,7 +392,7 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0, pin_memory: boo
     the device is asynchronous."""
     if isinstance(ds, TensorDataset):
         for idx in index_batches:
-            yield tuple(t[idx].pin_memory() if pin_memory else t[idx] for t in ds.tensors)
+            yield tuple(t[idx].pin_memory() if pin_memory and t.device.type == "cpu" else t[idx] for t in ds.tensors)
         return
     from torch.utils.data import DataLoader
 
