@@ -36,12 +36,16 @@ ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + 
 def build(model_name: str, size: int, engine: str, batch: int, device: torch.device, seed: int = 0, dist=None,
           expected_batch_size: int | None = None):
     from .engines import create_engine
-    from .models import create_model
+    from .models import create_model, grad_checkpointing
 
+    ckpt = "_ckpt" in engine  # <engine>_ckpt: with the model's activation checkpointing
+    engine = engine.replace("_ckpt", "")
     torch.manual_seed(seed)
     kw = {"patch_size": 4} if model_name.startswith(("vit", "beit")) and size <= 64 else {}
     model_name, extra = SIZED.get(model_name, (model_name, {}))
     model = create_model(model_name, num_classes=10, img_size=size, **kw, **extra).to(device)
+    if ckpt:
+        grad_checkpointing(model, model_name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     name, passes, precision = parse_engine(engine)
     eng = create_engine(name, model, opt, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -52,7 +56,8 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
 
 
 def parse_engine(label: str) -> tuple[str, int, str]:
-    """An engine label → (engine, passes, precision): <engine>[_2pass][_bf16|_fp16], e.g. mixed_ghost_bf16."""
+    """An engine label → (engine, passes, precision): <engine>[_2pass][_bf16|_fp16], e.g. mixed_ghost_bf16 (a `_ckpt`
+    anywhere in the label, handled by `build`, turns on the model's activation checkpointing)."""
     precision = "fp32"
     for p in ("bf16", "fp16"):
         if label.endswith("_" + p):

@@ -28,6 +28,7 @@ class ModelConfig:
     # passed to timm.create_model / the CNN; open (not struct): model.kwargs.<arg>=... needs no leading +
     kwargs: dict[str, Any] = field(default_factory=lambda: _open_dict())
     channels_last: bool = False  # NHWC weights and inputs: ~10-20% faster conv steps on CPU (bench), same values
+    grad_checkpointing: bool = False  # timm's activation checkpointing: less activation memory, one more forward
 
 
 @dataclass

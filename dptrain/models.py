@@ -243,3 +243,14 @@ def checkpoint_provenance(path: str | None, *, dataset: str) -> dict | None:
                 "Where the data overlap, the budgets compose (eps and delta add up at most): this run's eps_spent "
                 "counts this run only", summary_path, spent, s.get(key.DATASET), dataset)
     return prov
+
+
+def grad_checkpointing(model: nn.Module, name: str) -> nn.Module:
+    """Activation checkpointing (timm's set_grad_checkpointing: each block's activations recomputed in the backward)
+    — less activation memory for one more forward of each block. The privacy engine clips exactly through it."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise UserError(f"model.grad_checkpointing=true: '{name}' has no set_grad_checkpointing (timm models do); "
+                        "use model.grad_checkpointing=false")
+    model.set_grad_checkpointing(True)
+    return model
+

@@ -23,7 +23,7 @@ from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
 from .errors import Diverged, UserError, check_name
 from .loop import evaluate, train_one_epoch
-from .models import checkpoint_provenance, create_model, data_config
+from .models import checkpoint_provenance, create_model, data_config, grad_checkpointing
 from .optim import create_optimizer, create_schedule
 from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
@@ -193,6 +193,8 @@ def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
                          img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
                          checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    if cfg.model.grad_checkpointing:
+        grad_checkpointing(model, cfg.model.name)
     if wrap is not None:
         model = wrap(model)
     _check_input(model, data, cfg.model.name, device)

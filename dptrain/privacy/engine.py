@@ -16,13 +16,14 @@ passes' current phase (passes.py), never which path it is on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .attach import guard, unwrap, wrap
 from .errors import CoverageError
@@ -87,23 +88,59 @@ class PrivacyEngine:
         self._dropped: torch.Tensor | None = None
         self._probed = False  # probe.py: have the hooked calls' rows been checked against the examples
         self._probing = False
-        self._queued = False
+        self._queued: int | None = None  # the forward whose _finish is queued on the autograd engine
+        self._late: dict[int, int] = {}  # id(entry) → its calls made inside this forward's backward (recomputes)
         self._audited = self._logged = False
+        self._fallback = fallback
+        self._trainable = _trainable(model)  # the plan's trainable set; re-planned when it changes (issue 28)
         self._handles: list = []
+        self._guards: list = []
+        self._saved_forward: list = []
         self._leaf = torch.zeros((), requires_grad=True)  # puts raw-data layers' outputs in the graph
-        self._saved_forward = [wrap(e, self._keep, self._leaf, lambda: self._rows) for e in self.entries]
-        for e in self.entries:
-            self._handles += guard(e)
+        self._attach()
         self._handles.append(model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
+        if passes == 1:  # passes=2 cuts the output itself and runs the rules from its own hook
+            self._handles.append(model.register_forward_hook(self._anchor_output))
         self._passes = TwoPass(self, model) if passes == 2 else OnePass()  # passes.py: what the engine asks of it
         self._handles += self._passes.handles
         self.fallback_share = _fallback_share(self.entries)
 
+    def _attach(self) -> None:
+        """Hook the plan's modules (attach.py): wrapped forwards and the guards on their parameters."""
+        self._saved_forward = [wrap(e, self._keep, self._leaf, lambda: self._rows) for e in self.entries]
+        self._guards = [h for e in self.entries for h in guard(e)]
+
+    def _unattach(self) -> None:
+        for h in self._guards:
+            h.remove()
+        for saved in self._saved_forward:
+            unwrap(saved)
+        self._guards, self._saved_forward = [], []
+
+    def _replan(self, now: tuple[int, ...]) -> None:
+        """The trainable set changed since the plan was built (a layer frozen or unfrozen, a head replaced): the
+        plan is built again for the parameters trainable now, before this forward runs. A plan frozen at attach
+        would give a newly unfrozen parameter its plain, unclipped gradient and keep clipping a frozen one."""
+        before = set(self._trainable)
+        self._unattach()
+        self.entries = build_plan(self.model, fallback=self._fallback)  # CoverageError: the new set is uncoverable
+        self._attach()
+        self._trainable = now
+        self._probed = self._audited = self._logged = False
+        added = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in before]
+        log.info("privacy engine: the trainable parameters changed since the plan was built (%d now, new: %s); "
+                 "re-planned", len(now), ", ".join(added[:6]) + (" …" if len(added) > 6 else "") or "none")
+        self.fallback_share = _fallback_share(self.entries)
+
     # ---------------------------------------------------------------- forward
     def _new_forward(self, module, args, kwargs):
-        if is_replaying() or not self._passes.phase.new_forward or self._probing:
+        # a forward without gradients (evaluation between a forward and its backward) touches no step state
+        if is_replaying() or not self._passes.phase.new_forward or self._probing or not torch.is_grad_enabled():
             return
-        if not self._probed and torch.is_grad_enabled() and _rows_of(args, kwargs) >= 2:
+        now = _trainable(self.model)
+        if now != self._trainable:
+            self._replan(now)
+        if not self._probed and _rows_of(args, kwargs) >= 2:
             self._probing = True
             for e in self.entries:
                 e.split = set()
@@ -116,36 +153,66 @@ class PrivacyEngine:
                     e.split = None
         self._forward_id += 1
         self._rows = _rows_of(args, kwargs)
-        self._records = []  # a forward whose backward never ran (e.g. evaluation) leaves nothing behind
-        self._calls = {}  # id(entry) → its calls in this forward
-        if torch.is_grad_enabled():
-            self._passes.start(args, kwargs)
+        self._records = []  # a training forward whose backward never ran leaves nothing behind
+        self._calls, self._late = {}, {}  # id(entry) → its calls in this forward / inside its backward
+        self._passes.start(args, kwargs)
+
+    def _anchor_output(self, module, args, out):
+        """passes=1: the model's outputs pass through _Finish, whose backward runs first in the user's backward and
+        queues _finish on *that* backward. Queued from a layer's gradient instead, it could land on an inner backward
+        (reentrant activation checkpointing backpropagates each segment separately): clipped a segment at a time."""
+        if is_replaying() or not torch.is_grad_enabled() or self._probing:
+            return None
+        flat, spec = tree_flatten(out)
+        if not any(torch.is_tensor(o) and o.requires_grad for o in flat):
+            return None
+        fid = self._forward_id
+        flat = [_Finish.apply(o, partial(self._queue, fid)) if torch.is_tensor(o) and o.requires_grad else o
+                for o in flat]
+        return tree_unflatten(flat, spec)
+
+    def _queue(self, forward_id: int) -> None:
+        """Queue _finish on the backward running now, once per forward. Keyed by the forward, not a flag cleared in
+        _finish: a backward that raised drops its queued callback, and a stale flag would skip clipping after it."""
+        if self._queued != forward_id and forward_id == self._forward_id and self._passes.phase.queue_finish:
+            self._queued = forward_id
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
 
     def _keep(self, entry: Entry, args: tuple, kwargs: dict, rows: int, outs: list[torch.Tensor]) -> None:
         """A training call of a hooked module (attach.py): its record, and a hook on the gradient of each output
-        (or tap) its rule needs."""
+        (or tap) its rule needs. A call made inside the backward is activation checkpointing's recomputed forward:
+        non-reentrant checkpointing recomputes calls already recorded (their outputs only refill saved tensors: no
+        record), reentrant checkpointing runs the segment's forward for the first time with gradients (recorded)."""
+        late = torch._C._current_graph_task_id() != -1 and self._passes.phase.new_forward
+        if late:
+            n = self._late[id(entry)] = self._late.get(id(entry), 0) + 1
+            if n <= self._calls.get(id(entry), 0):
+                for o in outs:
+                    o.register_hook(partial(_recomputed, entry))
+                return
         rec = Record(args, kwargs, rows, self._forward_id, len(outs))
         for k, o in enumerate(outs):
             o.register_hook(partial(self._on_grad, entry, rec, k))
         rec.place = len(self._records)
         self._records.append((entry, rec))
-        self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
+        if not late:  # a recorded call inside the backward never runs eagerly: it waits for _finish
+            self._calls[id(entry)] = self._calls.get(id(entry), 0) + 1
         entry.calls += 1
 
     # --------------------------------------------------------------- backward
     def _on_grad(self, entry: Entry, rec: Record, k: int, g: torch.Tensor) -> None:
         if rec.forward_id != self._forward_id or not any(r is rec for _, r in self._records):
             raise CoverageError(
-                "backward reached a forward whose records were discarded: call backward once after each "
-                "forward of the model (do not sum losses of several forwards, do not retain the graph)"
+                "backward reached an earlier training forward of the model: another forward with gradients ran "
+                "between this one and its backward (run it under torch.no_grad(), or call backward after each "
+                "training forward; do not sum the losses of several forwards or retain the graph)"
             )
         rec.grads[k] = grad_to_batch_first(entry, k, g.detach())  # a sequence-first call's (T, B, …) → (B, T, …)
         phase = self._passes.phase
         if phase.compare:
             self._passes.compare(rec, k, rec.grads[k])
-        if not self._queued and phase.queue_finish:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        if self._queued != self._forward_id:  # a loss not computed from the model's output (no _Finish ran)
+            self._queue(self._forward_id)
         # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
         # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
         # of holding every layer's until the end of the backward. Fallback units replay autograd, which
@@ -158,7 +225,7 @@ class PrivacyEngine:
     def _run_rule(self, entry: Entry, recs: list[Record], B: int) -> None:
         ready(entry, recs, B)
         keep = self._passes.phase.keep_state  # the norm pass of passes=2 needs none: the clipped sum comes later
-        with torch.no_grad(), record_function("dptrain::norms"):
+        with torch.no_grad(), record_function("dptrain::norms"), exact_fp32():
             n2, state = entry.rule.norms(entry, recs, self.mode, keep=keep)
         n2 = n2.to(torch.float64 if n2.dtype == torch.float64 else torch.float32)
         for r in recs:
@@ -169,7 +236,7 @@ class PrivacyEngine:
         """Second pass: the passes scale the output gradients' rows by c_i, so the plain weight gradient is the
         clipped sum."""
         ready(entry, recs, B)
-        with torch.no_grad(), record_function("dptrain::clipped_sum"):
+        with torch.no_grad(), record_function("dptrain::clipped_sum"), exact_fp32():
             for r in recs:
                 self._passes.clip(r)  # row i of the (float32) output gradients times c_i
             entry.rule.accumulate_plain(entry, recs)
@@ -181,6 +248,9 @@ class PrivacyEngine:
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
+        now = _trainable(self.model)
+        if now != self._trainable:
+            _refuse_changed(self.model, self._trainable, now)
         if not self._audited:
             self._audit()
         groups, done, B = self._pending(records)
@@ -217,10 +287,9 @@ class PrivacyEngine:
         return c, done
 
     def _finish(self) -> None:
-        self._queued = False
         records, self._records = self._records, []
         c, done = self._clip_factors(records)
-        with torch.no_grad(), record_function("dptrain::clipped_sum"):
+        with torch.no_grad(), record_function("dptrain::clipped_sum"), exact_fp32():
             for e, r in done:
                 state = r.result[1] if self._dropped is None else tree_map(partial(_zero_rows, self._dropped),
                                                                             r.result[1])
@@ -246,7 +315,7 @@ class PrivacyEngine:
         return self._clip_factors(self._records)[0]
 
     def restart_records(self) -> None:
-        self._records, self._calls = [], {}
+        self._records, self._calls, self._late = [], {}, {}
 
     def clipped_sums(self) -> None:
         groups, _, B = self._pending(self._records)
@@ -261,9 +330,8 @@ class PrivacyEngine:
         """Remove every hook; the model is a plain module again."""
         for h in self._handles:
             h.remove()
-        for saved in self._saved_forward:
-            unwrap(saved)
-        self._handles, self._saved_forward, self._records = [], [], []
+        self._unattach()
+        self._handles, self._records = [], []
         return self.model
 
 
@@ -282,6 +350,59 @@ def _check_arguments(*, mode, clipping, max_grad_norm, augmult, passes) -> None:
 
 def _rows_of(args, kwargs) -> int:
     return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
+
+
+def _trainable(model: nn.Module) -> tuple[int, ...]:
+    return tuple(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def _refuse_changed(model: nn.Module, before: tuple[int, ...], now: tuple[int, ...]) -> None:
+    was, is_ = set(before), set(now)
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = [names.get(i, "?") for i in before if i not in is_]
+    unfrozen = [names.get(i, "?") for i in now if i not in was]
+    what = "; ".join(f"{k}: {', '.join(v[:4])}{' …' if len(v) > 4 else ''}"
+                     for k, v in (("frozen", frozen), ("unfrozen", unfrozen)) if v)
+    raise CoverageError(
+        f"requires_grad changed between the forward and its backward ({what}); the forward's plan would clip the "
+        "wrong set. Change requires_grad before the forward (the engine re-plans at the next forward)")
+
+
+def _recomputed(entry: Entry, grad: torch.Tensor) -> None:
+    raise CoverageError(
+        f"{entry.label()} is called both inside a reentrant activation-checkpoint segment and outside it, so its "
+        "recomputed call cannot be told apart from its first; use use_reentrant=False for that checkpoint")
+
+
+class _Finish(torch.autograd.Function):
+    """Identity on a model output (a copy: a custom Function's returned input may not be modified in place)
+    whose backward queues the engine's end-of-backward callback on the backward it runs in."""
+
+    @staticmethod
+    def forward(ctx, out, queue):
+        ctx.queue = queue
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.queue()
+        return g, None
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Norms and clipped sums in full float32 on CUDA: TF32 (cuDNN's default for convolutions) rounds the clipped
+    sum's weight-gradient convolution differently from the norm's float32 matmuls, so a clipped example could exceed
+    R by ~1e-3 relative. The flags are process-wide; restored on exit."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def _fallback_share(entries: list[Entry]) -> float:

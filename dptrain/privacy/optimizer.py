@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.autograd.profiler import record_function
 
+from .errors import CoverageError
 from .streams import Streams, os_normal
 
 # The noise for the flat vector of all gradients is split into CHUNKS fixed ranges, each with its own
@@ -105,8 +106,15 @@ class DPOptimizer:
         grad ← (Σ_ranks grad + σR·N(0, I)) / L, each noise chunk added by one rank before the one all-reduce."""
         std = self.noise_multiplier * self.max_grad_norm
         groups: dict[tuple, list[torch.Tensor]] = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if not p.requires_grad and p.grad is not None:
+                    # noise goes to the trainable parameters; the inner optimizer would step this one with its
+                    # clipped sum alone
+                    raise CoverageError(
+                        f"parameter {i} of param group {g} (shape {tuple(p.shape)}) has a gradient but "
+                        "requires_grad=False, so it would be stepped with no noise; freeze parameters before the "
+                        "forward, or set its .grad to None")
                 if p.requires_grad:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)

@@ -20,7 +20,10 @@ check on their outputs decides).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils.checkpoint as checkpoint
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -71,6 +74,30 @@ def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool
     return seen
 
 
+class _Direct:
+    """Stands in for torch.utils.checkpoint's reentrant CheckpointFunction during the probe: the segment runs as a
+    plain call (the same values), because torch.autograd.grad cannot pass through a reentrant segment."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        return function(*args)
+
+
+@contextlib.contextmanager
+def direct_checkpoints():
+    """Reentrant activation checkpointing (timm's set_grad_checkpointing, use_reentrant=True) off while the probe
+    runs; non-reentrant segments need nothing (their recompute runs inside `replaying()`, as their forward did)."""
+    saved = getattr(checkpoint, "CheckpointFunction", None)
+    if saved is None:  # pragma: no cover - every supported torch has it
+        yield
+        return
+    checkpoint.CheckpointFunction = _Direct
+    try:
+        yield
+    finally:
+        checkpoint.CheckpointFunction = saved
+
+
 PROBE_ROWS = 3  # the probe runs on the batch's first rows: its memory is a small step's, not a full one's
 
 
@@ -89,15 +116,16 @@ def probe_rows(model: nn.Module, entries: list[Entry], args: tuple, kwargs: dict
     was = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[flat[x].device] if flat[x].is_cuda else []):
+        with torch.random.fork_rng(devices=[flat[x].device] if flat[x].is_cuda else []), direct_checkpoints():
             first = _capture(model, entries, args, kwargs, grad=False)
             changed = tree_unflatten([_perturbed(t) if i == x else t for i, t in enumerate(flat)], spec)
             second = _capture(model, entries, *changed, grad=False)
             moves: dict[tuple[int, int], list[int]] = {}
             live = _capture(model, entries, args, kwargs, grad=True, moves=moves)
+            with replaying():  # a non-reentrant checkpoint recomputes here: as the plain forward it replays
+                grads = _example_zero_grads(live)
     finally:
         model.train(was)
-    grads = _example_zero_grads(live)
     for (eid, c, pos), g in grads.items():  # a sequence-first call's gradients, batch-first as its tensors above
         if pos in moves.get((eid, c), ()) and g.dim() >= 3:
             grads[(eid, c, pos)] = g.movedim(1, 0)

@@ -66,6 +66,7 @@ class Rule:
                 the gradient of output k). True: the rule's `taps` replace the owned parameters inside the
                 forward by per-example stand-ins with a leading batch dimension (B, ...); grads[k] is the
                 gradient of tap k, from which `per_example` reads each parameter's per-example gradient.
+      serves(module)                           False: a variant left to the exact fallback.
       check(module, name)                      raise CoverageError for a variant not computed exactly.
       norms(entry, recs, mode, keep) → (n2, state)
                 (B,) squared norms of the owned parameters' per-example gradients and what `accumulate` needs;
@@ -79,6 +80,10 @@ class Rule:
     name = "rule"
     eager = True
     expands = False
+
+    def serves(self, module: nn.Module) -> bool:
+        """False: a variant of the type this rule does not compute, which goes to the exact fallback instead."""
+        return True
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise CoverageError for a variant this rule does not compute exactly."""

@@ -118,6 +118,26 @@ def _per_example_conv_weight(m, x: torch.Tensor, pad: tuple[int, ...], g: torch.
     return torch.vmap(one)(x, g)
 
 
+def _per_example_weights(m, xs: list, B: int, n2: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """Per-example weight gradients (B, C_out, C_in/G, *k), summed over the calls, by the weight-gradient
+    convolution vmapped over the batch (about the cost of one ordinary weight gradient, no im2col buffer); adds
+    their squared norms to n2 in place. Chunked over examples to bound the convolution's workspace."""
+    pw = n2.new_empty(B, *m.weight.shape) if keep else None
+    work = sum(x[0].numel() * (x.shape[0] // B) for x, _, _ in xs) * math.prod(m.kernel_size) + m.weight.numel()
+    step = max(1, base.PER_EXAMPLE_BUDGET // work)  # examples per chunk
+    for lo in range(0, B, step):
+        chunk = 0
+        for x, pad, g in xs:
+            K = x.shape[0] // B  # this call's rows per example
+            rows = slice(lo * K, (lo + step) * K)
+            part = _per_example_conv_weight(m, x[rows], pad, g[rows])
+            chunk = chunk + fold(part, part.shape[0] // K)
+        n2[lo : lo + step] += chunk.reshape(chunk.shape[0], -1).pow(2).sum(1)
+        if keep:
+            pw[lo : lo + step] = chunk
+    return pw
+
+
 class ConvRule(Rule):
     """nn.Conv1d/2d/3d with stride, dilation, groups (grouped and depthwise), every padding_mode and
     string padding. Groups make the weight gradient block diagonal: norm = Σ over groups."""
@@ -127,19 +147,20 @@ class ConvRule(Rule):
     def norms(self, entry, recs, mode, keep=True):
         m = entry.module
         G, B = m.groups, recs[0].batch
+        # (input as the convolution sees it, its zero padding, output gradient) per call; rows = K·B, each example's
+        # K consecutive, and K may differ between calls (a multi-view forward): every step below reads K per call
         xs = [(*_conv_input(m, r.args[0]), r.grads[0]) for r in recs if r.grads[0] is not None]
         state: dict[str, Any] = {"xs": xs}
         n2 = recs[0].args[0].new_zeros(B)
         if not xs:
             return n2, state
-        K = recs[0].rows // B  # rows per example (augmentation multiplicity)
-        T = K * sum(g[0, 0].numel() for _, _, g in xs)  # output positions, all calls and copies together
+        T = sum(g.shape[0] // B * g[0, 0].numel() for _, _, g in xs)  # output positions, all calls and copies
         p_g, d_g = m.out_channels // G, m.weight[0].numel()
         if owned(entry, "weight") is not None:
             entry.choice = choose(mode, T, p_g, d_g)
-            one_shape = len({(x.shape[2:], pad) for x, pad, _ in xs}) == 1  # calls stack as more positions
-            if entry.choice == "ghost" and one_shape and _input_gram_pays(m, xs, K):
-                n2 = n2 + _input_gram_norm2(m, xs, B, K)
+            one_shape = len({(x.shape, pad) for x, pad, _ in xs}) == 1  # calls stack as more positions
+            if entry.choice == "ghost" and one_shape and _input_gram_pays(m, xs, xs[0][0].shape[0] // B):
+                n2 = n2 + _input_gram_norm2(m, xs, B, xs[0][0].shape[0] // B)
             elif entry.choice == "ghost":
                 # im2col: (B, G, d_g, T) against the output gradients (B, G, p_g, T), Gram over T per group
                 u = cat([_rows_to_t(_unfold(x, m, pad), B, G, d_g) for x, pad, _ in xs], -1)
@@ -149,22 +170,11 @@ class ConvRule(Rule):
                 n2 = n2 + gram_norm2(ut, gt).view(B, G).sum(1)
                 del u, ut
             else:
-                # per-example weight gradients by the weight-gradient convolution vmapped over the batch:
-                # about the cost of one ordinary weight gradient, and no im2col buffer
-                pw = n2.new_empty(B, *m.weight.shape) if keep else None  # (B, *w.shape)
-                work = K * sum(x[0].numel() for x, _, _ in xs) * math.prod(m.kernel_size) + m.weight.numel()
-                step = max(1, base.PER_EXAMPLE_BUDGET // work)  # examples per chunk: bounds the im2col workspace
-                for lo in range(0, B, step):
-                    rows = slice(lo * K, (lo + step) * K)
-                    chunk = sum(_per_example_conv_weight(m, x[rows], pad, g[rows]) for x, pad, g in xs)
-                    chunk = fold(chunk, chunk.shape[0] // K)
-                    n2[lo : lo + step] += chunk.reshape(chunk.shape[0], -1).pow(2).sum(1)
-                    if keep:
-                        pw[lo : lo + step] = chunk
+                pw = _per_example_weights(m, xs, B, n2, keep)
                 if keep:
                     state["pw"] = pw
         if owned(entry, "bias") is not None:
-            gb = fold(sum(g.reshape(g.shape[0], m.out_channels, -1).sum(-1) for _, _, g in xs), B)  # (B, C_out)
+            gb = sum(fold(g.reshape(g.shape[0], m.out_channels, -1).sum(-1), B) for _, _, g in xs)  # (B, C_out)
             n2 = n2 + gb.pow(2).sum(1)
             state["gb"] = gb
         if "pw" in state or owned(entry, "weight") is None:
@@ -191,9 +201,8 @@ class ConvRule(Rule):
             add_grad(w, weighted_sum(state["pw"], c))
         elif w is not None and state.get("xs"):
             # the weight-gradient convolution on c-scaled inputs or output gradients: no second unfold
-            c_rows = c.repeat_interleave(recs[0].rows // recs[0].batch)  # every copy gets its example's c
             for x, pad, g in state["xs"]:
-                x, g = scale_smaller(x, g, c_rows)
+                x, g = scale_smaller(x, g, c.repeat_interleave(x.shape[0] // c.shape[0]))  # each copy: its c_i
                 add_grad(w, _weight_grad(m, x, pad, g))
         if b is not None and "gb" in state:
             add_grad(b, c.to(state["gb"].dtype) @ state["gb"])
