@@ -450,7 +450,14 @@ def beit_large(device, size: int = 224, clock: Clock | None = None) -> dict:
         if clock is not None and clock.left() < 10:
             peaks[b] = "skipped: time budget"
             continue
-        eng, x, y = build("beit_large", size, "mixed_ghost_bf16", b, device)
+        try:
+            eng, x, y = build("beit_large", size, "mixed_ghost_bf16", b, device)
+        except RuntimeError as e:  # the model itself does not fit: this batch's result
+            if not _alloc_error(e):
+                raise
+            peaks[b], notes[b] = math.inf, _one_line(e)
+            _free(device)
+            continue
         del x, y
         _cuda_peak(eng, b, size, device, notes)
         peaks[b] = _cuda_peak(eng, b, size, device, notes)
@@ -479,18 +486,19 @@ def headline(device, out_prefix: str, timeout: float) -> dict:
     try:
         r = subprocess.run([sys.executable, "-m", "dptrain", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=max(timeout, 1), env={**os.environ, "WANDB_MODE": "offline"})
+        out.update(returncode=r.returncode, seconds=round(time.time() - t, 1))
+        summary = os.path.join(run_dir, "summary.json")
+        if r.returncode == 0 and os.path.exists(summary):
+            with open(summary) as f:
+                out["summary"] = {k: v for k, v in json.load(f).items() if k not in ("config", "privacy/streams")}
+            with open(out_prefix + "-headline-summary.json", "w") as f:
+                json.dump(out, f, indent=1)
+        else:
+            out["stderr"] = (r.stdout + r.stderr)[-1500:]
     except subprocess.TimeoutExpired:
-        return {**out, "error": f"stopped by the time budget after {timeout:.0f} s"}
-    out.update(returncode=r.returncode, seconds=round(time.time() - t, 1))
-    summary = os.path.join(run_dir, "summary.json")
-    if r.returncode == 0 and os.path.exists(summary):
-        with open(summary) as f:
-            out["summary"] = {k: v for k, v in json.load(f).items() if k not in ("config", "privacy/streams")}
-        with open(out_prefix + "-headline-summary.json", "w") as f:
-            json.dump(out, f, indent=1)
-    else:
-        out["stderr"] = (r.stdout + r.stderr)[-1500:]
-    shutil.rmtree(run_dir, ignore_errors=True)
+        out["error"] = f"stopped by the time budget after {timeout:.0f} s"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
 

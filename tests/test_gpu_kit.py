@@ -221,3 +221,28 @@ def test_tests_run_on_the_cpu_unless_marked_gpu():
                        text=True)
     assert r.stdout.strip() == "False" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
     assert not _selects_gpu_tests("not slow and not gpu") and _selects_gpu_tests("gpu") and _selects_gpu_tests("")
+
+
+def test_the_headline_section_stops_at_its_time_budget(tmp_path):
+    """The headline command as a subprocess: past its share of the clock it is stopped and said so, and its run
+    directory (BEiT-base's model.pt on a GPU) is removed, not left in /tmp."""
+    import tempfile
+
+    import torch
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "dptrain-headline-*")))
+    out = gpu_check.headline(torch.device("cpu"), str(tmp_path / "gc"), timeout=1)
+    assert out["error"] == "stopped by the time budget after 1 s" and out["command"].startswith("dptrain model=beit")
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dptrain-headline-*"))) == before
+
+
+@pytest.mark.slow
+def test_the_headline_command_runs_a_few_steps(tmp_path):
+    """`dptrain model=beit dataset=cifar100 eps=1`'s few steps on CIFAR-100's shape (CPU sizes): 3 steps, ε spent
+    within the calibration's tolerance of 1 (~1 min on the shared 2-core VM)."""
+    import torch
+
+    out = gpu_check.headline(torch.device("cpu"), str(tmp_path / "gc"), timeout=600)
+    s = out["summary"]
+    assert out["returncode"] == 0 and s["privacy/steps"] == 3 and 0.995 <= s["privacy/eps_spent"] <= 1.0
+    assert json.loads((tmp_path / "gc-headline-summary.json").read_text())["summary"] == s
