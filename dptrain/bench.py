@@ -86,9 +86,10 @@ def one_step(eng, x, y, device) -> float:
 
 
 def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2,
-                 errors: dict | None = None, trainable: str = "all") -> dict[str, float]:
+                 errors: dict | None = None, trainable: str = "all", left=None) -> dict[str, float]:
     """Median step time (s) per engine, steps interleaved round-robin in this process. `errors`, if given, gets
-    engine → the one line of an engine that could not be built or stepped."""
+    engine → the one line of an engine that could not be built or stepped. left: a callable giving the seconds
+    left to the caller (gpu_check's clock): no round starts with under 5 s left (the medians of the rounds run)."""
     built = {}
     errors = {} if errors is None else errors
     for e in engines:
@@ -99,6 +100,11 @@ def time_engines(model_name, size, batch, engines, device, steps=10, warmup=2,
             print(f"  {e}: cannot build ({type(err).__name__}: {str(err)[:100]})", file=sys.stderr)
     times = {e: [] for e in built}
     for i in range(warmup + steps):
+        if left is not None and left() < 5:
+            for e in built:
+                if not times[e]:
+                    errors[e] = f"not timed: the time budget ran out after {i} round(s) of warm-up"
+            break
         for e, (eng, x, y) in list(built.items()):
             try:
                 t = one_step(eng, x, y, device)

@@ -163,6 +163,28 @@ def check_world_size(state: dict, world_size: int, run_dir: str) -> None:
                         f"on as many: {again}")
 
 
+def check_device(state: dict, device: str | None, run_dir: str) -> None:
+    """A checkpoint continues on the device type that wrote it (cpu, cuda): its noise generators, torch's and the
+    engine's, are device generators whose states do not carry to another device's (a CPU Mersenne Twister, a CUDA
+    Philox counter), so a run resumed elsewhere (device=auto on a machine that now has, or lacks, CUDA) would draw
+    fresh streams — not the run that was started. Refused in one line. A checkpoint without the key: its noise
+    generators' devices say it."""
+    saved = state.get("device") or next((torch.device(d).type for d in state.get("engine", {}).get("noise", {})),
+                                        None)
+    if saved is None or device is None or saved == device:
+        return
+    how = (f"CUDA_VISIBLE_DEVICES= dptrain resume={run_dir} (CUDA hidden: device=auto is then cpu)" if saved == "cpu"
+           else f"dptrain resume={run_dir} on a machine with CUDA")
+    raise UserError(f"resume={run_dir}: its checkpoint was written on {saved}, this run is on {device}; its random "
+                    f"streams (noise, dropout) are {saved} generators that do not carry to {device}, so continue it "
+                    f"there: {how}")
+
+
+def _device_type(model) -> str | None:
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device.type
+
+
 _MISSING = object()
 
 
@@ -328,6 +350,7 @@ class Checkpointer:
         """The replicated state (model, optimizer, schedule, EMA: rank 0's, equal on every rank) from the
         checkpoint; the rank-local state (random streams, the engine's noise generators, the epoch's running sums)
         from this rank's own part of it."""
+        check_device(state, _device_type(self.model), self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -449,7 +472,7 @@ class Checkpointer:
         b = self.budget
         state = {
             "format": FORMAT, "config": self.config, "commit": self.commit, "torch": str(torch.__version__),
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "device": _device_type(self.model),
             "position": asdict(position), "budget": asdict(b), "resumed": self.resumed,
             "accountant": {"history": [(b.noise_multiplier, b.sample_rate, steps)] if b.noise_multiplier else [],
                            key.EPS_SPENT: eps},

@@ -388,19 +388,20 @@ def _subset(ds: Dataset, idx: list[int]) -> Dataset:
     return Subset(ds, idx)
 
 
-def batches(ds: Dataset, index_batches, *, num_workers: int = 0):
+def batches(ds: Dataset, index_batches, *, num_workers: int = 0, pin_memory: bool = False):
     """Yield (x, y) for each index tensor in `index_batches`: whole-batch indexing for in-memory data,
-    a DataLoader with workers otherwise."""
+    a DataLoader with workers otherwise. pin_memory (CUDA): page-locked batches, so that a non_blocking copy to
+    the device is asynchronous."""
     if isinstance(ds, TensorDataset):
         for idx in index_batches:
-            yield tuple(t[idx] for t in ds.tensors)
+            yield tuple(t[idx].pin_memory() if pin_memory and t.device.type == "cpu" else t[idx] for t in ds.tensors)
         return
     from torch.utils.data import DataLoader
 
     # generator: the loader draws its workers' base seed when it starts; from torch's global generator (dropout's)
     # that draw would shift dropout after a mid-epoch resume (checkpoint.py). The transforms are deterministic.
     loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), pin_memory=pin_memory)
     yield from loader
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -314,7 +315,7 @@ def ddp(model: torch.nn.Module, dist: Dist, *, expected_batch_size: int) -> torc
     """engine=nonprivate on N processes: torch's DistributedDataParallel. Its reducer all-reduces in a backward
     every rank runs: with fixed-size (shuffle) batches of L >= world examples every rank has >= 1 example per
     logical batch. The all-reduce sums (DDP's default averages over ranks), so the engine's ÷ L stays right.
-    forward_sync_buffers=False: a buffer broadcast in every forward would be a collective per physical batch, and
+    No buffer sync (no_buffer_sync): a buffer broadcast in every forward would be a collective per physical batch, and
     shards of different sizes can have different numbers of physical batches (BatchNorm is converted anyway)."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -322,9 +323,16 @@ def ddp(model: torch.nn.Module, dist: Dist, *, expected_batch_size: int) -> torc
         raise UserError(f"batch_size={expected_batch_size} must be >= the number of processes ({dist.world_size})")
     on_cuda = next(model.parameters()).device.type == "cuda"
     wrapped = DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None,
-                                      forward_sync_buffers=False)
+                                      **no_buffer_sync(DistributedDataParallel))
     wrapped.register_comm_hook(None, _sum_hook)
     return wrapped
+
+
+def no_buffer_sync(ddp_class) -> dict:
+    """DDP's keyword that turns off the buffer broadcast in every forward, by feature check: forward_sync_buffers
+    (torch >= 2.13, where it replaces broadcast_buffers), else broadcast_buffers (torch 2.11-2.12 have only it)."""
+    params = inspect.signature(ddp_class.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _sum_hook(_, bucket):

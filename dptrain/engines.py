@@ -28,9 +28,10 @@ class Engine(Protocol):
     batch can be: the step is then noise only). After the last step, `detach()` once.
 
     - `model`: the module to run forward (an engine may have wrapped the user's model, e.g. Opacus).
-    - `backward(out, y, *, last) -> float`: the summed cross-entropy of this physical batch (for the progress
-      bar and metrics); its per-example gradients, clipped, are added to what earlier physical batches of the
-      same logical batch left.
+    - `backward(out, y, *, last) -> Tensor`: the summed cross-entropy of this physical batch, a 0-dim tensor on
+      the device (for the progress bar and metrics; the loop reads it once per step, as each read waits for the
+      device); its per-example gradients, clipped, are added to what earlier physical batches of the same
+      logical batch left.
     - `step()`: noise N(0, σ²R²) added once to the clipped sum, ÷ L (the *expected* logical batch size),
       optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
     - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
@@ -42,7 +43,7 @@ class Engine(Protocol):
 
     model: nn.Module
 
-    def backward(self, out: torch.Tensor, y: torch.Tensor, *, last: bool) -> float: ...
+    def backward(self, out: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor: ...
 
     def step(self) -> None: ...
 
@@ -102,11 +103,11 @@ class BuiltIn(_Precision):
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                      expected_batch_size=expected_batch_size, streams=streams, dist=dist)
 
-    def backward(self, out, y, *, last: bool) -> float:
+    def backward(self, out, y, *, last: bool) -> torch.Tensor:
         loss = _loss(out.float(), y, self.augmult)
         # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside); fp16: S times them
         (loss * self.engine.loss_scale if self.engine.loss_scale != 1.0 else loss).backward()
-        return loss.item()
+        return loss.detach()
 
     def step(self) -> None:
         if self.engine.loss_scale != 1.0:  # fp16: .grad holds S·Σ c_i g_i
@@ -138,10 +139,10 @@ class NonPrivate(_Precision):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def backward(self, out, y, *, last: bool) -> float:
+    def backward(self, out, y, *, last: bool) -> torch.Tensor:
         loss = _loss(out.float(), y, self.augmult)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss.item()
+        return loss.detach()
 
     def step(self) -> None:
         if self.scaler is not None:
@@ -244,7 +245,7 @@ class Opacus(_Precision):
                 for p in params:
                     p.grad_sample = p.grad_sample.masked_fill(bad.view(-1, *[1] * (p.grad_sample.dim() - 1)), 0.0)
 
-    def backward(self, out, y, *, last: bool) -> float:
+    def backward(self, out, y, *, last: bool) -> torch.Tensor:
         if _trainable(self.model) != self._trainable:
             # Opacus hooks the modules trainable at wrap time and its optimizer noises only requires_grad
             # parameters: a layer unfrozen later would have no per-example gradient, one frozen later its stale .grad
@@ -258,7 +259,7 @@ class Opacus(_Precision):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepped = last
-        return float(loss.item()) * len(y)  # the loop reports summed losses
+        return loss.detach().double() * len(y)  # the loop reports summed losses (float64: a float's product)
 
     def step(self) -> None:
         if not self._stepped:  # an empty Poisson batch: a noise-only step, N(0, σ²R²)/L

@@ -1,10 +1,9 @@
-"""`make gpu-check`: every check that needs a GPU, in one prepared command for a bare CUDA machine (issue #18).
+"""`make gpu-check`: every check that needs a GPU, in one prepared command for a bare CUDA machine (issue #18, #34).
 
-A lent GPU machine starts bare and offline, with torch, timm, numpy, pytest, pandas and matplotlib. From the
-repository root, one command (python3 -m ... works without make):
+A lent GPU machine starts bare and offline, with torch (2.11), timm, numpy, pytest, pandas and matplotlib, and maybe
+no `make`. From the repository root, one command (the no-make path; `make gpu-check` runs the same):
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m dptrain.gpu_check --out $OUT/gpu-check    # on the GPU machine
-    make gpu-check                                                                        # the same
+    mkdir -p $OUT && PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m dptrain.gpu_check --out $OUT/gpu-check
 
 kit         first, what dptrain needs and the machine lacks is installed from the committed wheel folder
             (wheels/, `make gpu-wheels` refreshes it): `pip install --no-index --find-links wheels --no-deps
@@ -12,11 +11,17 @@ kit         first, what dptrain needs and the machine lacks is installed from th
             touched), then dptrain itself (--no-deps --no-build-isolation) into the same folder; the working tree
             stays first on the path. No wheel folder: nothing installed, the sections that need Hydra or Opacus
             record their import error.
-Then, in order of value, each written to <out>.json/.md as soon as it ends, under a time budget
-(--time-budget-s, 450 s on CUDA: a section that would start with too little time left is recorded as skipped):
+Then, in order of value, each written to <out>.json/.md as soon as it ends, under a time budget counted from the
+command's start, install included (--time-budget-s, BUDGET_S = 390 s on CUDA): a section, and inside the long ones
+each row (model, engine, probe, test case), starts only with its need left, else is recorded as skipped, so the
+command ends by ~420 s and a rerun fits in one 600 s device command. One row's failure is that row's result (an
+out-of-memory or a cuDNN/cuBLAS allocation error: "does not fit"; any other error: its line), never the section's.
   replay      passes=2 with dropout: the recomputed forward must draw the same masks from the device's generator
               (the norm pass and the clipped pass see one function), equal to passes=1 under the same seed
   bf16_bound  one example alone under bf16 autocast: its clipped gradient's norm ≤ R·(1 + 1e-3)
+  headline    `dptrain model=beit dataset=cifar100 eps=1` for 3 steps, as a subprocess: CIFAR-100's shape as fake
+              data at 224×224 (offline: no data, no pretrained weights) → <out>-headline-summary.json
+  gpu_tests   `pytest -m gpu tests/test_gpu.py` in a subprocess (≤ 150 s), its log beside <out>.json
   bench       per model (vgg19 first, then resnet18, vit_base, beit_base at 224×224; CPU: 32×32): median step time
               of interleaved steps and peak memory (CUDA: max_memory_allocated, one engine at a time) of
               nonprivate, mixed_ghost, mixed_ghost_2pass, opacus in fp32 and in bf16
@@ -24,12 +29,10 @@ Then, in order of value, each written to <out>.json/.md as soon as it ends, unde
   max_batch   right after the first model's bench: the largest batch whose step's peak memory fits
               --memory-budget-mb, mixed_ghost vs opacus (the paper's "18× larger batch than Opacus" on VGG19):
               two probes fit memory = fixed + per-example·batch, then probes around the prediction pin it down
-  gpu_tests   `pytest -m gpu tests/test_gpu.py` in a subprocess (issue #18 item 3), its log beside <out>.json
-  exactness   the engine against the one-example-at-a-time float64 reference on the device (tests/reference.py),
-              tiny ViT, BEiT, Swin and ResNet (GroupNorm), every mode and passes=2
+  exactness   the engine against the one-example-at-a-time float64 reference on the device (tests/reference.py,
+              loaded from its file), tiny ViT, BEiT, Swin and ResNet (GroupNorm), every mode and passes=2
   beit_large  BEiT-large's memory per example of a physical batch (two batch sizes, the slope), bf16; CUDA only
-Each section records its error instead of stopping the others. A CPU dry run of the flow with small sizes
-(results/gpu-check-cpu-dryrun.md):
+A CPU dry run of the flow with small sizes (results/gpu-check-cpu-dryrun.md):
 
     PYTHONPATH=. python -m dptrain.gpu_check --device cpu --bench-models cnn --memory-budget-mb 700 \
         --out /tmp/gpu-check/gpu-check
@@ -48,23 +51,33 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-import torch
-import torch.nn.functional as F
+T0 = time.time()  # the clock starts before torch's import (seconds on a cold machine): the budget is the command's
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
-SECTIONS = ["replay", "bf16_bound", "bench", "max_batch", "gpu_tests", "exactness", "beit_large"]
+SECTIONS = ["replay", "bf16_bound", "headline", "gpu_tests", "bench", "max_batch", "exactness", "beit_large"]
 BENCH_MODELS = ["vgg19", "resnet18", "vit_base", "beit_base"]
 BENCH_ENGINES = ["nonprivate", "mixed_ghost", "mixed_ghost_2pass", "opacus",
                  "nonprivate_bf16", "mixed_ghost_bf16", "mixed_ghost_2pass_bf16", "opacus_bf16"]
 # the least time (s, CUDA) a section needs to be worth starting; the GPU estimate of each, not a measurement
-NEEDS = {"replay": 5, "bf16_bound": 10, "bench": 30, "max_batch": 30, "gpu_tests": 60, "exactness": 30,
-         "beit_large": 30}
+NEEDS = {"replay": 5, "bf16_bound": 10, "headline": 60, "gpu_tests": 60, "bench": 30, "max_batch": 30,
+         "exactness": 30, "beit_large": 30}
+# the command's default budget on CUDA, from its start (torch's import and the kit's install included): a section or
+# a row starts only with its need left, so the command ends by ~420 s, and a rerun fits in a 600 s device command
+BUDGET_S = 390.0
+# RuntimeErrors that mean "this does not fit in device memory": cuDNN and cuBLAS report a failed allocation in their
+# own words (and cuDNN refuses sizes past its limits), not as torch's OutOfMemoryError
+_ALLOC = re.compile(r"out of memory|ALLOC_FAILED|CUBLAS_STATUS_NOT_INITIALIZED|CUDNN_STATUS_NOT_SUPPORTED|"
+                    r"CUDNN_STATUS_INTERNAL_ERROR|cudaErrorMemoryAllocation|[Ff]ailed to allocate")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -84,10 +97,26 @@ def tiny_models() -> dict:
     }
 
 
-def exactness(device: torch.device, clock=None) -> dict:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from reference import check
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
+
+def _alloc_error(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and bool(_ALLOC.search(str(e))))
+
+
+def _reference():
+    """tests/reference.py (the one-example-at-a-time float64 reference), loaded from its file: tests/ stays off
+    sys.path (its modules would shadow others for the rest of the command)."""
+    spec = importlib.util.spec_from_file_location("dptrain_gpu_check_reference",
+                                                  os.path.join(ROOT, "tests", "reference.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def exactness(device: torch.device, clock=None) -> dict:
+    check = _reference().check
     out = {}
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(b, 3, 16, 16, generator=g).to(device), torch.randint(0, 3, (b,), generator=g).to(device))
@@ -124,29 +153,35 @@ def dropout_replay(device: torch.device) -> dict:
     return {"max_abs_diff_passes2_vs_1": (a - b).abs().max().item(), "ok": bool(torch.allclose(a, b, atol=1e-6))}
 
 
-def bf16_bound(device: torch.device) -> dict:
+def bf16_bound(device: torch.device, clock=None) -> dict:
     from .privacy import PrivacyEngine
 
     out = {}
     for name, make in tiny_models().items():
-        torch.manual_seed(0)
-        model = make().to(device)
-        R = 1e-3
-        engine = PrivacyEngine(model, max_grad_norm=R)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(torch.randn(1, 3, 16, 16, device=device))
-        F.cross_entropy(logits.float(), torch.tensor([1], device=device), reduction="sum").backward()
-        total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())).item()
-        out[name] = {"norm_over_R": total / R, "ok": total <= R * (1 + 1e-3)}
-        engine.detach()
+        if clock is not None and clock.left() < 5:
+            out[name] = "skipped: time budget"
+            continue
+        try:
+            torch.manual_seed(0)
+            model = make().to(device)
+            R = 1e-3
+            engine = PrivacyEngine(model, max_grad_norm=R)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(torch.randn(1, 3, 16, 16, device=device))
+            F.cross_entropy(logits.float(), torch.tensor([1], device=device), reduction="sum").backward()
+            total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())).item()
+            out[name] = {"norm_over_R": total / R, "ok": total <= R * (1 + 1e-3)}
+            engine.detach()
+        except Exception as e:  # noqa: BLE001 - recorded, the other models go on
+            out[name] = _one_line(e)
     return out
 
 
 class Clock:
-    """The time budget of the whole command: seconds left (inf without a budget)."""
+    """The time budget of the whole command: seconds left (inf without a budget), from t0 (default: now)."""
 
-    def __init__(self, budget_s: float | None):
-        self.t0, self.budget = time.time(), budget_s
+    def __init__(self, budget_s: float | None, t0: float | None = None):
+        self.t0, self.budget = time.time() if t0 is None else t0, budget_s
 
     def left(self) -> float:
         return math.inf if self.budget is None else self.budget - (time.time() - self.t0)
@@ -165,7 +200,8 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def install_kit(wheels: str = "wheels", site: str | None = None, dptrain: bool = True) -> dict:
+def install_kit(wheels: str = "wheels", site: str | None = None, dptrain: bool = True,
+                timeout: float = 300) -> dict:
     """Install the wheel folder's distributions this Python lacks into `site` (pip --target: --no-index, --no-deps,
     so nothing is downloaded and the installed torch is never touched), then dptrain itself; put the working tree
     and `site` on sys.path and on PYTHONPATH (the subprocesses: gpu tests, memory probes). No wheel folder: nothing
@@ -184,13 +220,13 @@ def install_kit(wheels: str = "wheels", site: str | None = None, dptrain: bool =
         pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
                "--find-links", wheels, "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target", site]
         if need:
-            r = subprocess.run([*pip, *need], capture_output=True, text=True, timeout=300)
+            r = subprocess.run([*pip, *need], capture_output=True, text=True, timeout=max(timeout, 1))
             out["pip_returncode"] = r.returncode
             if r.returncode:
                 out["pip_error"] = (r.stdout + r.stderr)[-1500:]
         if dptrain:  # dptrain itself (metadata, console scripts); setuptools of this Python, no download
-            r = subprocess.run([*pip, "--no-build-isolation", ROOT], capture_output=True, text=True, timeout=300,
-                               cwd=tempfile.gettempdir())
+            r = subprocess.run([*pip, "--no-build-isolation", ROOT], capture_output=True, text=True,
+                               timeout=max(timeout, 1), cwd=tempfile.gettempdir())
             out["dptrain"] = "installed" if r.returncode == 0 else f"not installed: {(r.stdout + r.stderr)[-500:]}"
         paths.append(site)
     for p in paths:
@@ -235,9 +271,10 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _cuda_peak(eng, batch: int, size: int, device) -> float:
+def _cuda_peak(eng, batch: int, size: int, device, notes: dict | None = None) -> float:
     """Peak allocated memory (MB, the engine's model and optimizer state included) of one step at `batch`; inf when
-    the step runs out of device memory."""
+    the step does not fit: torch's out-of-memory or cuDNN's/cuBLAS's allocation errors (`_alloc_error`; its line to
+    notes[batch]). Any other error propagates, to be recorded as its row's."""
     x = y = None
     try:
         x = torch.randn(batch, 3, size, size, device=device)
@@ -249,7 +286,11 @@ def _cuda_peak(eng, batch: int, size: int, device) -> float:
 
         one_step(eng, x, y, device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:
+        if not _alloc_error(e):
+            raise
+        if notes is not None:
+            notes[batch] = _one_line(e)
         return math.inf
     finally:
         del x, y
@@ -257,13 +298,38 @@ def _cuda_peak(eng, batch: int, size: int, device) -> float:
         _free(device)
 
 
+def cuda_memory(model: str, size: int, batch: int, device, engine: str) -> dict:
+    """One engine's peak memory on CUDA (built alone): peak_mem_mb, extra_mem_mb (above the model and the engine
+    before any step); a step that does not fit: a note instead."""
+    from .bench import build
+
+    eng, x, y = build(model, size, engine, batch, device)
+    del x, y
+    _free(device)
+    base = torch.cuda.memory_allocated(device) / 2**20  # the model and the engine, before any step
+    notes: dict = {}
+    _cuda_peak(eng, batch, size, device, notes)  # warm-up: the optimizer's state, cuDNN's workspaces
+    peak = _cuda_peak(eng, batch, size, device, notes)
+    del eng
+    _free(device)
+    if not math.isfinite(peak):
+        return {"note": f"memory: out of memory at batch {batch} ({notes.get(batch, '')})"}
+    return {"peak_mem_mb": peak, "extra_mem_mb": peak - base}
+
+
 def bench_model(model: str, size: int, batch: int, steps: int, device, clock: Clock,
-                engines=BENCH_ENGINES) -> list[dict]:
-    """dptrain.bench rows of one model: interleaved step times; on CUDA each engine's peak memory, one at a time."""
-    from .bench import build, time_engines
+                engines=BENCH_ENGINES, memory=None) -> list[dict]:
+    """dptrain.bench rows of one model, one per engine whatever fails: interleaved step times (until the clock
+    runs out); each engine's memory, `memory(engine)` → dict (CUDA default: cuda_memory, one engine at a time),
+    checked against the clock before each engine; an engine's error is its row's note."""
+    from .bench import time_engines
+
+    if memory is None and device.type == "cuda":
+        def memory(e):
+            return cuda_memory(model, size, batch, device, e)
 
     errors: dict = {}
-    times = time_engines(model, size, batch, engines, device, steps=steps, errors=errors)
+    times = time_engines(model, size, batch, engines, device, steps=steps, errors=errors, left=clock.left)
     _free(device)
     rows = []
     for e in engines:
@@ -271,16 +337,14 @@ def bench_model(model: str, size: int, batch: int, steps: int, device, clock: Cl
                "extra_mem_mb": None, "max_batch": None, "note": errors.get(e)}
         if e in times:
             row["step_ms"] = 1000 * times[e]
-            if device.type == "cuda" and clock.left() > 10:
-                eng, x, y = build(model, size, e, batch, device)
-                del x, y
-                _free(device)
-                base = torch.cuda.memory_allocated(device) / 2**20  # the model and the engine, before any step
-                _cuda_peak(eng, batch, size, device)  # warm-up: the optimizer's state, cuDNN's workspaces
-                row["peak_mem_mb"] = _cuda_peak(eng, batch, size, device)
-                row["extra_mem_mb"] = row["peak_mem_mb"] - base
-                del eng
-                _free(device)
+            if memory is not None and clock.left() < 10:
+                row["note"] = "memory: skipped (time budget)"
+            elif memory is not None:
+                try:
+                    row.update(memory(e))
+                except Exception as err:  # noqa: BLE001 - this row's result; the other engines go on
+                    row["note"] = f"memory: {_one_line(err)}"
+                    _free(device)
         rows.append(row)
         print(f"   {model} {e:<24} {row['step_ms'] or math.nan:9.1f} ms  peak {row['peak_mem_mb'] or math.nan:8.0f}"
               f" MB  {row['note'] or ''}", flush=True)
@@ -328,28 +392,46 @@ def max_batch_search(peak, budget_mb: float, probes=(8, 16), max_probes: int = 7
             "probes": {str(b): round(p, 1) if math.isfinite(p) else "out of memory" for b, p in sorted(seen.items())}}
 
 
-def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
-              engines=("mixed_ghost", "opacus")) -> dict:
-    """max_batch_search per engine; CUDA: one engine built once, probed in-process (peak allocated); CPU: one fresh
-    process per probe (dptrain.bench.peak_memory, peak RSS with torch's libraries)."""
+def _max_batch_one(model: str, size: int, device, budget_mb: float, clock: Clock, engine: str) -> dict:
+    """max_batch_search of one engine; CUDA: the engine built once, probed in-process (peak allocated; an
+    allocation error is that probe's "does not fit"); CPU: one fresh process per probe (dptrain.bench.peak_memory,
+    peak RSS with torch's libraries)."""
     from .bench import build, peak_memory
 
+    if device.type != "cuda":
+        def cpu_peak(b):
+            m = peak_memory(model, size, b, engine, device.type, steps=1)
+            return math.inf if m is None else m["peak_mb"]
+
+        return max_batch_search(cpu_peak, budget_mb, max_probes=4, clock=clock)
+    notes: dict = {}
+    eng, x, y = build(model, size, engine, 8, device)
+    del x, y
+    try:
+        _cuda_peak(eng, 8, size, device, notes)  # warm-up
+        res = max_batch_search(lambda b: _cuda_peak(eng, b, size, device, notes), budget_mb, clock=clock)
+    finally:
+        eng = None  # noqa: F841 - frees the engine (the probe's closure holds the name)
+        _free(device)
+    if notes:
+        res["allocation_errors"] = {str(b): why for b, why in sorted(notes.items())}
+    return res
+
+
+def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
+              engines=("mixed_ghost", "opacus")) -> dict:
+    """max_batch_search per engine, each engine's error or time-budget skip recorded as its own result."""
     out = {}
     for e in engines:
+        if clock.left() < 20:
+            out[e] = {"skipped": f"time budget: {clock.left():.0f} s left"}
+            continue
         t = time.time()
-        if device.type == "cuda":
-            eng, x, y = build(model, size, e, 8, device)
-            del x, y
-            _cuda_peak(eng, 8, size, device)  # warm-up
-            res = max_batch_search(lambda b, eng=eng: _cuda_peak(eng, b, size, device), budget_mb, clock=clock)
-            del eng
+        try:
+            res = _max_batch_one(model, size, device, budget_mb, clock, e)
+        except Exception as err:  # noqa: BLE001 - this engine's result; the other goes on
+            res = {"error": _one_line(err)}
             _free(device)
-        else:
-            def cpu_peak(b, e=e):
-                m = peak_memory(model, size, b, e, device.type, steps=1)
-                return math.inf if m is None else m["peak_mb"]
-
-            res = max_batch_search(cpu_peak, budget_mb, max_probes=4, clock=clock)
         res["seconds"] = round(time.time() - t, 1)
         out[e] = res
         print(f"   max batch {model} {e}: {json.dumps(res)}", flush=True)
@@ -360,18 +442,64 @@ def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
     return out
 
 
-def beit_large(device, size: int = 224) -> dict:
+def beit_large(device, size: int = 224, clock: Clock | None = None) -> dict:
     from .bench import build
 
-    peaks = {}
+    peaks, notes = {}, {}
     for b in (8, 16):
-        eng, x, y = build("beit_large", size, "mixed_ghost_bf16", b, device)
+        if clock is not None and clock.left() < 10:
+            peaks[b] = "skipped: time budget"
+            continue
+        try:
+            eng, x, y = build("beit_large", size, "mixed_ghost_bf16", b, device)
+        except RuntimeError as e:  # the model itself does not fit: this batch's result
+            if not _alloc_error(e):
+                raise
+            peaks[b], notes[b] = math.inf, _one_line(e)
+            _free(device)
+            continue
         del x, y
-        _cuda_peak(eng, b, size, device)
-        peaks[b] = _cuda_peak(eng, b, size, device)
+        _cuda_peak(eng, b, size, device, notes)
+        peaks[b] = _cuda_peak(eng, b, size, device, notes)
         del eng
         _free(device)
-    return {"peak_mb": peaks, "mb_per_example": (peaks[16] - peaks[8]) / 8}
+    out = {"peak_mb": {b: p if not isinstance(p, float) or math.isfinite(p) else "out of memory"
+                       for b, p in peaks.items()}, **({"allocation_errors": notes} if notes else {})}
+    if all(isinstance(p, float) and math.isfinite(p) for p in peaks.values()):
+        out["mb_per_example"] = (peaks[16] - peaks[8]) / 8
+    return out
+
+
+def headline(device, out_prefix: str, timeout: float) -> dict:
+    """The README's headline command, `dptrain model=beit dataset=cifar100 eps=1`, for a few steps, as a user runs
+    it (a subprocess): CIFAR-100's shape (100 classes) as fake data, as the machine is offline (no CIFAR-100, no
+    pretrained weights: model.pretrained=false), at the 224×224 the pretrained BEiT trains at; 768 examples at the
+    default batch size 256, one epoch: 3 steps. CPU (a dry run): 32×32, 96 examples, batches of 32."""
+    gpu = device.type == "cuda"
+    run_dir = tempfile.mkdtemp(prefix="dptrain-headline-")  # model.pt (BEiT-base: 340 MB) stays out of $OUT
+    args = ["model=beit", "dataset=fake", "eps=1", "dataset.num_classes=100", "model.pretrained=false",
+            *(["dataset.image_size=224", "dataset.size=768"] if gpu else
+              ["dataset.image_size=32", "dataset.size=96", "batch_size=32", "physical_batch_size=16"]),
+            "epochs=1", f"device={device.type}", "progress=false", "checkpoint.every_s=0", f"hydra.run.dir={run_dir}"]
+    out: dict = {"command": "dptrain " + " ".join(a for a in args if not a.startswith("hydra.run.dir"))}
+    t = time.time()
+    try:
+        r = subprocess.run([sys.executable, "-m", "dptrain", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=max(timeout, 1), env={**os.environ, "WANDB_MODE": "offline"})
+        out.update(returncode=r.returncode, seconds=round(time.time() - t, 1))
+        summary = os.path.join(run_dir, "summary.json")
+        if r.returncode == 0 and os.path.exists(summary):
+            with open(summary) as f:
+                out["summary"] = {k: v for k, v in json.load(f).items() if k not in ("config", "privacy/streams")}
+            with open(out_prefix + "-headline-summary.json", "w") as f:
+                json.dump(out, f, indent=1)
+        else:
+            out["stderr"] = (r.stdout + r.stderr)[-1500:]
+    except subprocess.TimeoutExpired:
+        out["error"] = f"stopped by the time budget after {timeout:.0f} s"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
 
 
 def _fmt(v, spec=".3g"):
@@ -399,11 +527,11 @@ def summary_md(report: dict, rows: list[dict]) -> str:
         budget = next((v["budget_mb"] for v in mb.values() if isinstance(v, dict)), None)
         lines += ["", f"max batch under {_fmt(budget, '.0f')} MB of peak memory:", ""]
         for e, v in mb.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and "max_batch" in v:
                 lines.append(f"- {e}: {v['max_batch']} ({'exact' if v['exact'] else 'lower bound'}; "
                              f"{_fmt(v['mb_per_example'])} MB per example + {_fmt(v['fixed_mb'], '.0f')} MB)")
             else:
-                lines.append(f"- {e}: {_fmt(v, '.2f')}")
+                lines.append(f"- {e}: {_fmt(v, '.2f') if not isinstance(v, dict) else json.dumps(v)[:200]}")
     return "\n".join(lines) + "\n"
 
 
@@ -422,8 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-budget-mb", type=float, default=40960.0,
                     help="max_batch's budget of peak memory (default 40 GiB, an A100-40GB's worth)")
     ap.add_argument("--time-budget-s", type=float, default=None,
-                    help="the whole command's budget: a section that would start with too little left is skipped "
-                         "(default: 450 on CUDA, none on CPU)")
+                    help="the whole command's budget from its start: a section or row that would start with too "
+                         f"little left is skipped (default: {BUDGET_S:.0f} on CUDA, none on CPU)")
     ap.add_argument("--wheels", default="wheels", help="the wheel folder installed first (see kit above)")
     ap.add_argument("--site", default=None, help="where the wheels go (default: <tmp>/dptrain-site)")
     ap.add_argument("--no-install", action="store_true", help="skip the kit: install nothing")
@@ -454,7 +582,8 @@ def _save(report: dict, rows: list[dict], args, bench_out: str, command: list[st
 def _plan(args, device, clock: Clock, size: int, batch: int, steps: int, rows: list[dict]) -> list[tuple]:
     """(name, thunk) per section, in SECTIONS' order; the first bench model's max_batch right after its bench."""
     gpu = device.type == "cuda"
-    plan = [("kit", lambda: install_kit(args.wheels, args.site))] if not args.no_install else []
+    plan = [("kit", lambda: install_kit(args.wheels, args.site, timeout=min(300, clock.left() - 5)))
+            ] if not args.no_install else []
     models = list(args.bench_models)
 
     def bench_section(m):
@@ -467,11 +596,13 @@ def _plan(args, device, clock: Clock, size: int, batch: int, steps: int, rows: l
 
     sections = {
         "replay": lambda: dropout_replay(device),
-        "bf16_bound": lambda: bf16_bound(device),
+        "bf16_bound": lambda: bf16_bound(device, clock),
+        "headline": lambda: headline(device, args.out, timeout=min(180, clock.left() - 5)),
         "max_batch": lambda: max_batch(models[0], size, device, args.memory_budget_mb, clock),
-        "gpu_tests": lambda: gpu_tests(device, args.out + "-tests.log", timeout=clock.left() - 5),
+        # capped: the bench and the max batch after it must keep a share of the budget
+        "gpu_tests": lambda: gpu_tests(device, args.out + "-tests.log", timeout=min(150, clock.left() - 5)),
         "exactness": lambda: exactness(device, clock),
-        "beit_large": lambda: beit_large(device, size),
+        "beit_large": lambda: beit_large(device, size, clock),
     }
     rest = [(f"bench/{m}", bench_section(m)) for m in models[1:]] if "bench" in args.sections else []
     for name in SECTIONS:
@@ -491,7 +622,9 @@ def main(argv=None) -> None:
     command = sys.argv[1:] if argv is None else list(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    clock = Clock(args.time_budget_s if args.time_budget_s is not None else 450.0 if gpu else None)
+    # as a program, the clock runs from the process's start (T0: before torch's import); called in-process, from now
+    clock = Clock(args.time_budget_s if args.time_budget_s is not None else BUDGET_S if gpu else None,
+                  t0=T0 if argv is None else None)
     size = args.size or (224 if gpu else 32)
     batch, steps = args.batch or (32 if gpu else 8), args.steps or (5 if gpu else 2)
     bench_out = args.bench_out or os.path.join(os.path.dirname(args.out), "bench-gpu" if gpu else "bench-cpu")

@@ -32,9 +32,14 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
     model.train()
     params = list(model.parameters())
     chunks = [physical(idx, physical_batch_size) for idx in logical_batches]
-    stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers)
+    # CUDA: pinned host batches, so the non_blocking copies below overlap the host's next work
+    stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers,
+                     pin_memory=device.type == "cuda")
     totals = totals if totals is not None else {}
     loss_sum, seen = totals.setdefault("loss", 0.0), totals.setdefault("examples", 0)
+    # the epoch's summed loss stays on the device (float64, added in the order a Python float would be: the same
+    # bits) and is read once per step, not once per physical batch: each read waits for the device
+    running = torch.tensor(loss_sum, dtype=torch.float64, device=device)
     times = totals.setdefault("step_times", [])  # appended in place
     for cs in chunks:
         t0 = time.perf_counter()
@@ -54,20 +59,19 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
             # processes) all-reduces only in the logical batch's last backward
             with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
                 out = model(x)
-            loss = engine.backward(out, y, last=last)
-            if not math.isfinite(loss):  # a float already: free to check
-                raise Diverged(f"non-finite training loss ({loss})", steps=len(times) + 1)
-            loss_sum += loss
+            running += engine.backward(out, y, last=last)  # a 0-dim tensor (or a float): no host sync here
             seen += len(y)
+        loss_sum = running.item()  # a non-finite loss of any physical batch makes the sum non-finite
+        if not math.isfinite(loss_sum):  # before the step: the step in progress counts, its update is not made
+            raise Diverged(f"non-finite training loss ({loss_sum})", steps=len(times) + 1)
         engine.step()
         if ema is not None:
             ema.update_parameters(model)
         if scheduler is not None:
             scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        finite = all_finite(params)  # reads a flag: waits for the step's kernels, so the time below is the step's
         times.append(time.perf_counter() - t0)
-        if not all_finite(params):
+        if not finite:
             raise Diverged("non-finite weights after the update", steps=len(times))
         totals["loss"], totals["examples"] = loss_sum, seen
         if on_step is not None:

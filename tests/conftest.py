@@ -14,6 +14,38 @@ os.environ.setdefault("WANDB_SILENT", "true")
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
+def _selects_gpu_tests(markexpr: str) -> bool:
+    """Whether `-m <markexpr>` can select a test marked gpu (and perhaps slow)."""
+    if not markexpr.strip():
+        return True
+    try:  # pytest's own parser of -m (private: another pytest may lack it; then assume it can)
+        from _pytest.mark.expression import Expression
+
+        expr = Expression.compile(markexpr)
+    except Exception:  # noqa: BLE001
+        return True
+    return any(expr.evaluate(lambda name, marks=marks, **_: name in marks) for marks in ({"gpu"}, {"gpu", "slow"}))
+
+
+def pytest_configure(config):
+    """The suite runs on the CPU, on a GPU machine too (#34): when no gpu-marked test is selected (`make test`), CUDA
+    is hidden from this process and every subprocess before anything initialises it, so `device: auto` is cpu and
+    torchrun's workers pick gloo. A selection with gpu tests: `cpu_unless_gpu` below, per test."""
+    if not _selects_gpu_tests(config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu(request, monkeypatch):
+    """A test not marked gpu runs on the CPU: `device: auto` resolves to cpu in this process (torch.cuda.is_available
+    is False) and in its subprocesses (the CLI, torchrun: CUDA hidden, so gloo)."""
+    if request.node.get_closest_marker("gpu") is None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def compose():
     """Compose the real conf/ tree with overrides, as `dptrain <overrides>` would."""

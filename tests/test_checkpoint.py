@@ -328,6 +328,34 @@ def test_the_checkpoint_holds_the_run_state(killed):
     assert state["config"]["privacy"]["noise_multiplier"] == 1.0
 
 
+def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path):
+    """Issue #34: the noise, dropout and Opacus generators are device generators (a CPU Mersenne Twister, a CUDA
+    Philox counter): a checkpoint written on cuda and resumed with device=auto on a CPU (or the reverse) would draw
+    fresh streams. Refused in one line, from the checkpoint's `device`, or (an older checkpoint) from its noise
+    generators' device; the noise optimizer refuses another device's generator states too."""
+    import shutil
+
+    from dptrain.privacy import DPOptimizer
+    from dptrain.run import run
+
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert state["device"] == "cpu"
+    d = tmp_path / "moved"
+    shutil.copytree(killed, d)
+    state["device"], state["engine"]["noise"] = "cuda", {"cuda:0": state["engine"]["noise"]["cpu"]}
+    for kept in (True, False):  # written on a GPU by this dptrain; by one that did not record the device
+        if not kept:
+            del state["device"]
+        torch.save(state, d / "checkpoint.pt")
+        with pytest.raises(UserError, match="its checkpoint was written on cuda, this run is on cpu") as err:
+            run(_compose(*RUN, EVERY_STEP, f"resume={d}"), str(d))
+        assert "\n" not in str(err.value) and "on a machine with CUDA" in str(err.value)
+    opt = DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1), noise_multiplier=1.0,
+                      max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="saved on cuda:0, but the parameters are on cpu"):
+        opt.set_generator_states({"cuda:0": state["engine"]["noise"]["cuda:0"]})
+
+
 @pytest.mark.parametrize("done,drawn", [(4, 4), (4, 8)])  # an epoch-end checkpoint; one inside the next epoch
 def test_a_sampler_that_redraws_other_batches_is_caught(tmp_path, done, drawn):
     """The resumed sampler is redrawn to the checkpoint's position; its generator must then stand where the

@@ -143,6 +143,27 @@ def test_single_process_is_a_no_op():
     assert any(o.startswith("hydra.run.dir=") for o in over) and "hydra.output_subdir=null" in over
 
 
+def test_ddp_turns_the_buffer_sync_off_by_feature_check():
+    """#34: DDP's forward_sync_buffers is new in torch 2.13 (it replaces broadcast_buffers); torch 2.11-2.12 take
+    broadcast_buffers only. The keyword is chosen by DDP's signature, and this torch's DDP accepts it."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dptrain.distributed import no_buffer_sync
+
+    class New:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True): ...
+
+    class Old:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True): ...
+
+    assert no_buffer_sync(New) == {"forward_sync_buffers": False}
+    assert no_buffer_sync(Old) == {"broadcast_buffers": False}
+    inspect.signature(DistributedDataParallel.__init__).bind(None, torch.nn.Linear(1, 1),
+                                                             **no_buffer_sync(DistributedDataParallel))
+
+
 # a run of 8 steps (2 epochs of 4) on 64 fake 8×8 images (test_checkpoint.py's), with the per-rank streams that a
 # resumed rank must restore as its own: augmentation (2 augmented copies per example), and the noise chunks it draws
 RESUMED = ["engine=ghost", "dataset.augment=true", "privacy.augmult=2", "privacy.ema=0.9", "optimizer=adam",

@@ -123,3 +123,107 @@ def test_short_end_to_end_run_on_device(quick, engine, precision):
     assert s[key.CONFIG]["precision"] == precision and s[key.TRAIN_LOSS] == s[key.TRAIN_LOSS]  # not NaN
     if engine != "nonprivate":
         assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
+
+
+# --- issue #34 ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 on for matmuls and convolutions (cuDNN's default for convolutions; users turn it on for matmuls): the
+    engine must still take an example's norm and its clipped gradient from the same arithmetic."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("mode", "passes"), RUNS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_example_bound_with_tf32_on(name, mode, passes, dtype, tf32_on):
+    """The one-example bound on the device with TF32 on: ‖clipped gradient‖ ≤ R·(1 + 1e-5) in float32 (a norm from
+    float32 and a sum from TF32 would miss it by ~1e-3), ≤ R·(1 + 1e-3) under bf16 autocast (as on CPU)."""
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(DEVICE)
+    R = 1e-3
+    engine = PrivacyEngine(model, mode=mode, max_grad_norm=R, passes=passes)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(torch.randn(1, *shape, device=DEVICE))
+    F.cross_entropy(out.float(), torch.tensor([1], device=DEVICE), reduction="sum").backward()
+    total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())).item()
+    engine.detach()
+    assert engine.per_sample_norms.item() > 10 * R  # clipped
+    assert total <= R * (1 + (1e-5 if dtype == torch.float32 else 1e-3))
+
+
+def test_ddp_path_on_the_device(tmp_path):
+    """engine=nonprivate's DistributedDataParallel (distributed.ddp) on the device, one rank in this process (NCCL on
+    CUDA): built with this torch's buffer-sync keyword and device_ids; a logical batch of two physical batches
+    (no_sync, then the all-reduce with the summing hook) gives the plain model's summed gradients."""
+    import torch.distributed as tdist
+
+    from dptrain.distributed import Dist, ddp
+
+    backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+    tdist.init_process_group(backend, init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(DEVICE)
+        plain = copy.deepcopy(model)
+        wrapped = ddp(model, Dist(rank=0, world_size=1, local_rank=0, backend=backend), expected_batch_size=4)
+        x, y = torch.randn(4, 6, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+        with wrapped.no_sync():
+            F.cross_entropy(wrapped(x[:2]), y[:2], reduction="sum").backward()
+        F.cross_entropy(wrapped(x[2:]), y[2:], reduction="sum").backward()
+        F.cross_entropy(plain(x), y, reduction="sum").backward()
+        assert all(torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+                   for a, b in zip(model.parameters(), plain.parameters()))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_gpu_check_rows_on_the_device(monkeypatch):
+    """gpu_check on the device: every engine keeps its bench row (its memory measured, or its error), and a cuBLAS
+    allocation error in a step is that probe's "does not fit", not the section's end."""
+    import dptrain.bench
+    from dptrain import gpu_check
+
+    engines = ["nonprivate", "no_such_engine", "mixed_ghost"]
+    rows = gpu_check.bench_model("cnn", 16, 4, 1, DEVICE, gpu_check.Clock(None), engines)
+    by = {r["engine"]: r for r in rows}
+    assert [r["engine"] for r in rows] == engines and by["no_such_engine"]["note"].startswith("cannot build")
+    assert by["mixed_ghost"]["step_ms"] > 0
+    if DEVICE.type == "cuda":
+        assert by["nonprivate"]["peak_mem_mb"] > 0 and by["mixed_ghost"]["peak_mem_mb"] > 0
+        eng, _, _ = dptrain.bench.build("cnn", 16, "mixed_ghost", 4, DEVICE)
+
+        def one_step(*_):
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+        monkeypatch.setattr(dptrain.bench, "one_step", one_step)
+        notes = {}
+        assert gpu_check._cuda_peak(eng, 8, 16, DEVICE, notes) == float("inf") and "ALLOC_FAILED" in notes[8]
+
+
+def test_a_cpu_checkpoint_is_not_resumed_on_the_device(monkeypatch, tmp_path):
+    """A run checkpointed on the CPU (device=auto, CUDA hidden), resumed with device=auto where CUDA is: refused in
+    one line (its noise generators are CPU generators; on CUDA it would draw fresh streams)."""
+    from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
+
+    from dptrain.errors import UserError
+    from dptrain.run import run
+
+    if DEVICE.type != "cuda":
+        pytest.skip("needs CUDA: the resume must land on another device type")
+    base = [o for o in RUN if o != "device=cpu"] + ["device=auto", EVERY_STEP]
+    d = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        interrupt(m, 3)
+        with pytest.raises(Killed):
+            run(_compose(*base), str(d))
+    with pytest.raises(UserError, match="written on cpu, this run is on cuda") as err:
+        run(_compose(*base, f"resume={d}"), str(d))
+    assert "\n" not in str(err.value) and "CUDA_VISIBLE_DEVICES=" in str(err.value)

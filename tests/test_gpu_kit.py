@@ -96,3 +96,153 @@ def test_sections_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     skipped = [k for k, v in report.items() if isinstance(v, dict) and "skipped" in v]
     assert {"replay", "bf16_bound", "bench/vgg19", "max_batch", "gpu_tests", "exactness"} <= set(skipped)
     assert (tmp_path / "gc.md").exists() and not (tmp_path / "bench-cpu.csv").exists()
+
+
+# --- issue #34: one row's failure is that row's result; the clock inside the long sections; CPU pinning ----------
+
+ALLOC = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+
+
+def test_an_allocation_error_of_cudnn_or_cublas_is_a_probe_that_does_not_fit(monkeypatch):
+    """_cuda_peak: torch's out-of-memory and cuDNN's/cuBLAS's allocation RuntimeErrors are "does not fit" (inf, the
+    line kept), as in a max-batch search past the memory; any other error propagates to its row."""
+    import torch
+
+    import dptrain.bench
+
+    for f in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, f, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 300 * 2**20)
+    fail = {}
+
+    def one_step(eng, x, y, device):
+        if len(x) in fail:
+            raise fail[len(x)]
+
+    monkeypatch.setattr(dptrain.bench, "one_step", one_step)
+    fail.update({24: RuntimeError(ALLOC), 32: torch.OutOfMemoryError("CUDA out of memory"),
+                 40: RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), 48: RuntimeError("shape mismatch")})
+    notes, cpu = {}, torch.device("cpu")
+    assert gpu_check._cuda_peak(object(), 16, 4, cpu, notes) == 300.0
+    assert [gpu_check._cuda_peak(object(), b, 4, cpu, notes) for b in (24, 32, 40)] == [math.inf] * 3
+    assert "CUBLAS_STATUS_ALLOC_FAILED" in notes[24] and "OutOfMemoryError" in notes[32]
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        gpu_check._cuda_peak(object(), 48, 4, cpu, notes)
+    out = gpu_check.max_batch_search(lambda b: gpu_check._cuda_peak(object(), b, 4, cpu) if b < 24 else math.inf,
+                                     1000.0, max_probes=6)
+    assert out["max_batch"] >= 16 and "out of memory" in json.dumps(out["probes"])
+
+
+def test_bench_rows_are_kept_per_engine_whatever_fails(capsys):
+    """One engine that cannot be built, one whose memory step raises, one whose memory does not fit: every engine
+    keeps its row, with its time where it has one and its error as its note."""
+    import torch
+
+    def memory(e):
+        if e == "mixed_ghost":
+            raise ValueError("a bad layer")
+        if e == "opacus":
+            raise RuntimeError(ALLOC)
+        return {"peak_mem_mb": 5.0, "extra_mem_mb": 1.0}
+
+    engines = ["nonprivate", "no_such_engine", "mixed_ghost", "opacus"]
+    rows = gpu_check.bench_model("cnn", 16, 4, 1, torch.device("cpu"), gpu_check.Clock(None), engines, memory=memory)
+    by = {r["engine"]: r for r in rows}
+    assert [r["engine"] for r in rows] == engines
+    assert by["nonprivate"]["peak_mem_mb"] == 5.0 and by["nonprivate"]["note"] is None
+    assert by["no_such_engine"]["note"].startswith("cannot build") and by["no_such_engine"]["step_ms"] is None
+    assert by["mixed_ghost"]["step_ms"] > 0 and by["mixed_ghost"]["note"] == "memory: ValueError: a bad layer"
+    assert by["opacus"]["step_ms"] > 0 and "ALLOC_FAILED" in by["opacus"]["note"]
+
+
+def test_max_batch_keeps_each_engines_result(monkeypatch):
+    """An engine whose search raises records its error; the other engine's search stands; the summary renders."""
+    import torch
+
+    def one(model, size, device, budget_mb, clock, engine):
+        if engine == "opacus":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return gpu_check.max_batch_search(lambda b: 10.0 + b, budget_mb)
+
+    monkeypatch.setattr(gpu_check, "_max_batch_one", one)
+    out = gpu_check.max_batch("cnn", 16, torch.device("cpu"), 50.0, gpu_check.Clock(None))
+    assert out["mixed_ghost"]["max_batch"] == 40 and "illegal memory access" in out["opacus"]["error"]
+    md = gpu_check.summary_md({"max_batch": out}, [])
+    assert "- mixed_ghost: 40 (exact" in md and "illegal memory access" in md
+
+
+class _Running(gpu_check.Clock):
+    """A clock with `n` checks of plenty left, then none."""
+
+    def __init__(self, n):
+        super().__init__(100.0)
+        self.n = n
+
+    def left(self):
+        self.n -= 1
+        return 1000.0 if self.n >= 0 else 0.0
+
+
+def test_the_clock_is_checked_between_the_rows_of_a_section():
+    """Inside the long sections: the bench's rounds stop (each engine keeps its row, said why), the memory of the
+    rows after the time ran out is skipped, the exactness cases and the max-batch engines left are skipped."""
+    import torch
+
+    cpu = torch.device("cpu")
+    engines = ["nonprivate", "mixed_ghost"]
+    rows = gpu_check.bench_model("cnn", 16, 4, 1, cpu, _Running(0), engines, memory=lambda e: {"peak_mem_mb": 1.0})
+    assert [r["engine"] for r in rows] == engines
+    assert all(r["step_ms"] is None and "time budget ran out after 0 round" in r["note"] for r in rows)
+    rows = gpu_check.bench_model("cnn", 16, 4, 1, cpu, _Running(4), engines, memory=lambda e: {"peak_mem_mb": 1.0})
+    assert rows[0]["peak_mem_mb"] == 1.0 and rows[1]["note"] == "memory: skipped (time budget)"
+    assert rows[1]["step_ms"] > 0
+    out = gpu_check.exactness(cpu, _Running(0))
+    assert out and all(v == "skipped: time budget" for v in out.values())
+    out = gpu_check.max_batch("cnn", 16, cpu, 50.0, _Running(0))
+    assert all("time budget" in out[e]["skipped"] for e in ("mixed_ghost", "opacus"))
+
+
+def test_the_reference_is_loaded_from_its_file_without_touching_sys_path():
+    before = list(sys.path)
+    ref = gpu_check._reference()
+    assert sys.path == before and ref.__file__ == os.path.join(ROOT, "tests", "reference.py") and callable(ref.check)
+
+
+def test_tests_run_on_the_cpu_unless_marked_gpu():
+    """#34: `device: auto` is cpu in a test not marked gpu, on a GPU machine too — here and in the subprocesses a
+    test starts (the CLI; torchrun, whose workers then pick gloo)."""
+    import torch
+    from conftest import _selects_gpu_tests
+
+    from dptrain.run import _device
+
+    assert not torch.cuda.is_available() and _device("auto") == torch.device("cpu")
+    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                       text=True)
+    assert r.stdout.strip() == "False" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert not _selects_gpu_tests("not slow and not gpu") and _selects_gpu_tests("gpu") and _selects_gpu_tests("")
+
+
+def test_the_headline_section_stops_at_its_time_budget(tmp_path):
+    """The headline command as a subprocess: past its share of the clock it is stopped and said so, and its run
+    directory (BEiT-base's model.pt on a GPU) is removed, not left in /tmp."""
+    import tempfile
+
+    import torch
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "dptrain-headline-*")))
+    out = gpu_check.headline(torch.device("cpu"), str(tmp_path / "gc"), timeout=1)
+    assert out["error"] == "stopped by the time budget after 1 s" and out["command"].startswith("dptrain model=beit")
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dptrain-headline-*"))) == before
+
+
+@pytest.mark.slow
+def test_the_headline_command_runs_a_few_steps(tmp_path):
+    """`dptrain model=beit dataset=cifar100 eps=1`'s few steps on CIFAR-100's shape (CPU sizes): 3 steps, ε spent
+    within the calibration's tolerance of 1 (~1 min on the shared 2-core VM)."""
+    import torch
+
+    out = gpu_check.headline(torch.device("cpu"), str(tmp_path / "gc"), timeout=600)
+    s = out["summary"]
+    assert out["returncode"] == 0 and s["privacy/steps"] == 3 and 0.995 <= s["privacy/eps_spent"] <= 1.0
+    assert json.loads((tmp_path / "gc-headline-summary.json").read_text())["summary"] == s

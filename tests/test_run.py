@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 from conftest import TINY, accountant_eps, assert_eps_spent, cli
@@ -319,6 +320,32 @@ def test_divergence_guard_stops_at_the_step(stub, steps):
         train_one_epoch(engine, data, list(torch.arange(20).split(4)), physical_batch_size=2,
                         device=torch.device("cpu"))
     assert err.value.steps == steps and engine.steps == (2 if "nan_loss_at" in stub else steps)
+
+
+def test_the_loop_reads_the_loss_once_per_step(monkeypatch):
+    """#34 item 7: the engines return their loss as a device tensor, and the loop reads it (a host sync on CUDA)
+    once per logical batch, not once per physical batch: 5 steps of 2 physical batches, 5 reads."""
+    import torch
+
+    from dptrain.engines import create_engine
+    from dptrain.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    engine = create_engine("mixed_ghost", model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                           max_grad_norm=1.0, expected_batch_size=4)
+    data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long))
+    reads, item = [], torch.Tensor.item
+    def counted(t):  # who reads: the caller's file
+        reads.append(os.path.basename(sys._getframe(1).f_code.co_filename))
+        return item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    out = train_one_epoch(engine, data, list(torch.arange(20).split(4)), physical_batch_size=2,
+                          device=torch.device("cpu"))
+    assert reads.count("loop.py") == 5 and "engines.py" not in reads  # the privacy engine's own reads aside
+    assert len(out["step_times"]) == 5 and out["examples"] == 20
+    assert isinstance(engine.backward(model(data.tensors[0][:2]), data.tensors[1][:2], last=True), torch.Tensor)
 
 
 def test_divergence_marks_the_run_failed_with_the_eps_spent(quick, tmp_path):

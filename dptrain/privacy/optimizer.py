@@ -146,6 +146,10 @@ class DPOptimizer:
         return {device: [g.get_state() for g in gens] for device, gens in self._gens.items()}
 
     def set_generator_states(self, states: dict[str, list[torch.Tensor]]) -> None:
+        here = {str(p.device) for g in self.param_groups for p in g["params"]}
+        for device in states.keys() - here:  # _generators() would start fresh streams on `here`'s devices
+            raise ValueError(f"noise generator states saved on {device}, but the parameters are on "
+                             f"{', '.join(sorted(here))}: a noise stream does not carry across devices")
         for device, chunks in states.items():
             for g, state in zip(self._generators(torch.device(device)), chunks, strict=True):
                 g.set_state(state)
