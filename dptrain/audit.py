@@ -413,7 +413,9 @@ def _main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from . import terminal
     from .cli import CONF_DIR
+    from .config import validate
 
     register()
 
@@ -424,15 +426,15 @@ def _main():
         try:
             result = audit(cfg, HydraConfig.get().runtime.output_dir)
         except (UserError, CoverageError) as e:
-            log.error("%s", e)
-            print(f"dptrain-audit: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            terminal.log_to_files(log, str(e))
+            terminal.fail("dptrain-audit", str(e))
         print(format_line(result))
         if not result[PASSED]:
             sys.exit(1)  # the audit failed: the run leaks more than it claims
         return result[EPS_LOWER_BOUND]
 
-    main()
+    claim = terminal.start("dptrain-audit", CONF_DIR, "audit", lambda cfg: validate(terminal.without_hydra(cfg)))
+    terminal.run(main, claim)
 
 
 def main() -> None:

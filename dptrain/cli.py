@@ -18,12 +18,30 @@ log = logging.getLogger("dptrain")
 
 
 def main():
-    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's."""
+    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's. The
+    command line is composed and checked before Hydra runs (terminal.py): a mistake is one line and exit 2."""
+    from . import terminal
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun only: distributed.py imports torch (seconds)
         from .distributed import worker_overrides
 
         sys.argv += worker_overrides()
-    return _main()
+    claim = terminal.start("dptrain", CONF_DIR, "train", precheck)
+    return terminal.run(_main, claim)
+
+
+def precheck(cfg) -> None:
+    """What the command line alone can show wrong: numbers and keys (config.validate), or a resume= that names
+    no directory (it would be created)."""
+    from .config import validate
+    from .errors import UserError
+    from .terminal import without_hydra
+
+    if cfg.resume:
+        if not os.path.isdir(str(cfg.resume)):
+            raise UserError(f"resume={cfg.resume}: not a directory")
+        return
+    validate(without_hydra(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -62,10 +80,11 @@ def _main(cfg) -> float:
 
 
 def _fail(e: Exception):
-    """A user's mistake: one line, exit 2."""
-    log.error("%s", e)
-    print(f"dptrain: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    """A user's mistake: one line on stderr (in cli.log too), exit 2."""
+    from .terminal import fail, log_to_files
+
+    log_to_files(log, str(e))
+    fail("dptrain", str(e))
 
 
 def interrupted(run_dir: str) -> str:

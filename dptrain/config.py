@@ -3,6 +3,7 @@ YAML files under conf/ only fill in values."""
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -169,6 +170,10 @@ def validate(cfg) -> None:
     nullable = numeric_fields()
     for path, interval in RANGES.items():
         check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
+    root = OmegaConf.select(cfg, "dataset.root")
+    if root and not os.path.isdir(os.path.expanduser(str(root))):  # a download would create it (torchvision)
+        raise UserError(f"dataset.root={root}: directory not found (dptrain reads it, never creates it; for a "
+                        f"download into a new folder, create it first)")
 
 
 def _check_known(node: dict, schema, prefix: str, error) -> None:

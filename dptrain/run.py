@@ -190,9 +190,14 @@ def _data(cfg, streams) -> Data:
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
-    model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
-                         img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
-                         checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    try:
+        model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
+                             img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
+                             checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    except TypeError as e:  # a model.kwargs.<arg> the model's constructor does not take
+        if "keyword argument" not in str(e):
+            raise
+        raise UserError(f"model '{cfg.model.name}': {e} (from model.kwargs)") from None
     if wrap is not None:
         model = wrap(model)
     _check_input(model, data, cfg.model.name, device)

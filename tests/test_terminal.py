@@ -1,0 +1,141 @@
+"""The terminal contract (issue #30): every bad command line is one line `<prog>: error: ...` on stderr, exit 2,
+nothing on stdout and nothing on disk; a run directory belongs to one live process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY, cli
+
+from dptrain.rundir import LOCK, Claim
+
+
+def _main(prog, argv, monkeypatch, capsys, cwd):
+    """`prog <argv>` in this process (Hydra's task included), from `cwd`: (exit code, stdout, stderr)."""
+    from dptrain import audit
+    from dptrain import cli as dptrain_cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [prog, *argv])
+    code = 0
+    try:
+        (dptrain_cli.main if prog == "dptrain" else audit.main)()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD = [  # (override, what the one line says); measured before #30: Hydra's 6-25 lines and exit 1
+    ("model=nosuchmodel", "unknown model 'nosuchmodel'; valid: beit, beit_base, beit_large, cnn,"),
+    ("engine=opacuss", "unknown engine 'opacuss'; valid: ghost, mixed_ghost, nonprivate, opacus, opacus_ghost"),
+    ("foo=1", "unknown config key 'foo'"),
+    ("+epoch=1", "unknown config key 'epoch'; did you mean 'epochs'?"),
+    ("optimizer.lrr=0.1", "unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'?"),
+    ("engine.max_grad_norm=0", "unknown config key 'engine.max_grad_norm'; did you mean 'max_grad_norm'?"),
+    ("eps=abc", "eps must be a number, got 'abc'"),
+    ("batch_size=1.5", "batch_size must be an integer, got '1.5'"),
+    ("eps=[", "no viable alternative at input '['"),
+    ("eps=0", "eps must be > 0"),
+]
+
+
+@pytest.mark.parametrize("prog", ["dptrain", "dptrain-audit"])
+@pytest.mark.parametrize("override,message", BAD)
+def test_a_bad_command_line_is_one_line_exit_2_and_nothing_on_disk(prog, override, message, monkeypatch, capsys,
+                                                                    tmp_path):
+    code, out, err = _main(prog, [override], monkeypatch, capsys, tmp_path)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: {message}"), err
+    assert os.listdir(tmp_path) == []  # no outputs/<name>/<date>/
+
+
+def test_the_contract_holds_in_a_real_process(tmp_path):
+    """The same through the console entry point's process: exit status 2, one stderr line, empty stdout."""
+    r = cli("engine=opacuss", cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr.count("\n")) == (2, "", 1), r.stderr
+    assert r.stderr.startswith("dptrain: error: unknown engine 'opacuss'")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sweep_checks_each_value(monkeypatch, capsys, tmp_path):
+    code, out, err = _main("dptrain", ["-m", "eps=1,0"], monkeypatch, capsys, tmp_path)
+    assert code == 2 and err == "dptrain: error: eps must be > 0 and finite, got 0.0\n"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("override,message", [
+    ("engine.name=fast", "unknown engine 'fast'"),  # checked once torch has loaded (run.check_config)
+    ("model.kwargs.nonsense=1", "model 'cnn': CNN.__init__() got an unexpected keyword argument 'nonsense'"),
+])
+def test_a_refusal_inside_the_run_is_one_line_and_leaves_no_run_directory(override, message, monkeypatch, capsys,
+                                                                          tmp_path):
+    code, out, err = _main("dptrain", [*TINY, override], monkeypatch, capsys, tmp_path)
+    assert (code, out) == (2, "") and err.count("\n") == 1 and err.startswith(f"dptrain: error: {message}"), err
+    assert os.listdir(tmp_path) == []  # neither outputs/train/<date>/ nor outputs/
+
+
+def test_paths_that_must_exist_are_never_created(monkeypatch, capsys, tmp_path):
+    code, _, err = _main("dptrain", ["resume=runs/typo"], monkeypatch, capsys, tmp_path)
+    assert code == 2 and err == "dptrain: error: resume=runs/typo: not a directory\n"
+    code, _, err = _main("dptrain", ["dataset=cifar10", f"dataset.root={tmp_path}/nope"], monkeypatch, capsys,
+                         tmp_path)
+    assert code == 2 and err.startswith(f"dptrain: error: dataset.root={tmp_path}/nope: directory not found")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(monkeypatch, capsys, tmp_path):
+    """A finished run, resumed by mistake: refused in one line; no .hydra/resume-*, cli.log unchanged."""
+    run = tmp_path / "r"
+    assert _main("dptrain", [*TINY, f"hydra.run.dir={run}"], monkeypatch, capsys, tmp_path)[0] == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = _main("dptrain", [f"resume={run}"], monkeypatch, capsys, tmp_path)
+    assert (code, out) == (2, "") and err == f"dptrain: error: resume={run}: that run finished (summary.json); " \
+                                             "nothing to resume\n"
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert LOCK not in os.listdir(run)  # the finished run released its lock
+
+
+def test_a_run_directory_belongs_to_one_process(monkeypatch, capsys, tmp_path):
+    """Another live process holds the directory (here: a Claim in this process, a separate flock): the second run
+    is refused in one line and writes nothing there. Before #30 both ran, their metrics.jsonl interleaved."""
+    held = Claim(str(tmp_path / "r"))
+    try:
+        before = sorted(os.listdir(tmp_path / "r"))
+        code, out, err = _main("dptrain", [*TINY, f"hydra.run.dir={tmp_path}/r"], monkeypatch, capsys, tmp_path)
+        assert (code, out) == (2, "")
+        assert err == (f"dptrain: error: run directory {tmp_path}/r is in use by another dptrain process (pid "
+                       f"{os.getpid()}); wait for it to end, or choose another directory (hydra.run.dir=...)\n")
+        assert sorted(os.listdir(tmp_path / "r")) == before == [LOCK]
+    finally:
+        held.release()
+    assert os.listdir(tmp_path / "r") == []
+    assert _main("dptrain", [*TINY, f"hydra.run.dir={tmp_path}/r"], monkeypatch, capsys, tmp_path)[0] == 0
+
+
+def test_an_error_is_printed_once_and_logged_in_the_run(monkeypatch, capsys, tmp_path):
+    """A refusal after the run began writing (here: a diverged run) stays in its directory's cli.log; the
+    terminal gets the line once, on stderr (before #30: also a log line on stdout)."""
+    args = [*TINY, "epochs=2", "optimizer.lr=1e38", "eps=null", "privacy.noise_multiplier=1",
+            f"hydra.run.dir={tmp_path}/r"]
+    code, out, err = _main("dptrain", args, monkeypatch, capsys, tmp_path)
+    assert code == 2 and "diverged" not in out and err.count("\n") == 1
+    assert err.startswith("dptrain: error: training diverged in step 3 of 4")
+    assert "training diverged" in (tmp_path / "r" / "cli.log").read_text()
+    assert (tmp_path / "r" / "failed.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_says_it_once_from_rank_0(tmp_path):
+    """`torchrun --nproc_per_node=2 -m dptrain eps=0`: one dptrain line, from rank 0, and a non-zero exit
+    (torchrun's own ChildFailedError report follows it: the launcher prints that for any failed worker)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "0",
+                        "-m", "dptrain", "eps=0"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and r.stdout == ""
+    assert [ln for ln in r.stderr.splitlines() if "dptrain: error" in ln] == [
+        "dptrain: error: eps must be > 0 and finite, got 0.0"]
+    assert "exitcode: 2" in r.stderr
+    assert os.listdir(tmp_path) == []
