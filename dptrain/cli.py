@@ -106,7 +106,8 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
     return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s"
-            + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else ""))
+            + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else "")
+            + "".join(f"\n  WARNING: {w}" for w in s.get(key.WARNINGS) or ()))
 
 
 if __name__ == "__main__":

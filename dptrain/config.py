@@ -134,7 +134,7 @@ RANGES = {
     "epochs": "(0, inf)", "batch_size": "[1, inf)", "physical_batch_size": "[1, inf)", "privacy.augmult": "[1, inf)",
     "privacy.ema": "(0, 1)",
     "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
-    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
+    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[2, inf)",
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
     "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
     "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import statistics
 import time
@@ -181,12 +182,16 @@ def _data(cfg, streams) -> Data:
         raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
                         f"example (the image and its mirror image): set privacy.augmult=2 (got "
                         f"{cfg.privacy.augmult}), or dataset.augment=false")
-    return create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
+    data = create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
                           mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
                           channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
                           normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
                           augment=ds.augment and ds.features != "none", tta=ds.tta, streams=streams)
+    if data.num_classes < 2:  # one class: every prediction is right, and the reported accuracy says nothing
+        raise UserError(f"dataset '{data.name}' has {data.num_classes} class; classification needs at least 2 (a "
+                        "folder dataset: one subfolder per class under train/ and test/)")
+    return data
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
@@ -219,6 +224,7 @@ class Trained:
     examples: int  # examples trained on, over all steps
     step_times: list[float]  # seconds per optimizer step
     train_s: float
+    warnings: list[str]  # summary.json's: what was logged as WARNING (_loss_warning)
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
@@ -234,6 +240,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                dynamic_ncols=True, leave=True)  # kept on screen when the run ends
     it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
     row = rows[-1] if rows else {}
+    warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr)] if w]  # a resumed run's
     t_train = time.perf_counter() - at.train_s
     while done < steps:
         epoch += 1
@@ -283,11 +290,26 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         if not dist.is_main:
             continue
         tracker.log(row)
+        if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr)) and warning not in warnings:
+            log.warning("%s", warning)
+            warnings.append(warning)
         bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", **_eps_postfix(row[key.EPS_SPENT]),
                         acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
     bar.close()
     return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
-                   train_s=time.perf_counter() - t_train)
+                   train_s=time.perf_counter() - t_train, warnings=warnings)
+
+
+def _loss_warning(rows: list[dict], num_classes: int, lr: float) -> str | None:
+    """The training loss (cross-entropy) two orders of magnitude above a uniform guess's, ln C, in any epoch so
+    far: the weights are running away (lr=1e6 once "finished successfully" at loss 5.9e5). None: no sign of it."""
+    chance = math.log(max(num_classes, 2))
+    for r in rows:
+        loss = r.get(key.TRAIN_LOSS)
+        if loss is not None and loss > 100 * chance:
+            return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {loss / chance:.3g}x that of a uniform guess "
+                    f"(ln {num_classes} = {chance:.2f}): training is diverging; lower optimizer.lr (now {lr:g})")
+    return None
 
 
 def _epoch_end(epoch: int, q: float, steps: int) -> int:
@@ -322,7 +344,8 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
         key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, key.DATASET: data.name, key.EPOCHS: t.epochs,
         key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(), key.COMMIT: commit,
-        key.NAME: cfg.name, key.RESUMED: resumed, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
+        key.NAME: cfg.name, key.RESUMED: resumed, key.WARNINGS: t.warnings,
+        key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
 
 

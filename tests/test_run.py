@@ -18,7 +18,7 @@ def test_summary_keys_are_the_published_ones():
         "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
         "privacy/steps", "privacy/eps_spent", "privacy/prior", "privacy/streams", "privacy/checkpoint",
         "privacy/checkpoint_eps_spent", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model",
-        "dataset", "epochs", "wall_s", "device", "machine", "commit", "name", "resumed", "config")
+        "dataset", "epochs", "wall_s", "device", "machine", "commit", "name", "resumed", "warnings", "config")
     assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
     assert key.FAILED == (
         "status", "error", "step", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",

@@ -139,3 +139,58 @@ def test_torchrun_says_it_once_from_rank_0(tmp_path):
         "dptrain: error: eps must be > 0 and finite, got 0.0"]
     assert "exitcode: 2" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+# nonsense a run used to accept quietly (issue #30 item 4)
+
+
+def test_a_dataset_of_one_class_is_refused(quick, tmp_path):
+    """Before #30: a folder with one class trained and reported test acc 1.0000."""
+    from test_data import write_folder
+
+    from dptrain.errors import UserError
+
+    write_folder(tmp_path / "imgs", classes=("cat",), per_class=4)
+    with pytest.raises(UserError, match=r"dataset 'folder' has 1 class; classification needs at least 2"):
+        quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8")
+    with pytest.raises(UserError, match=r"dataset.num_classes must be >= 2, got 1"):
+        quick("dataset.num_classes=1")
+
+
+def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quick, caplog):
+    """optimizer.lr=1e6: the loss stays finite (no divergence error) but is 10^5 × ln C. Before #30 the run
+    "finished successfully" without a word."""
+    import logging
+
+    from dptrain import schema as key
+    from dptrain.cli import format_summary
+
+    with caplog.at_level(logging.WARNING, logger="dptrain"):
+        s, _ = quick("optimizer.lr=1e6", "epochs=2")
+    [w] = s[key.WARNINGS]
+    assert w.startswith("train loss ") and "that of a uniform guess (ln 10 = 2.30): training is diverging; lower " \
+                                             "optimizer.lr (now 1e+06)" in w
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [w]
+    assert format_summary(s).endswith(f"\n  WARNING: {w}")
+    assert quick()[0][key.WARNINGS] == []
+
+
+def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_share(tmp_path, caplog):
+    """Before #30: tensors of another shape were skipped with an INFO line."""
+    import logging
+
+    import torch
+
+    from dptrain.models import create_model, load_checkpoint
+
+    kw = {"channels": [4], "hidden": 4}
+    torch.save(create_model("cnn", num_classes=10, in_chans=3, img_size=8, **kw).state_dict(), tmp_path / "w.pt")
+    model = create_model("cnn", num_classes=3, in_chans=3, img_size=8, **kw)
+    head = [k for k, v in model.state_dict().items() if k.startswith("head")]
+    share = sum(model.state_dict()[k].numel() for k in head[-2:]) / sum(v.numel() for v in
+                                                                       model.state_dict().values())
+    with caplog.at_level(logging.INFO, logger="dptrain"):
+        load_checkpoint(model, str(tmp_path / "w.pt"))
+    [w] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert w == (f"checkpoint {tmp_path}/w.pt: 2 tensor(s) of a different shape NOT loaded, {100 * share:.1f}% of "
+                 f"the model's values, trained from scratch: {', '.join(head[-2:])}")
