@@ -22,6 +22,15 @@ def main():
     command line is composed and checked before Hydra runs (terminal.py): a mistake is one line and exit 2."""
     from . import terminal
 
+    if sys.argv[1:2] in (["--help"], ["-h"]) and len(sys.argv) <= 3:  # ours; Hydra's is --hydra-help
+        from .errors import UserError
+        from .help import page
+
+        try:
+            print(page(CONF_DIR, sys.argv[2] if len(sys.argv) == 3 else None))
+        except UserError as e:
+            terminal.fail("dptrain", str(e))
+        return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun only: distributed.py imports torch (seconds)
         from .distributed import worker_overrides
 

@@ -112,12 +112,12 @@ class TrainConfig:
     batch_size: int = 256  # logical (expected) batch size L; q = L / n
     physical_batch_size: int = 128  # memory chunk; never changes the privacy or the update
     max_grad_norm: float = 1.0  # per-example clipping bound R
-    seed: int = 0
+    seed: int = 0  # every random stream (init, sampling, noise, augmentation) is spawned from it
     device: str = "auto"  # auto, cpu, cuda
     # fp32 (default); bf16: the forward under autocast, norms/clipping/noise/optimizer in float32 (the GPU choice:
     # same range as fp32, no loss scaling); fp16: as bf16 plus a static loss scale (older GPUs without bf16)
     precision: str = "fp32"
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal (epoch, loss, eps spent, samples/s)
     eval_every: int = 1  # evaluate after every N-th epoch and after the last; 0: the last only (test read once)
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory

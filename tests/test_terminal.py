@@ -194,3 +194,41 @@ def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_s
     [w] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert w == (f"checkpoint {tmp_path}/w.pt: 2 tensor(s) of a different shape NOT loaded, {100 * share:.1f}% of "
                  f"the model's values, trained from scratch: {', '.join(head[-2:])}")
+
+
+# the help page (issue #30 item 6)
+
+
+def test_help_is_a_page_with_every_headline_knob_its_range_and_five_examples_that_compose(monkeypatch, capsys,
+                                                                                          tmp_path):
+    """Before #30: `dptrain --help` was Hydra's raw config dump, with no meaning, range or example."""
+    import shlex
+
+    from dptrain import config, terminal
+    from dptrain import help as dhelp
+    from dptrain.cli import CONF_DIR
+
+    code, out, err = _main("dptrain", ["--help"], monkeypatch, capsys, tmp_path)
+    assert code == 0 and err == "" and os.listdir(tmp_path) == []
+    lines = out.splitlines()
+    for knob, rng in config.RANGES.items():
+        if "." not in knob:  # a headline knob: its line has its default, a meaning and its range
+            [line] = [ln for ln in lines if ln.startswith(f"  {knob}=")]
+            assert line.endswith(f"range {rng}") and len(line.split()) > 3, line
+    assert "  max_grad_norm=1.0             per-example clipping bound R  range (0, inf)" in lines
+    examples = [ln for ln in lines if ln.startswith("  dptrain")]
+    assert len(examples) == len(dhelp.EXAMPLES) == 5
+    for cmd, _ in dhelp.EXAMPLES:
+        args = shlex.split(cmd)[1:]
+        overrides, multirun = terminal.overrides_of(args)
+        assert terminal.compose(CONF_DIR, "train", overrides, multirun=multirun), cmd
+
+
+def test_help_for_a_group_lists_its_options_and_keys(monkeypatch, capsys, tmp_path):
+    code, out, _ = _main("dptrain", ["--help", "engine"], monkeypatch, capsys, tmp_path)
+    assert code == 0
+    for option in ("mixed_ghost", "opacus", "nonprivate"):
+        assert any(ln.startswith(f"  {option} ") for ln in out.splitlines()), option
+    assert "  engine.gamma=0.01             automatic clipping's stability constant  range (0, inf)" in out
+    code, _, err = _main("dptrain", ["--help", "engin"], monkeypatch, capsys, tmp_path)
+    assert code == 2 and err.startswith("dptrain: error: unknown help topic 'engin'; valid: model, dataset, engine")
