@@ -112,7 +112,11 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
         f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
-    return (f"{s[key.MODEL]} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
+    from .terminal import model_name
+
+    config = s.get(key.CONFIG) or {}
+    model = model_name(config.get("model") or {"name": s[key.MODEL]}, (config.get("dataset") or {}).get("image_size"))
+    return (f"{model} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s"
             + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else "")

@@ -74,8 +74,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
-        trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                         tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
+        with _bar_logging(cfg, dist):
+            trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                             tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
         err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
         saver.failed()
@@ -116,8 +117,11 @@ def _sampler(cfg, n: int, budget: Budget, streams, hooks, dist: Dist):
 
 
 def _log_setup(cfg, data: Data, budget: Budget) -> None:
+    from .terminal import model_name
+
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
-             cfg.model.name, data.name, len(data.train), data.num_classes, data.image_size, data.image_size,
+             model_name(OmegaConf.to_container(cfg.model)), data.name, len(data.train), data.num_classes,
+             data.image_size, data.image_size,
              cfg.engine.name, budget.sample_rate, budget.steps, budget.noise_multiplier, budget.delta)
 
 
@@ -242,17 +246,18 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
     row = rows[-1] if rows else {}
     warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr)] if w]  # a resumed run's
     t_train = time.perf_counter() - at.train_s
+    # the bar's ε: the last epoch end's, or the prior's before the first; refreshed within an epoch when the bar shows
+    live = LiveEps(budget, row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0), on=not bar.disable)
     while done < steps:
         epoch += 1
         logical = [next(it) for _ in range(max(1, _epoch_end(epoch, q, steps) - done))]
         totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
-        # ε of the last epoch end (an accountant call per step would cost more than the step); before it, the prior's
-        eps_so_far, n = (row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0)), len(logical)
+        n = len(logical)
         here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
-        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
+        def on_step(loss, ex, secs, base=seen, epoch=epoch, here=here, n=n):
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(eps),
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(live.at(bar.n)),
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
             if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
                 here.train_s = time.perf_counter() - t_train
@@ -283,6 +288,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                    key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
             rows.append(row)
+            live.value = row[key.EPS_SPENT]
         # before the line leaves the process: a resumed run then never logs (releases) a step twice. Every rank
         # (torchrun: each sends rank 0 its own state; rank 0 writes)
         saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
@@ -310,6 +316,34 @@ def _loss_warning(rows: list[dict], num_classes: int, lr: float) -> str | None:
             return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {loss / chance:.3g}x that of a uniform guess "
                     f"(ln {num_classes} = {chance:.2f}): training is diverging; lower optimizer.lr (now {lr:g})")
     return None
+
+
+class LiveEps:
+    """ε spent for the progress bar, recomputed within an epoch (it showed epoch 1's start, 0, for all of epoch 1)
+    — but a PRV accountant call takes 0.3-0.8 s on 2 cores, longer than many steps: recomputed only once the time
+    since the last call is 50× that call's, so the bar costs the run at most ~2% (nothing without a bar)."""
+
+    def __init__(self, budget: Budget, value, *, on: bool):
+        self.budget, self.value, self.on, self.next_at = budget, value, on and budget.noise_multiplier is not None, 0.0
+
+    def at(self, steps: int):
+        now = time.perf_counter()
+        if self.on and now >= self.next_at:
+            self.value = self.budget.eps_spent(steps)
+            self.next_at = time.perf_counter() + 50 * (time.perf_counter() - now)
+        return self.value
+
+
+def _bar_logging(cfg, dist: Dist):
+    """While the progress bar shows (a terminal, rank 0), log lines go through tqdm.write: printed above the bar,
+    not glued onto it with a stale copy of the bar left behind."""
+    import contextlib
+    import sys
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    shows = cfg.progress and dist.is_main and sys.stderr.isatty()
+    return logging_redirect_tqdm() if shows else contextlib.nullcontext()
 
 
 def _epoch_end(epoch: int, q: float, steps: int) -> int:

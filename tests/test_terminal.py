@@ -232,3 +232,65 @@ def test_help_for_a_group_lists_its_options_and_keys(monkeypatch, capsys, tmp_pa
     assert "  engine.gamma=0.01             automatic clipping's stability constant  range (0, inf)" in out
     code, _, err = _main("dptrain", ["--help", "engin"], monkeypatch, capsys, tmp_path)
     assert code == 2 and err.startswith("dptrain: error: unknown help topic 'engin'; valid: model, dataset, engine")
+
+
+# progress a person reads (issue #30 item 6)
+
+
+def test_the_rule_table_and_checkpoint_lines_are_debug_when_nothing_is_on_the_fallback(quick, caplog):
+    """Before #30 every run printed a 9-line rule table and one checkpoint line per epoch at INFO."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dptrain"):
+        quick("epochs=2", "checkpoint.every_s=0.0001")
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in info if "rules chosen" in m or "checkpoint at step" in m or "fallback share" in m], info
+    assert len(info) <= 3, info
+
+
+def test_the_bar_eps_is_recomputed_within_an_epoch_at_a_bounded_cost():
+    """Before #30 the bar showed the epoch start's ε (0 for all of epoch 1)."""
+    import time
+
+    from dptrain.run import LiveEps
+
+    class Budget:
+        noise_multiplier, calls = 1.0, []
+
+        def eps_spent(self, steps):
+            self.calls.append(steps)
+            time.sleep(0.01)
+            return steps / 10
+
+    b = Budget()
+    live = LiveEps(b, 0.0, on=True)
+    t = time.perf_counter()
+    assert live.at(3) == 0.3 and live.at(4) == 0.3  # the second call within 50x the first's cost: cached
+    assert live.next_at - t >= 50 * 0.01
+    time.sleep(live.next_at - time.perf_counter() + 0.01)
+    assert live.at(7) == 0.7 and b.calls == [3, 7]
+    off = LiveEps(b, 0.0, on=False)  # no bar (progress=false, a log file): no accountant call
+    assert off.at(9) == 0.0 and b.calls == [3, 7]
+
+
+def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
+    from omegaconf import OmegaConf
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from dptrain.distributed import SINGLE
+    from dptrain.run import _bar_logging
+
+    cfg = OmegaConf.create({"progress": True})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert type(_bar_logging(cfg, SINGLE)) is type(logging_redirect_tqdm())
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert type(_bar_logging(cfg, SINGLE)) is not type(logging_redirect_tqdm())
+
+
+def test_a_run_is_named_for_what_ran():
+    """Before #30: `vit_tiny_patch16_224` for a ViT run at patch 4 on 32x32 images."""
+    from dptrain.terminal import model_name
+
+    vit = {"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}, "img_size": None}
+    assert model_name(vit, 32) == "vit_tiny_patch16_224 (patch_size=4) at 32x32"
+    assert model_name({"name": "cnn", "kwargs": {"hidden": 128}}) == "cnn"
