@@ -415,7 +415,7 @@ def _main():
 
     from . import terminal
     from .cli import CONF_DIR
-    from .config import validate
+    from .config import check_paths, validate
 
     register()
 
@@ -433,7 +433,11 @@ def _main():
             sys.exit(1)  # the audit failed: the run leaks more than it claims
         return result[EPS_LOWER_BOUND]
 
-    claim = terminal.start("dptrain-audit", CONF_DIR, "audit", lambda cfg: validate(terminal.without_hydra(cfg)))
+    def precheck(cfg):
+        validate(terminal.without_hydra(cfg))
+        check_paths(cfg)
+
+    claim = terminal.start("dptrain-audit", CONF_DIR, "audit", precheck)
     terminal.run(main, claim)
 
 

@@ -40,9 +40,9 @@ def main():
 
 
 def precheck(cfg) -> None:
-    """What the command line alone can show wrong: numbers and keys (config.validate), or a resume= that names
-    no directory (it would be created)."""
-    from .config import validate
+    """What the command line alone can show wrong: numbers and keys (config.validate), or a path that must exist
+    and does not — resume=, dataset.root= (each would be created)."""
+    from .config import check_paths, validate
     from .errors import UserError
     from .terminal import without_hydra
 
@@ -51,6 +51,7 @@ def precheck(cfg) -> None:
             raise UserError(f"resume={cfg.resume}: not a directory")
         return
     validate(without_hydra(cfg))
+    check_paths(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

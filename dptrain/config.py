@@ -170,8 +170,18 @@ def validate(cfg) -> None:
     nullable = numeric_fields()
     for path, interval in RANGES.items():
         check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
+
+
+def check_paths(cfg) -> None:
+    """A path the user gave that must exist does (torchvision's download would otherwise create dataset.root, at
+    the filesystem root for `dataset.root=/nonexistent`). Separate from `validate`: it is about this machine,
+    not the command line (tests/test_readme.py validates the README's commands, whose folders are placeholders)."""
+    from omegaconf import OmegaConf
+
+    from .errors import UserError
+
     root = OmegaConf.select(cfg, "dataset.root")
-    if root and not os.path.isdir(os.path.expanduser(str(root))):  # a download would create it (torchvision)
+    if root and not os.path.isdir(os.path.expanduser(str(root))):
         raise UserError(f"dataset.root={root}: directory not found (dptrain reads it, never creates it; for a "
                         f"download into a new folder, create it first)")
 

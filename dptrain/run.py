@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
-from .config import validate
+from .config import check_paths, validate
 from .data import NORMALIZE, Data, create_dataset
 from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
@@ -178,6 +178,7 @@ def check_config(cfg) -> None:
 
 def _data(cfg, streams) -> Data:
     """The dataset, at the input size and normalisation the model wants."""
+    check_paths(cfg)  # dataset.root exists: a download would create it
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
     # features are computed once, before training: the only augmentation is a second fixed view per example (the
