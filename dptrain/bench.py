@@ -196,13 +196,13 @@ MAX_BATCH_LIMIT = 1024  # --max-batch-limit: the search's upper end; bisection o
 def max_batch(model_name, size, engine, device_name, budget_mb, hi=MAX_BATCH_LIMIT) -> int:
     """Largest batch ≤ `hi` whose step's peak memory fits `budget_mb`, by bisection: at most ⌈log2(hi + 1)⌉ probes,
     one stderr line each (each is a fresh process and a step, up to minutes on CPU). `hi` itself means "≥ hi"."""
-    lo, best, probe = 1, 0, 0
+    lo, best, probe, most = 1, 0, 0, math.ceil(math.log2(hi + 1))
     while lo <= hi:
         mid, probe, t0 = (lo + hi) // 2, probe + 1, time.perf_counter()
         mem = peak_memory(model_name, size, mid, engine, device_name, steps=1)
         fits = mem is not None and mem["peak_mb"] <= budget_mb
         peak = "failed (out of memory?)" if mem is None else f"peak {mem['peak_mb']:.0f} MB"
-        print(f"   max batch {engine}: probe {probe}, batch {mid}: {peak}, {'fits' if fits else 'over'} "
+        print(f"   max batch {engine}: probe {probe} of <= {most}, batch {mid}: {peak}, {'fits' if fits else 'over'} "
               f"{budget_mb:g} MB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         if fits:
             best, lo = mid, mid + 1

@@ -57,7 +57,7 @@ def test_max_batch_prints_each_probe(monkeypatch, capsys):
     assert bench.max_batch("cnn", 8, "mixed_ghost", "cpu", 1000) == 100
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == len(probes) <= 11  # bounded: 1..MAX_BATCH_LIMIT (1024) in <= log2(1025) probes
-    assert lines[0] == "   max batch mixed_ghost: probe 1, batch 512: peak 5120 MB, over 1000 MB (0 s)"
+    assert lines[0] == "   max batch mixed_ghost: probe 1 of <= 11, batch 512: peak 5120 MB, over 1000 MB (0 s)"
     assert all(f"batch {b}: " in line for b, line in zip(probes, lines))
 
 
