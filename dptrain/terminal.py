@@ -68,7 +68,7 @@ def _compose(conf_dir: str, config_name: str, overrides: list[str]):
 
 def one_line(e: Exception, *, conf_dir: str = "", config_name: str = "train") -> str:
     """Hydra's and OmegaConf's composition errors as the sentence a user needs, on one line."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     cause = e.__cause__ or e.__context__
@@ -82,6 +82,8 @@ def one_line(e: Exception, *, conf_dir: str = "", config_name: str = "train") ->
         return unknown_key(key, conf_dir=conf_dir, config_name=config_name)
     if isinstance(cause, ValidationError) or (isinstance(e, ValidationError) and (cause := e)):
         return _bad_value(cause)
+    if isinstance(e, OverrideParseException):  # the grammar's complaint, without its link to Hydra's docs
+        return f"cannot parse '{e.override}': {str(e.message).splitlines()[0]} (quote a value with spaces or brackets)"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
     return "; ".join(lines) or type(e).__name__
 

@@ -36,7 +36,7 @@ BAD = [  # (override, what the one line says); measured before #30: Hydra's 6-25
     ("engine.max_grad_norm=0", "unknown config key 'engine.max_grad_norm'; did you mean 'max_grad_norm'?"),
     ("eps=abc", "eps must be a number, got 'abc'"),
     ("batch_size=1.5", "batch_size must be an integer, got '1.5'"),
-    ("eps=[", "no viable alternative at input '['"),
+    ("eps=[", "cannot parse 'eps=[': no viable alternative at input '['"),
     ("eps=0", "eps must be > 0"),
 ]
 
