@@ -456,16 +456,18 @@ def test_summary_epochs_are_the_epochs_requested(quick):
 
 @pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
 def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, engine):
-    """The bar shows ε spent from the first step (0 until the first epoch ends, not None), none for a non-private
-    run, and is kept on screen at the end."""
+    """The bar shows ε spent from the first step — recomputed within the epoch (issue #30: it showed 0 for all of
+    epoch 1), not None —, none for a non-private run, and is kept on screen at the end."""
     made, postfixes = [], []
 
     class Bar:
+        disable, n = False, 0  # shown (a terminal)
+
         def __init__(self, **kw):
             made.append(kw)
 
         def update(self, n):
-            pass
+            self.n += n
 
         def set_postfix(self, **kw):
             postfixes.append(kw)
@@ -479,7 +481,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
     if engine == "nonprivate":
         assert not [p for p in postfixes if "eps" in p]
     else:
-        assert postfixes[0]["eps"] == "0" and postfixes[-1]["eps"] == f"{s[key.EPS_SPENT]:.3g}"
+        assert 0 < float(postfixes[0]["eps"]) < s[key.EPS_SPENT] and postfixes[-1]["eps"] == f"{s[key.EPS_SPENT]:.3g}"
         assert all(p["eps"] != "None" for p in postfixes)
 
 
