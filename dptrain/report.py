@@ -21,6 +21,7 @@ import os
 import sys
 
 from . import schema as key
+from .errors import UserError
 from .schema import COLUMNS
 
 
@@ -174,7 +175,7 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
 
     rows, failed = collect(paths)
     if not rows:
-        raise SystemExit(f"dptrain-report: no summary.json under {', '.join(paths)}"
+        raise UserError(f"no summary.json under {', '.join(paths)}"
                          + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
     df = pd.DataFrame(rows)
     if not table:  # the runs' own name (a sweep's table), else "runs"
@@ -207,8 +208,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    from .terminal import fail
+
     args = parser().parse_args(argv)
-    r = report(args.paths, table=args.table, out=args.out)
+    try:
+        r = report(args.paths, table=args.table, out=args.out)
+    except UserError as e:  # one line, exit 2, as dptrain's
+        fail("dptrain-report", str(e))
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
     for f in r["failed"]:
         print(f"  failed/unfinished: {f}", file=sys.stderr)

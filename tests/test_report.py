@@ -193,3 +193,13 @@ def test_plot_axes_are_honest_and_titled(tmp_path, monkeypatch):
     time_ax, peak_ax, extra_ax = figs[1].axes
     assert time_ax.get_yscale() == "log" and peak_ax.get_yscale() == extra_ax.get_yscale() == "linear"
     assert peak_ax.get_ylim()[0] == 0 and extra_ax.get_ylim()[0] == 0
+
+
+def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
+    from dptrain.report import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"dptrain-report: error: no summary.json under {tmp_path}/empty\n"
