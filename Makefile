@@ -49,11 +49,11 @@ lint: $(STAMP) ## ruff
 	$(BIN)/ruff check dptrain tests
 
 bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
-	$(BIN)/dptrain-bench --out results/bench-cpu
+	$(BIN)/dptrain-bench --out results
 
 bench-dist: $(STAMP) ## samples/s of one DP step on 1 vs 2 data-parallel processes → results/bench-dist-cpu.{csv,md}
 	$(BIN)/dptrain-bench --processes 1 2 --models cnn resnet18 --engines nonprivate mixed_ghost --batches 64 \
-		--steps 10 --out results/bench-dist-cpu
+		--steps 10 --out results
 
 # mutation testing (mutmut; config: pyproject.toml [tool.mutmut]): the privacy arithmetic, and of engine.py the
 # clip factors. Every surviving mutant is killed by a test or listed as equivalent in results/mutants.md.

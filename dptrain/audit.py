@@ -413,7 +413,9 @@ def _main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from . import terminal
     from .cli import CONF_DIR
+    from .config import check_paths, validate
 
     register()
 
@@ -424,15 +426,19 @@ def _main():
         try:
             result = audit(cfg, HydraConfig.get().runtime.output_dir)
         except (UserError, CoverageError) as e:
-            log.error("%s", e)
-            print(f"dptrain-audit: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            terminal.log_to_files(log, str(e))
+            terminal.fail("dptrain-audit", str(e))
         print(format_line(result))
         if not result[PASSED]:
             sys.exit(1)  # the audit failed: the run leaks more than it claims
         return result[EPS_LOWER_BOUND]
 
-    main()
+    def precheck(cfg):
+        validate(terminal.without_hydra(cfg))
+        check_paths(cfg)
+
+    claim = terminal.start("dptrain-audit", CONF_DIR, "audit", precheck)
+    terminal.run(main, claim)
 
 
 def main() -> None:

@@ -9,14 +9,15 @@ above the model-and-data baseline is reported.
 Max batch: bisection on the batch size under --memory-budget (MB), one subprocess per probe.
 
     dptrain-bench                                  # → outputs/bench/<date>/bench-cpu.{csv,md,png}
-    dptrain-bench --out results/bench-cpu          # the committed CPU table (make bench)
-    dptrain-bench --models resnet18 --sizes 224 --batches 32 --device cuda --out results/bench-gpu
+    dptrain-bench --out results                    # the committed CPU table results/bench-cpu.* (make bench)
+    dptrain-bench --models resnet18 --sizes 224 --batches 32 --device cuda --out results   # results/bench-gpu.*
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -205,16 +206,19 @@ def _memory_child(model_name, size, batch, engine, device_name, steps, trainable
     print(json.dumps({"peak_mb": peak / 2**20, "extra_mb": extra / 2**20}))
 
 
-def max_batch(model_name, size, engine, device_name, budget_mb, hi=4096) -> int:
-    """Largest batch whose step's peak memory fits `budget_mb`, by bisection; one stderr line per probe (each is a
-    fresh process and a step, up to minutes on CPU)."""
-    lo, best, probe = 1, 0, 0
+MAX_BATCH_LIMIT = 1024  # --max-batch-limit: the search's upper end; bisection over 1..limit takes log2(limit) probes
+
+
+def max_batch(model_name, size, engine, device_name, budget_mb, hi=MAX_BATCH_LIMIT) -> int:
+    """Largest batch ≤ `hi` whose step's peak memory fits `budget_mb`, by bisection: at most ⌈log2(hi + 1)⌉ probes,
+    one stderr line each (each is a fresh process and a step, up to minutes on CPU). `hi` itself means "≥ hi"."""
+    lo, best, probe, most = 1, 0, 0, math.ceil(math.log2(hi + 1))
     while lo <= hi:
         mid, probe, t0 = (lo + hi) // 2, probe + 1, time.perf_counter()
         mem = peak_memory(model_name, size, mid, engine, device_name, steps=1)
         fits = mem is not None and mem["peak_mb"] <= budget_mb
         peak = "failed (out of memory?)" if mem is None else f"peak {mem['peak_mb']:.0f} MB"
-        print(f"   max batch {engine}: probe {probe}, batch {mid}: {peak}, {'fits' if fits else 'over'} "
+        print(f"   max batch {engine}: probe {probe} of <= {most}, batch {mid}: {peak}, {'fits' if fits else 'over'} "
               f"{budget_mb:g} MB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         if fits:
             best, lo = mid, mid + 1
@@ -241,9 +245,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--memory-budget", type=float, default=None, help="MB; bisect the max batch per engine")
+    ap.add_argument("--max-batch-limit", type=int, default=MAX_BATCH_LIMIT,
+                    help="with --memory-budget: search batches 1..this (log2 of it probes per engine)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown per engine, no table")
-    ap.add_argument("--out", default=None, help="output prefix, e.g. results/bench-cpu (default: "
-                    "outputs/bench/<date>/bench-<device>; the committed results/ are written only when named here)")
+    ap.add_argument("--out", default=None, help="output folder, as dptrain-report's --out: <out>/bench-<device>."
+                    "{csv,md,png} (default: outputs/bench/<date>/; the committed results/ only when named here)")
     ap.add_argument("--processes", nargs="*", type=int, help="samples/s of 1 vs N data-parallel processes "
                     "(bench_dist.py; default out: outputs/bench/<date>/bench-dist-<device>)")
     ap.add_argument("--threads-per-process", type=int, help="with --processes: torch threads per process "
@@ -265,14 +271,14 @@ def main(argv=None) -> None:
     else:
         configs = [(m, s, b) for m, s0, b0 in DEFAULT for s in (args.sizes or [s0]) for b in (args.batches or [b0])]
     configs = [(m, s, b, t) for m, s, b in configs for t in args.trainable]
-    out = args.out or default_out(f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
+    out = out_prefix(args.out, f"bench-{device.type if device.type != 'cuda' else 'gpu'}")
     if args.profile:
         for model_name, size, batch, _ in configs:
             print(profile(model_name, size, batch, args.engines, device, steps=args.steps))
         return
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    rows = []
-    for model_name, size, batch, trainable in configs:
+    _plan(configs, args)
+    rows, t0, argv = [], time.perf_counter(), sys.argv if argv is None else ["dptrain-bench", *argv]
+    for i, (model_name, size, batch, trainable) in enumerate(configs):
         print(f"== {model_name} {size}x{size} batch {batch} trainable {trainable}", file=sys.stderr)
         times = time_engines(model_name, size, batch, args.engines, device, steps=args.steps, trainable=trainable)
         for e in args.engines:
@@ -285,12 +291,38 @@ def main(argv=None) -> None:
                     mem = peak_memory(model_name, size, batch, e, args.device, trainable=trainable) or {}
                     row["peak_mem_mb"], row["extra_mem_mb"] = mem.get("peak_mb"), mem.get("extra_mb")
                 if args.memory_budget:
-                    row["max_batch"] = max_batch(model_name, size, e, args.device, args.memory_budget)
+                    row["max_batch"] = max_batch(model_name, size, e, args.device, args.memory_budget,
+                                                 hi=args.max_batch_limit)
             rows.append(row)
             nan = float("nan")
             print(f"   {e:<13} {row['step_ms'] or nan:9.1f} ms  peak {row['peak_mem_mb'] or nan:8.0f} MB"
                   f"  extra {row['extra_mem_mb'] or nan:8.0f} MB", file=sys.stderr)
-    write(rows, out, device=args.device, argv=sys.argv if argv is None else ["dptrain-bench", *argv])
+        write(rows, out, device=args.device, argv=argv)  # the rows so far: a stopped bench keeps what it measured
+        _eta(i + 1, len(configs), time.perf_counter() - t0)
+
+
+def out_prefix(folder: str | None, name: str) -> str:
+    """<folder>/<name>: --out names a folder, as dptrain-report's does; default outputs/bench/<date>/."""
+    return os.path.join(folder, name) if folder else default_out(name)
+
+
+def _plan(configs, args) -> None:
+    """What the bench will do, before it starts: a default run takes tens of minutes on 2 CPU cores."""
+    n, e = len(configs), len(args.engines)
+    line = f"dptrain-bench: {n} model config(s) x {e} engine(s): {args.steps} interleaved steps each"
+    if args.memory:
+        line += f", then peak memory in {n * e} fresh process(es)"
+    if args.memory_budget:
+        probes = math.ceil(math.log2(args.max_batch_limit + 1))
+        line += (f", then the max batch under {args.memory_budget:g} MB: bisection over 1..{args.max_batch_limit}, "
+                 f"<= {probes} fresh processes per engine ({n * e * probes} at most)")
+    print(line + "; each row is written as it finishes, with an estimate of the rest", file=sys.stderr, flush=True)
+
+
+def _eta(done: int, total: int, elapsed: float) -> None:
+    rest = elapsed / done * (total - done)
+    print(f"   {done}/{total} config(s) in {elapsed / 60:.1f} min" + (f"; the rest: about {rest / 60:.1f} min"
+                                                                      if rest else ""), file=sys.stderr, flush=True)
 
 
 def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
@@ -310,6 +342,7 @@ def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
             ref_vals = base[col].reindex(key).to_numpy() if len(base) else None
             df[f"{name}_vs_{ref}"] = df[col].to_numpy() / ref_vals if ref_vals is not None else None
     df["commit"], df["machine"] = git_commit(), machine()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)  # only now: a bench stopped before a row leaves nothing
     df.to_csv(out + ".csv", index=False)
     cols = ["model", "size", "batch", "trainable", "engine", "step_ms", "time_vs_nonprivate", "time_vs_opacus",
             "peak_mem_mb", "peak_vs_nonprivate", "extra_mem_mb", "extra_vs_nonprivate", "max_batch", "note"]

@@ -99,7 +99,7 @@ def main(args) -> None:
     """`dptrain-bench --processes 1 2 [--models …] [--engines …] [--batches …]` → <out>.csv, .md."""
     import pandas as pd
 
-    from .bench import default_out
+    from .bench import out_prefix
     from .tracking import git_commit, machine
 
     models = args.models or ["cnn", "resnet18"]
@@ -118,7 +118,7 @@ def main(args) -> None:
     one = df[df.processes == 1].set_index(["model", "size", "batch", "engine"])["samples_s"]
     df["speedup"] = df.samples_s.to_numpy() / one.reindex(df.set_index(["model", "size", "batch", "engine"]).index)\
         .to_numpy()
-    out = args.out or default_out(f"bench-dist-{'gpu' if args.device.startswith('cuda') else 'cpu'}")
+    out = out_prefix(args.out, f"bench-dist-{'gpu' if args.device.startswith('cuda') else 'cpu'}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     df["commit"], df["machine"] = git_commit(), machine()
     df.to_csv(out + ".csv", index=False)

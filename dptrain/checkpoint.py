@@ -485,7 +485,7 @@ class Checkpointer:
             state["ranks"] = ranks  # every rank's own state, by rank
         t0 = time.perf_counter()
         _atomic(self.path, lambda f: torch.save(state, f))
-        log.info("checkpoint at step %d: %.1f MB written in %.2f s", steps, os.path.getsize(self.path) / 2**20,
+        log.debug("checkpoint at step %d: %.1f MB written in %.2f s", steps, os.path.getsize(self.path) / 2**20,
                  time.perf_counter() - t0)
         self.last = time.monotonic()
         self._write_status("running", step=steps, eps=eps, checkpoint=FILE)

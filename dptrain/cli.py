@@ -18,12 +18,40 @@ log = logging.getLogger("dptrain")
 
 
 def main():
-    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's."""
+    """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's. The
+    command line is composed and checked before Hydra runs (terminal.py): a mistake is one line and exit 2."""
+    from . import terminal
+
+    if sys.argv[1:2] in (["--help"], ["-h"]) and len(sys.argv) <= 3:  # ours; Hydra's is --hydra-help
+        from .errors import UserError
+        from .help import page
+
+        try:
+            print(page(CONF_DIR, sys.argv[2] if len(sys.argv) == 3 else None))
+        except UserError as e:
+            terminal.fail("dptrain", str(e))
+        return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun only: distributed.py imports torch (seconds)
         from .distributed import worker_overrides
 
         sys.argv += worker_overrides()
-    return _main()
+    claim = terminal.start("dptrain", CONF_DIR, "train", precheck)
+    return terminal.run(_main, claim)
+
+
+def precheck(cfg) -> None:
+    """What the command line alone can show wrong: numbers and keys (config.validate), or a path that must exist
+    and does not — resume=, dataset.root= (each would be created)."""
+    from .config import check_paths, validate
+    from .errors import UserError
+    from .terminal import without_hydra
+
+    if cfg.resume:
+        if not os.path.isdir(str(cfg.resume)):
+            raise UserError(f"resume={cfg.resume}: not a directory")
+        return
+    validate(without_hydra(cfg))
+    check_paths(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -62,10 +90,11 @@ def _main(cfg) -> float:
 
 
 def _fail(e: Exception):
-    """A user's mistake: one line, exit 2."""
-    log.error("%s", e)
-    print(f"dptrain: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    """A user's mistake: one line on stderr (in cli.log too), exit 2."""
+    from .terminal import fail, log_to_files
+
+    log_to_files(log, str(e))
+    fail("dptrain", str(e))
 
 
 def interrupted(run_dir: str) -> str:
@@ -84,11 +113,16 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
         f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
+    from .terminal import model_name
+
+    config = s.get(key.CONFIG) or {}
+    model = model_name(config.get("model") or {"name": s[key.MODEL]}, (config.get("dataset") or {}).get("image_size"))
     init = f" ({s[key.INIT]})" if s.get(key.INIT) else ""  # "fine-tuned from <weights>" / "from scratch"
-    return (f"{s[key.MODEL]}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
+    return (f"{model}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s"
-            + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else ""))
+            + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else "")
+            + "".join(f"\n  WARNING: {w}" for w in s.get(key.WARNINGS) or ()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ YAML files under conf/ only fill in values."""
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -131,12 +132,12 @@ class TrainConfig:
     batch_size: int = 256  # logical (expected) batch size L; q = L / n
     physical_batch_size: int = 128  # memory chunk; never changes the privacy or the update
     max_grad_norm: float = 1.0  # per-example clipping bound R
-    seed: int = 0
+    seed: int = 0  # every random stream (init, sampling, noise, augmentation) is spawned from it
     device: str = "auto"  # auto, cpu, cuda
     # fp32 (default); bf16: the forward under autocast, norms/clipping/noise/optimizer in float32 (the GPU choice:
     # same range as fp32, no loss scaling); fp16: as bf16 plus a static loss scale (older GPUs without bf16)
     precision: str = "fp32"
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal (epoch, loss, eps spent, samples/s)
     eval_every: int = 1  # evaluate after every N-th epoch and after the last; 0: the last only (test read once)
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
@@ -153,7 +154,7 @@ RANGES = {
     "epochs": "(0, inf)", "batch_size": "[1, inf)", "physical_batch_size": "[1, inf)", "privacy.augmult": "[1, inf)",
     "privacy.ema": "(0, 1)",
     "optimizer.lr": "[0, inf)", "optimizer.momentum": "[0, 1)", "optimizer.weight_decay": "[0, inf)",
-    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[1, inf)",
+    "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[2, inf)",
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
     "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
     "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",
@@ -190,6 +191,20 @@ def validate(cfg) -> None:
     nullable = numeric_fields()
     for path, interval in RANGES.items():
         check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
+
+
+def check_paths(cfg) -> None:
+    """A path the user gave that must exist does (torchvision's download would otherwise create dataset.root, at
+    the filesystem root for `dataset.root=/nonexistent`). Separate from `validate`: it is about this machine,
+    not the command line (tests/test_readme.py validates the README's commands, whose folders are placeholders)."""
+    from omegaconf import OmegaConf
+
+    from .errors import UserError
+
+    root = OmegaConf.select(cfg, "dataset.root")
+    if root and not os.path.isdir(os.path.expanduser(str(root))):
+        raise UserError(f"dataset.root={root}: directory not found (dptrain reads it, never creates it; for a "
+                        f"download into a new folder, create it first)")
 
 
 def _check_known(node: dict, schema, prefix: str, error) -> None:

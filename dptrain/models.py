@@ -251,7 +251,21 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         raise UserError(f"checkpoint '{path}' does not match the model: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
-    log.info("loaded checkpoint %s%s", path, f" (skipped shape-mismatched {skipped})" if skipped else "")
+    log_loaded(path, skipped, own)
+
+
+def log_loaded(path: str, skipped: list[str], own: dict) -> None:
+    """INFO when every tensor loaded; a WARNING naming the skipped ones (a shape that differs: usually the head for
+    another number of classes) and their share of the model's values, so a stem that did not fit is not a
+    footnote: a run that trains most of its weights from scratch is not the fine-tuning it claims to be."""
+    if not skipped:
+        log.info("loaded checkpoint %s", path)
+        return
+    total = sum(v.numel() for v in own.values()) or 1
+    share = sum(own[k].numel() for k in skipped) / total
+    names = ", ".join(skipped[:8]) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+    log.warning("checkpoint %s: %d tensor(s) of a different shape NOT loaded, %.1f%% of the model's values, "
+                "trained from scratch: %s", path, len(skipped), 100 * share, names)
 
 
 # what a checkpoint's provenance keeps of the summary.json beside it (schema.py's key strings)

@@ -1,7 +1,10 @@
-"""dptrain-report: run directories → results/<table>.csv (tidy), .md (pivot, mean ± std over seeds), .png.
+"""dptrain-report: run directories → <table>.csv (tidy), .md (pivot; mean ± std where a cell has several seeds),
+.png, beside the runs (in the folder that holds them all) unless --out names a folder (results/: the committed
+tables, only when asked).
 
-    dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep
-    dptrain-report outputs/a outputs/b --table mine              # some runs
+    dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep → that folder/acc_vs_eps.*
+    dptrain-report outputs/a outputs/b --table mine              # some runs → outputs/mine.*
+    dptrain-report multirun/acc_vs_eps/<date> --out results      # the committed results/acc_vs_eps.*
 
 Every directory below the given paths that holds a summary.json is a finished run; one that holds a
 failed.json (a run stopped by the divergence guard) is listed as failed, with the ε it spent; one whose
@@ -18,6 +21,7 @@ import os
 import sys
 
 from . import schema as key
+from .errors import UserError
 from .schema import COLUMNS
 
 
@@ -95,12 +99,13 @@ def plot_runs(df, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig.suptitle(_title(df), fontsize=9)
     private = df[df.eps.notna()]
     for (model, engine), part in private.groupby(["model", "engine"]):
         m = part.groupby("eps").test_acc.agg(["mean", "std"]).reset_index()
         axes[0].errorbar(m["eps"], m["mean"], yerr=m["std"].fillna(0), marker="o", label=f"{model} / {engine}")
-    axes[0].set(xlabel="ε (target)", ylabel="test accuracy", title="accuracy vs ε")
+    axes[0].set(xlabel="ε (target)", ylabel="test accuracy", title="test accuracy vs ε", ylim=(0, 1))  # not zoomed
     if len(private):
         axes[0].set_xscale("log")
         axes[0].minorticks_off()  # a log axis over 1..8 labels its minor ticks 2×10⁰, 3×10⁰, ...
@@ -111,13 +116,23 @@ def plot_runs(df, path: str) -> None:
     axes[1].bar(per.index, per["step_ms"])
     axes[1].set(ylabel="median step (ms)", title="time and memory per engine")
     ax2 = axes[1].twinx()
-    ax2.plot(per.index, per["peak_mem_mb"], "o-", color="tab:red")
+    ax2.plot(per.index, per["peak_mem_mb"], "o", color="tab:red")  # engines are categories: no joining line
     ax2.set_ylabel("peak memory (MB)", color="tab:red")
     ax2.set_ylim(bottom=0)  # from 0, as the bars: an axis from 1270 MB made 1% look like 10×
     axes[1].tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _title(df) -> str:
+    """What the runs were: dataset(s), δ and epochs (each listed when the runs differ), and how many runs."""
+    def values(col, fmt="{}"):
+        vals = sorted({v for v in df[col].dropna()}) if col in df else []
+        return ", ".join(fmt.format(v) for v in vals) or "?"
+
+    return (f"{values('dataset')}; δ = {values('delta', '{:.3g}')}; {values('epochs', '{:g}')} epochs; "
+            f"{len(df)} run(s)")
 
 
 def plot_bench(df, path: str) -> None:
@@ -136,7 +151,11 @@ def plot_bench(df, path: str) -> None:
         piv = df.pivot_table(index="config", columns="engine", values=col)
         if piv.empty:
             continue
-        piv.plot.bar(ax=ax, logy=True, rot=20)
+        # time ratios span 1-100x: log; memory ratios sit near 1, where a log axis from 0.98 made 1.7% look like a
+        # full-height difference: linear from 0
+        piv.plot.bar(ax=ax, logy=col.startswith("time"), rot=20)
+        if not col.startswith("time"):
+            ax.set_ylim(bottom=0)
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set(ylabel=label, xlabel="")
         ax.legend(fontsize=7)
@@ -145,23 +164,32 @@ def plot_bench(df, path: str) -> None:
     plt.close(fig)
 
 
-def report(paths: list[str], *, table: str | None = None, out: str = "results") -> dict:
+def beside(paths: list[str]) -> str:
+    """The folder that holds all `paths` (a sweep's own folder for one sweep): where a report goes by default."""
+    common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return os.path.relpath(common) if not any(os.path.isabs(p) for p in paths) else common
+
+
+def report(paths: list[str], *, table: str | None = None, out: str | None = None) -> dict:
     import pandas as pd
 
     rows, failed = collect(paths)
     if not rows:
-        raise SystemExit(f"dptrain-report: no summary.json under {', '.join(paths)}"
+        raise UserError(f"no summary.json under {', '.join(paths)}"
                          + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
     df = pd.DataFrame(rows)
     if not table:  # the runs' own name (a sweep's table), else "runs"
         table = df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
+    out = out or beside(paths)
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, table)
     df.to_csv(base + ".csv", index=False)
     with open(base + ".md", "w") as f:
         f.write(f"# {table}\n\n{len(df)} runs; commit(s) {', '.join(sorted(set(map(str, df.commit))))}; "
                 f"machine(s) {', '.join(sorted(set(map(str, df.machine))))}\n\n")
-        f.write("## test accuracy (mean ± std over seeds)\n\n" + pivot_md(df) + "\n\n")
+        seeds = df.groupby(["model", "engine", "eps"], dropna=False).size().max()
+        f.write(f"## test accuracy ({'mean ± std over seeds' if seeds > 1 else 'one run per cell'})\n\n"
+                + pivot_md(df) + "\n\n")
         f.write("## ε spent\n\n" + pivot_md(df, "eps_spent") + "\n\n")
         f.write("## runs\n\n" + df.drop(columns=["machine", "run_dir"]).to_markdown(index=False, floatfmt=".4g")
                 + "\n")
@@ -175,13 +203,18 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run or sweep directories")
     ap.add_argument("--table", help="output name (default: the runs' `name`)")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
     return ap
 
 
 def main(argv=None) -> None:
+    from .terminal import fail
+
     args = parser().parse_args(argv)
-    r = report(args.paths, table=args.table, out=args.out)
+    try:
+        r = report(args.paths, table=args.table, out=args.out)
+    except UserError as e:  # one line, exit 2, as dptrain's
+        fail("dptrain-report", str(e))
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
     for f in r["failed"]:
         print(f"  failed/unfinished: {f}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import statistics
 import time
@@ -17,7 +18,7 @@ from . import checkpoint as ckpt
 from . import schema as key
 from .allocator import keep_freed_memory
 from .budget import Budget, create_budget
-from .config import validate
+from .config import check_paths, validate
 from .data import NORMALIZE, Data, create_dataset
 from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
@@ -77,8 +78,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
-        trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                         tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
+        with _bar_logging(cfg, dist):
+            trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                             tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
         err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
         saver.failed()
@@ -121,8 +123,11 @@ def _sampler(cfg, n: int, budget: Budget, streams, hooks, dist: Dist):
 
 
 def _log_setup(cfg, data: Data, budget: Budget) -> None:
+    from .terminal import model_name
+
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
-             cfg.model.name, data.name, len(data.train), data.num_classes, data.image_size, data.image_size,
+             model_name(OmegaConf.to_container(cfg.model)), data.name, len(data.train), data.num_classes,
+             data.image_size, data.image_size,
              cfg.engine.name, budget.sample_rate, budget.steps, budget.noise_multiplier, budget.delta)
 
 
@@ -179,6 +184,7 @@ def check_config(cfg) -> None:
 
 def _data(cfg, streams) -> Data:
     """The dataset, at the input size and normalisation the model wants."""
+    check_paths(cfg)  # dataset.root exists: a download would create it
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
     # features are computed once, before training: the only augmentation is a second fixed view per example (the
@@ -187,18 +193,27 @@ def _data(cfg, streams) -> Data:
         raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
                         f"example (the image and its mirror image): set privacy.augmult=2 (got "
                         f"{cfg.privacy.augmult}), or dataset.augment=false")
-    return create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
+    data = create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
                           mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
                           val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
                           channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
                           normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
                           augment=ds.augment and ds.features != "none", tta=ds.tta, streams=streams)
+    if data.num_classes < 2:  # one class: every prediction is right, and the reported accuracy says nothing
+        raise UserError(f"dataset '{data.name}' has {data.num_classes} class; classification needs at least 2 (a "
+                        "folder dataset: one subfolder per class under train/ and test/)")
+    return data
 
 
 def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
-    model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
-                         img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
-                         checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    try:
+        model = create_model(cfg.model.name, num_classes=data.num_classes, in_chans=data.in_chans,
+                             img_size=cfg.model.img_size or data.image_size, pretrained=cfg.model.pretrained,
+                             checkpoint=cfg.model.checkpoint, **cfg.model.kwargs).to(device)
+    except TypeError as e:  # a model.kwargs.<arg> the model's constructor does not take
+        if "keyword argument" not in str(e):
+            raise
+        raise UserError(f"model '{cfg.model.name}': {e} (from model.kwargs)") from None
     if cfg.model.grad_checkpointing:
         grad_checkpointing(model, cfg.model.name)
     model = prepare(model, cfg.model)  # model.head_init, model.trainable: frozen before the engine attaches
@@ -224,6 +239,7 @@ class Trained:
     examples: int  # examples trained on, over all steps
     step_times: list[float]  # seconds per optimizer step
     train_s: float
+    warnings: list[str]  # summary.json's: what was logged as WARNING (_loss_warning)
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
@@ -239,18 +255,20 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                dynamic_ncols=True, leave=True)  # kept on screen when the run ends
     it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
     row = rows[-1] if rows else {}
+    warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr)] if w]  # a resumed run's
     t_train = time.perf_counter() - at.train_s
+    # the bar's ε: the last epoch end's, or the prior's before the first; refreshed within an epoch when the bar shows
+    live = LiveEps(budget, row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0), on=not bar.disable)
     while done < steps:
         epoch += 1
         logical = [next(it) for _ in range(max(1, _epoch_end(epoch, q, steps) - done))]
         totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
-        # ε of the last epoch end (an accountant call per step would cost more than the step); before it, the prior's
-        eps_so_far, n = (row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0)), len(logical)
+        n = len(logical)
         here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
-        def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
+        def on_step(loss, ex, secs, base=seen, epoch=epoch, here=here, n=n):
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(eps),
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(live.at(bar.n)),
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
             if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
                 here.train_s = time.perf_counter() - t_train
@@ -281,6 +299,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
             row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
                    key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
             rows.append(row)
+            live.value = row[key.EPS_SPENT]
         # before the line leaves the process: a resumed run then never logs (releases) a step twice. Every rank
         # (torchrun: each sends rank 0 its own state; rank 0 writes)
         saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
@@ -288,11 +307,54 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         if not dist.is_main:
             continue
         tracker.log(row)
+        if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr)) and warning not in warnings:
+            log.warning("%s", warning)
+            warnings.append(warning)
         bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", **_eps_postfix(row[key.EPS_SPENT]),
                         acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
     bar.close()
     return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
-                   train_s=time.perf_counter() - t_train)
+                   train_s=time.perf_counter() - t_train, warnings=warnings)
+
+
+def _loss_warning(rows: list[dict], num_classes: int, lr: float) -> str | None:
+    """The training loss (cross-entropy) two orders of magnitude above a uniform guess's, ln C, in any epoch so
+    far: the weights are running away (lr=1e6 once "finished successfully" at loss 5.9e5). None: no sign of it."""
+    chance = math.log(max(num_classes, 2))
+    for r in rows:
+        loss = r.get(key.TRAIN_LOSS)
+        if loss is not None and loss > 100 * chance:
+            return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {loss / chance:.3g}x that of a uniform guess "
+                    f"(ln {num_classes} = {chance:.2f}): training is diverging; lower optimizer.lr (now {lr:g})")
+    return None
+
+
+class LiveEps:
+    """ε spent for the progress bar, recomputed within an epoch (it showed epoch 1's start, 0, for all of epoch 1)
+    — but a PRV accountant call takes 0.3-0.8 s on 2 cores, longer than many steps: recomputed only once the time
+    since the last call is 50× that call's, so the bar costs the run at most ~2% (nothing without a bar)."""
+
+    def __init__(self, budget: Budget, value, *, on: bool):
+        self.budget, self.value, self.on, self.next_at = budget, value, on and budget.noise_multiplier is not None, 0.0
+
+    def at(self, steps: int):
+        now = time.perf_counter()
+        if self.on and now >= self.next_at:
+            self.value = self.budget.eps_spent(steps)
+            self.next_at = time.perf_counter() + 50 * (time.perf_counter() - now)
+        return self.value
+
+
+def _bar_logging(cfg, dist: Dist):
+    """While the progress bar shows (a terminal, rank 0), log lines go through tqdm.write: printed above the bar,
+    not glued onto it with a stale copy of the bar left behind."""
+    import contextlib
+    import sys
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    shows = cfg.progress and dist.is_main and sys.stderr.isatty()
+    return logging_redirect_tqdm() if shows else contextlib.nullcontext()
 
 
 def _epoch_end(epoch: int, q: float, steps: int) -> int:
@@ -327,8 +389,8 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
         key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, **weights, key.DATASET: data.name,
         key.EPOCHS: t.epochs, key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(),
-        key.COMMIT: commit,
-        key.NAME: cfg.name, key.RESUMED: resumed, key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
+        key.COMMIT: commit, key.NAME: cfg.name, key.RESUMED: resumed, key.WARNINGS: t.warnings,
+        key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
 
 

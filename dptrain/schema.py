@@ -52,11 +52,12 @@ WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 NAME = "name"  # the run name: outputs/<name>/..., and the report's table name
 CONFIG = "config"  # the resolved config
 RESUMED = "resumed"  # one {step, commit, at} per resume (resume=<run dir>, checkpoint.py); [] if never interrupted
+WARNINGS = "warnings"  # what the run found suspicious and logged as WARNING (a diverging loss, run.py); [] if nothing
 
 # summary.json's keys, in file order
 SUMMARY = (TEST_ACC, TRAIN_LOSS, *PRIVACY, STREAMS, CHECKPOINT, CHECKPOINT_EPS_SPENT, SAMPLES_PER_S, PEAK_MEM_MB,
            STEP_MS, ENGINE, MODEL, INIT, TRAINABLE, TRAINABLE_PARAMS, DATASET, EPOCHS, WALL_S, DEVICE, MACHINE, COMMIT,
-           NAME, RESUMED, CONFIG)
+           NAME, RESUMED, WARNINGS, CONFIG)
 METRICS = (EPOCH, STEP, TRAIN_LOSS, TEST_ACC, TEST_LOSS, EPS_SPENT)  # one metrics.jsonl line
 
 

@@ -41,7 +41,7 @@ def test_without_out_the_committed_results_are_left_alone(tmp_path, monkeypatch)
     assert (tmp_path / "results" / "bench-cpu.csv").read_text() == "committed\n"
     written = list((tmp_path / "outputs" / "bench").glob("*/bench-cpu.csv"))
     assert len(written) == 1 and list(pd.read_csv(written[0]).engine) == ["nonprivate"]
-    bench.main([*argv, "--out", "results/bench-cpu"])
+    bench.main([*argv, "--out", "results"])  # a folder, as dptrain-report's --out
     assert list(pd.read_csv(tmp_path / "results" / "bench-cpu.csv").engine) == ["nonprivate"]
 
 
@@ -56,6 +56,36 @@ def test_max_batch_prints_each_probe(monkeypatch, capsys):
     monkeypatch.setattr(bench, "peak_memory", fake_peak)
     assert bench.max_batch("cnn", 8, "mixed_ghost", "cpu", 1000) == 100
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == len(probes) == 12
-    assert lines[0] == "   max batch mixed_ghost: probe 1, batch 2048: peak 20480 MB, over 1000 MB (0 s)"
+    assert len(lines) == len(probes) <= 11  # bounded: 1..MAX_BATCH_LIMIT (1024) in <= log2(1025) probes
+    assert lines[0] == "   max batch mixed_ghost: probe 1 of <= 11, batch 512: peak 5120 MB, over 1000 MB (0 s)"
     assert all(f"batch {b}: " in line for b, line in zip(probes, lines))
+
+
+def test_rows_are_written_as_they_finish_after_a_plan_and_with_an_estimate(tmp_path, monkeypatch, capsys):
+    """Issue #30: `dptrain-bench` ran over 10 minutes, wrote nothing and gave no estimate, and left an empty
+    outputs/bench/<date>/. Now: the plan first (with the max-batch search's bound), then each config's rows
+    written as they finish, with an estimate of the rest; a bench stopped before its first row leaves no folder."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(bench, "time_engines", lambda m, s, b, engines, *a, **k: {e: 0.01 for e in engines})
+    monkeypatch.setattr(bench, "max_batch", lambda *a, hi, **k: hi // 2)
+    real_write = bench.write
+    monkeypatch.setattr(bench, "write", lambda rows, out, **k: (calls.append(len(rows)), real_write(rows, out, **k)))
+    bench.main(["--models", "cnn", "vgg11", "--engines", "nonprivate", "mixed_ghost", "--no-memory",
+                "--memory-budget", "100", "--max-batch-limit", "64", "--device", "cpu", "--out", "here"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("dptrain-bench: 2 model config(s) x 2 engine(s): 10 interleaved steps each, then the max batch "
+                      "under 100 MB: bisection over 1..64, <= 7 fresh processes per engine (28 at most); each row is "
+                      "written as it finishes, with an estimate of the rest")
+    assert calls == [2, 4]
+    assert [ln.split(" in ")[0] for ln in err if "config(s) in" in ln] == ["   1/2 config(s)", "   2/2 config(s)"]
+    assert "; the rest: about" in [ln for ln in err if "1/2" in ln][0]
+    assert list(pd.read_csv(tmp_path / "here" / "bench-cpu.csv").max_batch) == [32] * 4
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "time_engines", stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", "cnn", "--device", "cpu"])
+    assert not (tmp_path / "outputs").exists()

@@ -128,3 +128,53 @@ def test_readme_bench_and_report_commands_parse(tool, args):
     parsed = (bench if tool == "dptrain-bench" else report).parser().parse_args(args)  # SystemExit(2) if not
     for label in getattr(parsed, "engines", None) or []:
         assert bench.parse_engine(label)[0] in ENGINES, label
+
+
+def shrunk_bench(args: list[str], out: str) -> list[str]:
+    """A README `dptrain-bench` line cut to seconds: 8×8 inputs, batch 2, one step, no memory processes (their
+    subprocess path is test_bench.py's), the max-batch search over 1..4 — every flag it names kept."""
+    from dptrain import bench
+
+    given = bench.parser().parse_args(args)
+    cut = ["--sizes", "8", "--batches", "2", "--steps", "1", "--no-memory", "--max-batch-limit", "4", "--out", out]
+    return [*args, *cut, *([] if given.models else ["--models", "cnn"])]
+
+
+@pytest.mark.parametrize("args", [a for t, a, _ in COMMANDS if t == "dptrain-bench" and "--processes" not in a],
+                         ids=[" ".join(a) for t, a, _ in COMMANDS if t == "dptrain-bench" and "--processes" not in a])
+def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
+    """Each README `dptrain-bench` line runs (issue #30: two of them ran over 10 minutes and wrote nothing);
+    `--processes` spawns gloo processes: test_bench.py / test_distributed.py run that path."""
+    from dptrain import bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "peak_memory", lambda *a, **k: {"peak_mb": 10.0 * a[2], "extra_mb": 1.0})
+    bench.main(shrunk_bench(args, str(tmp_path / "out")))
+    err = capsys.readouterr().err
+    if "--profile" in args:
+        return
+    assert err.startswith("dptrain-bench: ") and (tmp_path / "out" / "bench-cpu.csv").exists()
+
+
+@pytest.mark.parametrize("args", [a for t, a, _ in COMMANDS if t == "dptrain-report"],
+                         ids=[" ".join(a) for t, a, _ in COMMANDS if t == "dptrain-report"])
+def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
+    """Each README `dptrain-report` line, on one tiny finished run under each folder it names; the output lands
+    beside the runs unless the line says --out."""
+    import shutil
+
+    from conftest import TINY
+
+    from dptrain import report
+    from dptrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    paths = [a for a in report.parser().parse_args(args).paths]
+    monkeypatch.setattr("sys.argv", ["dptrain", *TINY, f"hydra.run.dir={tmp_path}/one"])
+    main()
+    for p in paths:
+        shutil.copytree(tmp_path / "one", tmp_path / p / "0")
+    report.main(args)
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    where = report.parser().parse_args(args).out or report.beside(paths)
+    assert out.startswith("1 runs → ") and f"{where}/" in out

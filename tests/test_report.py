@@ -150,3 +150,56 @@ def test_plot_has_plain_eps_ticks_and_memory_from_zero(tmp_path, monkeypatch):
     assert [t.get_text() for t in acc.get_xticklabels()] == ["1", "2", "3", "8"]
     assert not [t.get_text() for t in acc.xaxis.get_minorticklabels() if t.get_text()]
     assert memory.get_ylim()[0] == 0 and memory.get_ylim()[1] >= 1280
+
+
+def test_report_goes_beside_the_runs_unless_out_names_a_folder(tmp_path, monkeypatch):
+    """Issue #30: dptrain-report wrote into the repository's tracked results/ by default."""
+    from dptrain.report import main
+
+    for i in range(2):
+        write_run(tmp_path / "sweep" / str(i), **{key.MODEL: "cnn", key.ENGINE: "ghost", key.EPS: 1.0 + i,
+                                                   key.DATASET: "digits", key.DELTA: 1e-5},
+                  config={"eps": 1.0 + i, "seed": 0, "batch_size": 32, "epochs": 3.0})
+    monkeypatch.chdir(tmp_path)
+    main(["sweep"])
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("runs.*")) == ["runs.csv", "runs.md", "runs.png"]
+    assert not (tmp_path / "results").exists()
+    main(["sweep", "--out", "results"])
+    assert (tmp_path / "results" / "runs.csv").exists()
+    assert "## test accuracy (one run per cell)" in (tmp_path / "sweep" / "runs.md").read_text()  # one seed
+
+
+def test_plot_axes_are_honest_and_titled(tmp_path, monkeypatch):
+    """Accuracy from 0 to 1 (0.1000-0.1028 filled the panel), a title naming the dataset, δ and epochs, engines as
+    points without a joining line, and the bench's memory ratios on a linear axis from 0."""
+    from matplotlib.figure import Figure
+
+    from dptrain.report import plot_bench, plot_runs
+
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    df = pd.DataFrame([{"model": "cnn", "engine": e, "eps": eps, "test_acc": 0.1 + 0.001 * eps, "step_ms": 10.0,
+                        "peak_mem_mb": 1270.0, "dataset": "digits", "delta": 1e-5, "epochs": 15.0}
+                       for e in ("mixed_ghost", "opacus") for eps in (1.0, 3.0)])
+    plot_runs(df, str(tmp_path / "p.png"))
+    acc, _, memory = figs[0].axes
+    assert acc.get_ylim() == (0, 1)
+    assert figs[0]._suptitle.get_text() == "digits; δ = 1e-05; 15 epochs; 4 run(s)"
+    assert [line.get_linestyle() for line in memory.get_lines()] == ["None"]
+    bench = pd.DataFrame([{"model": "cnn", "size": 32, "batch": 32, "engine": e, "time_vs_nonprivate": t,
+                           "peak_vs_nonprivate": m, "extra_vs_nonprivate": m} for e, t, m in
+                          (("nonprivate", 1.0, 1.0), ("mixed_ghost", 1.5, 1.017))])
+    plot_bench(bench, str(tmp_path / "b.png"))
+    time_ax, peak_ax, extra_ax = figs[1].axes
+    assert time_ax.get_yscale() == "log" and peak_ax.get_yscale() == extra_ax.get_yscale() == "linear"
+    assert peak_ax.get_ylim()[0] == 0 and extra_ax.get_ylim()[0] == 0
+
+
+def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
+    from dptrain.report import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"dptrain-report: error: no summary.json under {tmp_path}/empty\n"

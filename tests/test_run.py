@@ -20,7 +20,7 @@ def test_summary_keys_are_the_published_ones():
         "privacy/steps", "privacy/eps_spent", "privacy/prior", "privacy/streams", "privacy/checkpoint",
         "privacy/checkpoint_eps_spent", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model",
         "model/init", "model/trainable", "model/trainable_params", "dataset", "epochs", "wall_s", "device", "machine",
-        "commit", "name", "resumed", "config")
+        "commit", "name", "resumed", "warnings", "config")
     assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
     assert key.FAILED == (
         "status", "error", "step", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
@@ -484,16 +484,18 @@ def test_summary_epochs_are_the_epochs_requested(quick):
 
 @pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
 def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, engine):
-    """The bar shows ε spent from the first step (0 until the first epoch ends, not None), none for a non-private
-    run, and is kept on screen at the end."""
+    """The bar shows ε spent from the first step — recomputed within the epoch (issue #30: it showed 0 for all of
+    epoch 1), not None —, none for a non-private run, and is kept on screen at the end."""
     made, postfixes = [], []
 
     class Bar:
+        disable, n = False, 0  # shown (a terminal)
+
         def __init__(self, **kw):
             made.append(kw)
 
         def update(self, n):
-            pass
+            self.n += n
 
         def set_postfix(self, **kw):
             postfixes.append(kw)
@@ -507,7 +509,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
     if engine == "nonprivate":
         assert not [p for p in postfixes if "eps" in p]
     else:
-        assert postfixes[0]["eps"] == "0" and postfixes[-1]["eps"] == f"{s[key.EPS_SPENT]:.3g}"
+        assert 0 < float(postfixes[0]["eps"]) < s[key.EPS_SPENT] and postfixes[-1]["eps"] == f"{s[key.EPS_SPENT]:.3g}"
         assert all(p["eps"] != "None" for p in postfixes)
 
 

@@ -283,7 +283,9 @@ class PrivacyEngine:
         self.per_sample_norms = norms
         if not self._logged:
             self._logged = True
-            log.info("privacy engine (%s), per-layer rules chosen:\n%s", self.mode, describe(self.entries))
+            # the table matters when a layer is on the slow fallback; otherwise it is detail (DEBUG)
+            level = logging.INFO if any(e.rule is FALLBACK for e in self.entries) else logging.DEBUG
+            log.log(level, "privacy engine (%s), per-layer rules chosen:\n%s", self.mode, describe(self.entries))
         return c, done
 
     def _finish(self) -> None:
@@ -415,7 +417,7 @@ def _fallback_share(entries: list[Entry]) -> float:
         log.warning("privacy engine: %.1f%% of the trainable parameters are on the generic (slow) fallback: %s",
                     100 * share, names)
     else:
-        log.info("privacy engine: fallback share 0% (every trainable parameter on a ghost/instantiation rule)")
+        log.debug("privacy engine: fallback share 0% (every trainable parameter on a ghost/instantiation rule)")
     return share
 
 
