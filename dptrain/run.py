@@ -289,12 +289,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                 e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
-        # over the ranks: the released sums (noised once, on rank 0) ÷ the count (ledger.TrainMetrics.count)
-        loss_sum, correct, examples = dist.sum(stats["loss_sum"], stats["correct"], stats["examples"])
-        count = metrics.count(len(stats["step_times"]), int(examples)) if metrics is not None else max(examples, 1)
-        stats.update(loss=loss_sum / count, acc=correct / count, examples=int(examples))
-        if metrics is None or metrics.mode == "none":
-            stats.update(loss=None if metrics is not None else stats["loss"], acc=None)
+        stats.update(_released(stats, metrics, dist))
         seen += stats["examples"]
         times += stats["step_times"]
         if dist.is_main:
@@ -317,6 +312,18 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
     bar.close()
     return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
                    train_s=time.perf_counter() - t_train)
+
+
+def _released(stats: dict, metrics: TrainMetrics | None, dist: Dist) -> dict:
+    """The epoch's train loss and accuracy as released: the sums over the ranks (noised once, on rank 0) ÷ the
+    count (ledger.TrainMetrics.count); None under log.train_metrics=none."""
+    loss_sum, correct, examples = dist.sum(stats["loss_sum"], stats["correct"], stats["examples"])
+    if metrics is None:
+        return {"loss": loss_sum / max(examples, 1), "acc": None, "examples": int(examples)}
+    count = metrics.count(len(stats["step_times"]), int(examples))
+    none = metrics.mode == "none"
+    return {"loss": None if none else loss_sum / count, "acc": None if none else correct / count,
+            "examples": int(examples)}
 
 
 def _epoch_end(epoch: int, q: float, steps: int) -> int:
