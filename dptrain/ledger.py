@@ -88,6 +88,8 @@ def calibrate_metrics(*, eps: float | None, sigma: float | None, delta: float, s
                                      accountant=accountant, prior=tuple(prior))
     else:
         total = epsilon_of(model(sigma), delta=delta, accountant=accountant) / (1 - f_t - f_v)
+        if not math.isfinite(total):  # σ too small for any ε: the metric noise in the same proportion to σ
+            return Plan(sigma, *(_proportional(sigma, fraction) if f else None for f in (f_t, f_v)))
     metrics_noise, joint = None, sigma
     if f_t:
         joint = calibrate(eps=total * (1 - f_v), delta=delta, accountant=accountant, history=model, high=sigma)
@@ -97,6 +99,11 @@ def calibrate_metrics(*, eps: float | None, sigma: float | None, delta: float, s
         val_noise = calibrate(eps=total, delta=delta, accountant=accountant,
                               history=lambda s: [*model(joint), (s, 1.0, 2 * val_evals)])
     return Plan(sigma, metrics_noise, val_noise)
+
+
+def _proportional(sigma: float, fraction: float) -> float:
+    """σ_m with σ/σ_joint = 1/(1 - fraction): where ε ∝ 1/σ (the usual regime), the metrics then cost `fraction`."""
+    return sigma * math.sqrt(2 / ((1 - fraction) ** -2 - 1))
 
 
 class MetricNoise:

@@ -84,6 +84,7 @@ def calibrate(*, eps, delta, accountant, history, tolerance=0.005, high=10.0) ->
     def spent(sigma):
         return epsilon_of(history(sigma), delta=delta, accountant=accountant)
 
+    _check_finite(eps=eps)  # eps = inf would halve σ towards 0 forever
     floor = epsilon_of([m for m in history(math.inf) if m[0] != math.inf], delta=delta, accountant=accountant)
     if floor >= eps:
         raise ValueError(f"the other releases already spend eps={floor:.4g}")
