@@ -10,7 +10,8 @@ target ε holds for the whole run.
 Training metrics (log.train_metrics=dp): in every step, on the step's own Poisson batch, two sums over its examples
 — the cross-entropy clipped to C = log.loss_clip_factor · log(num_classes) (data-independent), and correctness (an
 example's mean over its augmented rows: in [0, 1]) — each plus Gaussian noise N(0, (σ_m·C)²), N(0, σ_m²). The epoch's
-value is its noisy sums ÷ the expected count (steps · L), as DP-SGD divides by L. The step's gradient query and
+value is its noisy sums ÷ the expected count (steps · L), as DP-SGD divides by L, put back into [0, C] and [0, 1]
+(post-processing). The step's gradient query and
 these two share one sampled batch, so (with each normalised by its noise) the step is ONE subsampled Gaussian
 mechanism of sensitivity √(1/σ² + 2/σ_m²): training with metrics is training at σ_joint = (σ⁻² + 2σ_m⁻²)^(-1/2),
 exactly — no looser composition of separately sampled mechanisms.
@@ -177,8 +178,9 @@ def release_validation(result: dict, *, mode: str, clip: float, noise_multiplier
         return {"acc": result["acc"], "loss": result["loss"]}
     n = max(result["n"], 1)
     z = noise.draw(index, 2)
-    return {"acc": (result["correct"] + noise_multiplier * z[1].item()) / n,
-            "loss": (result["loss_sum"] + noise_multiplier * clip * z[0].item()) / n}
+    acc = (result["correct"] + noise_multiplier * z[1].item()) / n
+    loss = (result["loss_sum"] + noise_multiplier * clip * z[0].item()) / n
+    return {"acc": min(max(acc, 0.0), 1.0), "loss": min(max(loss, 0.0), clip)}  # post-processing: free
 
 
 def entries(budget, steps: int) -> list[dict]:

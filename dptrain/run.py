@@ -321,9 +321,12 @@ def _released(stats: dict, metrics: TrainMetrics | None, dist: Dist) -> dict:
     if metrics is None:
         return {"loss": loss_sum / max(examples, 1), "acc": None, "examples": int(examples)}
     count = metrics.count(len(stats["step_times"]), int(examples))
-    none = metrics.mode == "none"
-    return {"loss": None if none else loss_sum / count, "acc": None if none else correct / count,
-            "examples": int(examples)}
+    if metrics.mode == "none":
+        return {"loss": None, "acc": None, "examples": int(examples)}
+    loss, acc = loss_sum / count, correct / count
+    if metrics.mode == "dp":  # noised: back into the values' range (post-processing, no privacy cost)
+        loss, acc = min(max(loss, 0.0), metrics.clip), min(max(acc, 0.0), 1.0)
+    return {"loss": loss, "acc": acc, "examples": int(examples)}
 
 
 def _epoch_end(epoch: int, q: float, steps: int) -> int:

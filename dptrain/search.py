@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .privacy.accounting import epsilon_of
 from .tuning import DISTRIBUTIONS, check_space, draw_trials, eps_incl_tuning, os_rng
 
 TUNING_FILE = "tuning.json"
@@ -128,7 +129,9 @@ def record(sweep_dir: Path, selected: Path | None, *, distribution: str, mean: f
         if s[key.EPS_SPENT] is not None:
             eps, order = eps_incl_tuning(history_of(s), delta=s[key.DELTA], distribution=distribution, mean=mean,
                                          shape=shape or 0.0)
-            info.update(eps_incl_tuning=eps, order=order)
+            # one trial's ε by RDP too: the bound goes through RDP, which is looser than PRV by itself
+            info.update(eps_incl_tuning=eps, order=order, eps_trial_rdp=epsilon_of(history_of(s), delta=s[key.DELTA],
+                                                                                   accountant="rdp"))
     (sweep_dir / TUNING_FILE).write_text(json.dumps(info, indent=2))
     return info
 

@@ -126,6 +126,26 @@ def test_train_metrics_clip_count_and_noise():
     assert noisy.step() == (3.0 * 2.0 * 5, 3.0 * 5)  # an empty step is noised too, keyed by its step number
 
 
+def test_validation_release_is_noised_and_kept_in_range():
+    import torch
+
+    from dptrain.ledger import release_validation
+
+    class Fixed:
+        def __init__(self, z):
+            self.z = z
+
+        def draw(self, index, n):
+            return torch.tensor(self.z, dtype=torch.float64)
+
+    exact = {"acc": 0.5, "loss": 1.0, "correct": 50, "loss_sum": 100.0, "n": 100}
+    args = {"clip": 4.0, "noise_multiplier": 2.0, "index": 3}
+    assert release_validation(exact, mode="dp", noise=Fixed([1.0, -1.0]), **args) == {"acc": 0.48, "loss": 1.08}
+    assert release_validation(exact, mode="dp", noise=Fixed([-80.0, 40.0]), **args) == {"acc": 1.0, "loss": 0.0}
+    assert release_validation(exact, mode="none", noise=None, **args) == {"acc": None, "loss": None}
+    assert release_validation(exact, mode="nonprivate", noise=None, **args) == {"acc": 0.5, "loss": 1.0}
+
+
 def test_metric_noise_is_fresh_per_step_and_independent_of_the_seeded_streams():
     from dptrain.ledger import MetricNoise
     from dptrain.privacy.streams import Streams
