@@ -182,8 +182,8 @@ def report(paths: list[str], *, table: str | None = None, out: str = "results") 
     with open(base + ".md", "w") as f:
         f.write(f"# {table}\n\n{len(df)} runs; commit(s) {', '.join(sorted(set(map(str, df.commit))))}; "
                 f"machine(s) {', '.join(sorted(set(map(str, df.machine))))}\n\n")
+        f.write(_labels(df))  # what the ε columns leave out, before any number
         f.write("## test accuracy (mean ± std over seeds)\n\n" + pivot_md(df) + "\n\n")
-        f.write(_labels(df))
         f.write("## ε spent\n\n" + pivot_md(df, "eps_spent") + "\n\n")
         if df.eps_incl_tuning.notna().any():
             f.write("## ε including tuning\n\n" + pivot_md(df, "eps_incl_tuning") + "\n\n")
