@@ -90,7 +90,7 @@ class Streams:
 
     def describe(self) -> dict[str, str]:
         """Where each stream comes from, for summary.json."""
-        sub = {"noise": " chunk"}  # one sub-stream per noise chunk
+        sub = {"noise": " chunk", "metrics": " 0 train | 1 val, step"}  # sub-streams: per noise chunk, per release
         return {name: "os.urandom" if self.secure and name in SECURE
                 else f"SeedSequence({self.seed}, spawn_key=({k},{sub.get(name, '')}))" for name, k in KEYS.items()}
 
