@@ -3,6 +3,7 @@ privacy/eps_spent; metric releases noised by default; the private hyperparameter
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -245,9 +246,12 @@ def check_outputs(run_dir, s, *, val):
     for k in set(s) | {k for line in lines for k in line}:
         assert k in PUBLIC or (k in released and (released[k] is None or released[k] in ledger)) or (
             EXCLUDED.get(k) in ledger), k
-    for f in run_dir.glob("wandb/offline-run-*/files/wandb-summary.json"):
-        for k in json.loads(f.read_text()):
-            assert k.startswith("_") or k in PUBLIC or k in released, k
+    # wandb's offline run (binary protobuf records): every metric-like key in it, history and summary alike
+    for f in run_dir.glob("wandb/offline-run-*/*.wandb"):
+        found = {m.decode() for m in re.findall(rb"(?:train|test|perf|privacy)/[a-z_]+", f.read_bytes())}
+        assert {key.TRAIN_LOSS, key.EPS_SPENT} <= found  # the scan sees the run's metrics
+        for k in found:
+            assert k in PUBLIC or (k in released and (released[k] is None or released[k] in ledger)), k
 
 
 @pytest.mark.slow
