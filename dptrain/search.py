@@ -125,7 +125,11 @@ def record(sweep_dir: Path, selected: Path | None, *, distribution: str, mean: f
             "selected": None, "eps": None, "delta": None, "eps_incl_tuning": None, "order": None}
     if selected is not None:
         s = json.loads((selected / "summary.json").read_text())
-        info.update(selected=selected.name, score=s[key.TEST_ACC], eps=s[key.EPS_SPENT], delta=s[key.DELTA])
+        frac = (s.get(key.CONFIG) or {}).get("dataset", {}).get("val_fraction", 0)
+        info.update(selected=selected.name, score=s[key.TEST_ACC], eps=s[key.EPS_SPENT], delta=s[key.DELTA],
+                    selected_on=f"held-out split of the private set (dataset.val_fraction={frac}; its reads are in "
+                    "each trial's ledger)" if frac else "the test split, read by every trial: the selected run's "
+                    "test accuracy is optimistic (select on dataset.val_fraction > 0)")
         if s[key.EPS_SPENT] is not None:
             eps, order = eps_incl_tuning(history_of(s), delta=s[key.DELTA], distribution=distribution, mean=mean,
                                          shape=shape or 0.0)
