@@ -30,6 +30,8 @@ def test_ledger_composes_like_opacus_and_dp_accounting():
     from opacus.accountants import RDPAccountant
 
     b = ledger_budget()
+    assert b.eps_spent(300) == pytest.approx(1.6800, abs=1e-4)  # golden: RDP; PRV gives 1.3313
+    assert ledger_budget("prv").eps_spent(300) == pytest.approx(1.3313, abs=2e-3)
     acc = RDPAccountant()
     acc.history = [(8.0, 1.0, 2), ((1.0 ** -2 + 2 * 7.0 ** -2) ** -0.5, 0.01, 300), (30.0, 1.0, 6)]
     assert b.eps_spent(300) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
