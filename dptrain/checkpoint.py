@@ -274,7 +274,9 @@ def resumed_budget(state: dict, *, n: int, batch_size: int) -> Budget:
     """The budget the run started with (validated then, from the same config), not a new calibration: its σ
     was used for the steps taken, and an accountant of another version could calibrate another. The training
     set must still have the n examples its sample rate q = L/n was computed for."""
-    saved = Budget(**{**state["budget"], "prior": tuple(tuple(m) for m in state["budget"].get("prior", ()))})
+    b = state["budget"]
+    saved = Budget(**{**b, "prior": tuple(tuple(m) for m in b.get("prior", ())),
+                      "evaluated": tuple(b.get("evaluated", ())), "excludes": tuple(b.get("excludes", ()))})
     if saved.sample_rate != batch_size / n:
         raise UserError(f"resume: the training set now has n={n} examples, giving q={batch_size / n:.6g}; the run's "
                         f"q={saved.sample_rate:.6g} (its data changed)")

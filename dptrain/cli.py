@@ -12,8 +12,25 @@ from hydra.core.hydra_config import HydraConfig
 from . import schema as key
 from .config import register
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(ROOT, "conf")
 register()
+
+
+def _add_plugins() -> None:
+    """hparams_search=private's sweeper lives in <repo>/hydra_plugins (Hydra looks for sweepers only in that
+    namespace package, which the editable install does not map): add it before Hydra scans its plugins."""
+    try:
+        import hydra_plugins
+    except ImportError:  # no Hydra plugin installed at all: the repo's folder is the namespace
+        sys.path.append(ROOT)
+        return
+    here = os.path.join(ROOT, "hydra_plugins")
+    if os.path.isdir(here) and here not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(here)
+
+
+_add_plugins()
 log = logging.getLogger("dptrain")
 
 
@@ -111,6 +128,8 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
     priv = "non-private" if eps is None else (
         f"eps spent {eps:.3f} (target {s[key.EPS]}, delta {s[key.DELTA]:.3g}, "
         f"sigma {s[key.NOISE_MULTIPLIER]:.3f}, {s[key.ACCOUNTANT]}, {s[key.SAMPLING]})")
+    if s.get(key.EPS_EXCLUDES):
+        priv += f"; eps excludes {' and '.join(s[key.EPS_EXCLUDES])} (log.*=nonprivate)"
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
     from .terminal import model_name

@@ -111,6 +111,18 @@ class LoggerConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a run releases besides the model, and at what privacy cost (ledger.py, summary.json privacy/ledger)."""
+
+    # train/loss and train/acc: dp (clipped per-example loss and correctness summed with Gaussian noise in every
+    # step, inside ε), none (not released), nonprivate (exact; ε then excludes them, and says so)
+    train_metrics: str = "dp"
+    val_metrics: str = "dp"  # the same for a held-out split of the private training set (dataset.val_fraction > 0)
+    metrics_eps_fraction: float = 0.02  # each dp metric release costs this share of ε (the rest calibrates σ)
+    loss_clip_factor: float = 2.0  # an example's loss is clipped to this × log(num_classes) (chance level's loss)
+
+
+@dataclass
 class CheckpointConfig:
     # checkpoint.pt in the run directory at every epoch end and at least every `every_s` seconds of training
     # (checkpoint.py); 0: no checkpoints at all (a killed run cannot be resumed)
@@ -126,6 +138,7 @@ class TrainConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eps: float | None = 3.0  # target ε
     delta: float | None = None  # default: 1e-5 if below 1/n, else 1/(10 n); recorded
     epochs: float = 15.0  # may be fractional; steps = round(epochs / q)
@@ -159,6 +172,7 @@ RANGES = {
     "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
     "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",
     "model.lora.rank": "[1, inf)", "model.lora.alpha": "(0, inf)", "model.lora.dropout": "[0, 1)",
+    "log.metrics_eps_fraction": "(0, 0.25)", "log.loss_clip_factor": "(0, inf)",
 }
 UNRANGED = {"seed": "seeding.create_streams", "engine.passes": "create_engine: a choice, 1 or 2"}  # checked there
 

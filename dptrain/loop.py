@@ -16,7 +16,7 @@ from .privacy.sampling import physical
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
                     augment_gen=None, augmult=1, views=1, ema=None, scheduler=None, memory_format=None, on_step=None,
-                    totals=None) -> dict:
+                    totals=None, metrics=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
     augmult K: each example enters as K independently augmented rows, clipped as one example.
@@ -27,7 +27,9 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
     Diverged with the steps spent so far; the step in progress counts, as its loss was seen and an engine may
     already have applied it (Opacus steps inside backward).
     totals: the epoch's running sums {"loss", "examples", "step_times"}, updated after every step (what a
-    mid-epoch checkpoint saves); a run resumed inside an epoch passes its checkpoint's, with the batches left."""
+    mid-epoch checkpoint saves); a run resumed inside an epoch passes its checkpoint's, with the batches left.
+    metrics: a ledger.TrainMetrics — the epoch's loss and accuracy as released (under log.train_metrics=dp: clipped,
+    noised in every step, ÷ steps·L), and what on_step shows; None: the engine's mean loss over the examples seen."""
     model = engine.model
     model.train()
     params = list(model.parameters())
@@ -37,9 +39,11 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
                      pin_memory=device.type == "cuda")
     totals = totals if totals is not None else {}
     loss_sum, seen = totals.setdefault("loss", 0.0), totals.setdefault("examples", 0)
-    # the epoch's summed loss stays on the device (float64, added in the order a Python float would be: the same
-    # bits) and is read once per step, not once per physical batch: each read waits for the device
-    running = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+    correct = totals.setdefault("correct", 0.0)  # with metrics: loss_sum and correct are the released sums
+    # the engine's summed loss stays on the device (float64, added in the order a Python float would be: the same
+    # bits) and is read once per step, not once per physical batch: each read waits for the device. With metrics it
+    # only guards against divergence: the released sums are the metrics'
+    running = torch.tensor(loss_sum if metrics is None else 0.0, dtype=torch.float64, device=device)
     times = totals.setdefault("step_times", [])  # appended in place
     for cs in chunks:
         t0 = time.perf_counter()
@@ -59,12 +63,19 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
             # processes) all-reduces only in the logical batch's last backward
             with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
                 out = model(x)
+            if metrics is not None:
+                metrics.add(out, y)
             running += engine.backward(out, y, last=last)  # a 0-dim tensor (or a float): no host sync here
             seen += len(y)
-        loss_sum = running.item()  # a non-finite loss of any physical batch makes the sum non-finite
-        if not math.isfinite(loss_sum):  # before the step: the step in progress counts, its update is not made
-            raise Diverged(f"non-finite training loss ({loss_sum})", steps=len(times) + 1)
+        total = running.item()  # a non-finite loss of any physical batch makes the sum non-finite
+        if not math.isfinite(total):  # before the step: the step in progress counts, its update is not made
+            raise Diverged(f"non-finite training loss ({total})", steps=len(times) + 1)
+        if metrics is None:
+            loss_sum = total
         engine.step()
+        if metrics is not None:  # the step's sums as released (noise added even to an empty batch's)
+            step_loss, step_correct = metrics.step()
+            loss_sum, correct = loss_sum + step_loss, correct + step_correct
         if ema is not None:
             ema.update_parameters(model)
         if scheduler is not None:
@@ -73,10 +84,13 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         times.append(time.perf_counter() - t0)
         if not finite:
             raise Diverged("non-finite weights after the update", steps=len(times))
-        totals["loss"], totals["examples"] = loss_sum, seen
+        totals["loss"], totals["examples"], totals["correct"] = loss_sum, seen, correct
+        count = metrics.count(len(times), seen) if metrics is not None else max(seen, 1)
         if on_step is not None:
-            on_step(loss_sum / max(seen, 1), seen, sum(times))
-    return {"loss": loss_sum / max(seen, 1), "examples": seen, "step_times": times}
+            on_step(loss_sum / count, seen, sum(times))
+    count = metrics.count(len(times), seen) if metrics is not None else max(seen, 1)
+    return {"loss": loss_sum / count, "acc": correct / count if metrics is not None else None, "examples": seen,
+            "step_times": times, "loss_sum": loss_sum, "correct": correct}
 
 
 @torch.no_grad()
@@ -92,10 +106,11 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, test_set, *, device, batch_size=512, num_workers=0, views=1, flip=False) -> dict:
-    """Accuracy and mean cross-entropy over `test_set`. Test-time augmentation (dataset.tta): views > 1, inputs
-    (B, views, ...) whose softmax is averaged over the views; flip, the softmax of each image and of its mirror image
-    averaged. The loss is then the cross-entropy of the averaged softmax."""
+def evaluate(model, test_set, *, device, batch_size=512, num_workers=0, views=1, flip=False, loss_clip=None) -> dict:
+    """Accuracy and mean cross-entropy over `test_set`, and their sums ("correct", "loss_sum", "n"). Test-time
+    augmentation (dataset.tta): views > 1, inputs (B, views, ...) whose softmax is averaged over the views; flip, the
+    softmax of each image and of its mirror image averaged. The loss is then the cross-entropy of the averaged
+    softmax. loss_clip: each example's loss clipped to it (a private held-out split's release, ledger.py)."""
     model.eval()
     n, correct, loss = 0, 0, 0.0
     idx = torch.arange(len(test_set))
@@ -108,7 +123,8 @@ def evaluate(model, test_set, *, device, batch_size=512, num_workers=0, views=1,
             out = p.clamp_min(1e-12).log()  # log of the averaged softmax: cross_entropy below is its NLL
         else:
             out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
+        per = F.cross_entropy(out.float(), y, reduction="none")  # (B,)
+        loss += (per if loss_clip is None else per.clamp(max=loss_clip)).double().sum().item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
-    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}
+    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "correct": correct, "loss_sum": loss, "n": n}

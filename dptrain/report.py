@@ -43,6 +43,7 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
                 cfg = s.get(key.CONFIG) or {}
                 row.update(name=s.get(key.NAME), seed=cfg.get("seed"), batch_size=cfg.get("batch_size"),
                            epochs=cfg.get("epochs"), eps=row["eps"] if row["eps"] is not None else cfg.get("eps"),
+                           eps_excludes="; ".join(s.get(key.EPS_EXCLUDES) or []), **_tuning(root, d, s),
                            run_dir=d)
                 rows.append(row)
             elif "failed.json" in files:
@@ -52,6 +53,26 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
             elif os.path.isdir(os.path.join(d, ".hydra")):
                 failed.append(f"{d} (no summary.json: failed or unfinished)")
     return rows, failed
+
+
+NOT_ACCOUNTED = "tuning cost not accounted"
+
+
+def _tuning(root: str, d: str, s: dict) -> dict:
+    """How a run was chosen: the selected run of a private search (its tuning.json's eps_incl_tuning), a private run
+    of a plain `-m` sweep (a multirun.yaml above it, no tuning.json: "tuning cost not accounted" — choosing among
+    its runs is a release their ε does not cover), or a single run."""
+    from .search import TUNING_FILE
+
+    here, stop = os.path.abspath(d), os.path.dirname(os.path.abspath(root))
+    while here not in (stop, os.path.dirname(here)):  # the directories above the run, up to root's parent
+        here = os.path.dirname(here)
+        if os.path.isfile(os.path.join(here, TUNING_FILE)):
+            t = json.load(open(os.path.join(here, TUNING_FILE)))
+            return {"tuning": f"private search ({t.get('bound')})", "eps_incl_tuning": t.get("eps_incl_tuning")}
+        if os.path.isfile(os.path.join(here, "multirun.yaml")):
+            return {"tuning": NOT_ACCOUNTED if s.get(key.EPS_SPENT) is not None else "", "eps_incl_tuning": None}
+    return {"tuning": "", "eps_incl_tuning": None}
 
 
 def _failure(path: str) -> str:
@@ -188,15 +209,41 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
         f.write(f"# {table}\n\n{len(df)} runs; commit(s) {', '.join(sorted(set(map(str, df.commit))))}; "
                 f"machine(s) {', '.join(sorted(set(map(str, df.machine))))}\n\n")
         seeds = df.groupby(["model", "engine", "eps"], dropna=False).size().max()
+        f.write(_labels(df))  # what the ε columns leave out, before any number
         f.write(f"## test accuracy ({'mean ± std over seeds' if seeds > 1 else 'one run per cell'})\n\n"
                 + pivot_md(df) + "\n\n")
         f.write("## ε spent\n\n" + pivot_md(df, "eps_spent") + "\n\n")
+        if df.eps_incl_tuning.notna().any():
+            f.write("## ε including tuning\n\n" + pivot_md(df, "eps_incl_tuning") + "\n\n")
         f.write("## runs\n\n" + df.drop(columns=["machine", "run_dir"]).to_markdown(index=False, floatfmt=".4g")
                 + "\n")
         if failed:
             f.write("\n## failed or unfinished\n\n" + "\n".join(f"- {x}" for x in failed) + "\n")
     plot_runs(df, base + ".png")
-    return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed}
+    return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed,
+            "notes": lines(df)}
+
+
+def _labels(df) -> str:
+    """The md's notes on what the ε columns leave out: a plain sweep's choice, nonprivate metric releases."""
+    out = []
+    plain = df[df.tuning == NOT_ACCOUNTED]
+    if len(plain):
+        out.append(f"**{NOT_ACCOUNTED}**: {len(plain)} private runs of a plain `-m` sweep; choosing among them "
+                   "releases more than their ε covers (Papernot & Steinke 2022): use hparams_search=private.")
+    searched = df[df.eps_incl_tuning.notna()]
+    for _, r in searched.iterrows():
+        out.append(f"selected run of a private search: {r.run_dir} — eps {r.eps_spent:.4g}, eps_incl_tuning "
+                   f"{r.eps_incl_tuning:.4g} ({r.tuning}).")
+    excl = df[df.eps_excludes.astype(bool)]
+    for what in sorted(set(excl.eps_excludes)):
+        out.append(f"ε excludes {what}: {int((excl.eps_excludes == what).sum())} run(s) (log.*=nonprivate).")
+    return "".join(f"{line}\n\n" for line in out)
+
+
+def lines(df) -> list[str]:
+    """What dptrain-report prints about the ε of the runs, beside the files (the md's notes)."""
+    return [line for line in _labels(df).split("\n\n") if line]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -216,6 +263,8 @@ def main(argv=None) -> None:
     except UserError as e:  # one line, exit 2, as dptrain's
         fail("dptrain-report", str(e))
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
+    for note in r["notes"]:
+        print(f"  {note}")
     for f in r["failed"]:
         print(f"  failed/unfinished: {f}", file=sys.stderr)
 

@@ -24,13 +24,14 @@ from .distributed import SINGLE, Dist
 from .engines import ENGINES, PRECISIONS, Engine, create_engine
 from .errors import Diverged, UserError, check_name
 from .finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
+from .ledger import MetricNoise, TrainMetrics, release_validation
 from .loop import evaluate, train_one_epoch
 from .models import checkpoint_provenance, create_model, data_config, grad_checkpointing
 from .optim import create_optimizer, create_schedule
 from .privacy import CLIPPING
 from .privacy.sampling import PoissonSampler, ShuffleSampler
 from .seeding import create_streams
-from .tracking import NullTracker, Tracker, git_commit, machine, peak_memory_mb, reset_peak_memory
+from .tracking import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("dptrain")
 
@@ -40,7 +41,8 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     sampler(iterable of index tensors) → iterable, applied where the run makes each — dptrain-audit (audit.py)
     adds its canaries through them; a plain run never builds one.
     dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
-    t_start, commit = time.time(), git_commit()  # the code that runs, even if HEAD moves meanwhile
+    t_start, git = time.time(), git_state()  # the code that runs, even if HEAD moves meanwhile
+    commit = git[key.COMMIT]
     run_dir, resumed = _prepare(cfg, run_dir, dist)  # config checked before anything loads; resume's state
     streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
     torch.manual_seed(streams.seed_for("model"))
@@ -80,9 +82,10 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     try:
         with _bar_logging(cfg, dist):
             trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                             tracker=tracker, augment=augment, device=device, saver=saver, dist=dist)
+                             tracker=tracker, augment=augment, device=device, saver=saver, dist=dist,
+                             metrics=_train_metrics(cfg, budget, streams, dist), streams=streams)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
-        err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=commit)
+        err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=git)
         saver.failed()
         raise err from None
     dist.check_replicas(model)
@@ -91,7 +94,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         torch.save(merge_lora(engine.detach()).state_dict(), os.path.join(run_dir, "model.pt"))
     return dist.from_rank0(lambda: _finish(cfg, data, budget, trained, streams=streams, checkpoint=checkpoint,
                                            weights=weights,
-                                           device=device, t_start=t_start, commit=commit, tracker=tracker,
+                                           device=device, t_start=t_start, commit=git, tracker=tracker,
                                            saver=saver, dist=dist))  # written by rank 0, returned on every rank
 
 
@@ -101,7 +104,31 @@ def _budget(cfg, data: Data, streams, resumed: dict | None, dist: Dist) -> Budge
     if resumed:
         return ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size)
     return dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
-                                                 secure=streams.secure, prior=data.prior))
+                                                 secure=streams.secure, prior=data.prior,
+                                                 num_classes=data.num_classes))
+
+
+def _train_metrics(cfg, budget: Budget, streams, dist: Dist) -> TrainMetrics:
+    """train/loss and train/acc as log.train_metrics says (ledger.py); a non-private run's exactly. The noise once,
+    on rank 0's part of each step's sums."""
+    mode = cfg.log.train_metrics if budget.noise_multiplier is not None else "nonprivate"
+    return TrainMetrics(mode=mode, clip=budget.loss_clip, noise_multiplier=budget.metrics_noise,
+                        expected_batch_size=cfg.batch_size, noise=MetricNoise(streams, 0) if dist.is_main else None)
+
+
+def _validate(cfg, budget: Budget, data: Data, model, *, streams, device, epoch: int, done: int) -> dict:
+    """The evaluation split's acc and loss as released: the test split's exactly (public); a held-out split of the
+    private training set (dataset.val_fraction > 0) as log.val_metrics says, noised under dp (ledger.py)."""
+    private = cfg.dataset.val_fraction > 0 and budget.noise_multiplier is not None
+    mode = cfg.log.val_metrics if private else "nonprivate"
+    if mode == "dp" and done not in budget.evaluated:  # the budget counted these evaluations only
+        raise RuntimeError(f"evaluation at step {done} is not in the budget's {budget.evaluated}")
+    if mode == "none":
+        return {"acc": None, "loss": None}
+    result = evaluate(model, data.test, device=device, num_workers=cfg.dataset.num_workers, views=data.test_views,
+                      flip=data.test_flip, loss_clip=budget.loss_clip if mode == "dp" else None)
+    return release_validation(result, mode=mode, clip=budget.loss_clip, noise_multiplier=budget.val_noise,
+                              noise=MetricNoise(streams, 1), index=epoch)
 
 
 def _engine(cfg, model, optimizer, budget: Budget, streams, dist: Dist) -> Engine:
@@ -243,7 +270,8 @@ class Trained:
 
 
 def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device, saver: ckpt.Checkpointer, dist: Dist = SINGLE) -> Trained:
+           device, saver: ckpt.Checkpointer, dist: Dist = SINGLE, metrics: TrainMetrics | None = None,
+           streams=None) -> Trained:
     """Epochs of ≈ n / L logical batches (_epoch_end; the last one shorter) until the budget's steps are taken; after
     each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
     ε, the bar; the checkpoint is every rank's call, written by rank 0 with each rank's own state). Also
@@ -268,36 +296,37 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
 
         def on_step(loss, ex, secs, base=seen, epoch=epoch, here=here, n=n):
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(live.at(bar.n)),
+            bar.set_postfix(epoch=epoch, **_loss_postfix(loss, metrics), **_eps_postfix(live.at(bar.n)),
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
             if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
                 here.train_s = time.perf_counter() - t_train
                 saver.save(here)
 
+        if metrics is not None:  # the key of the noise of the epoch's first step not yet taken
+            metrics.index = done + len(totals.get("step_times", ()))
         try:
             stats = train_one_epoch(engine, data.train, logical[len(totals.get("step_times", ())):],
                                     physical_batch_size=cfg.physical_batch_size, device=device,
                                     num_workers=cfg.dataset.num_workers, augment_gen=augment,
                                     augmult=cfg.privacy.augmult, views=data.views, ema=ema, scheduler=scheduler,
-                                    memory_format=_memory_format(cfg), on_step=on_step, totals=totals)
+                                    memory_format=_memory_format(cfg), on_step=on_step, totals=totals,
+                                    metrics=metrics)
         except BaseException as e:  # Diverged, Ctrl-C: the bar ends its line before the CLI's one line
             bar.close()
             if isinstance(e, Diverged):
                 e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
-        loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
-        stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
+        stats.update(_released(stats, metrics, dist))
         seen += stats["examples"]
         times += stats["step_times"]
         if dist.is_main:
             # eval_every=0: only after the last epoch, so a reported row's test split is read once
             due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
-            test = (evaluate(ema.module if ema is not None else model, data.test, device=device,
-                             num_workers=cfg.dataset.num_workers, views=data.test_views, flip=data.test_flip)
-                    if due else {"acc": None, "loss": None})
-            row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TEST_ACC: test["acc"],
-                   key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
+            test = (_validate(cfg, budget, data, ema.module if ema is not None else model, streams=streams,
+                              device=device, epoch=epoch, done=done) if due else {"acc": None, "loss": None})
+            row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TRAIN_ACC: stats["acc"],
+                   key.TEST_ACC: test["acc"], key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
             rows.append(row)
             live.value = row[key.EPS_SPENT]
         # before the line leaves the process: a resumed run then never logs (releases) a step twice. Every rank
@@ -310,7 +339,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr)) and warning not in warnings:
             log.warning("%s", warning)
             warnings.append(warning)
-        bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", **_eps_postfix(row[key.EPS_SPENT]),
+        bar.set_postfix(epoch=epoch, **_loss_postfix(stats["loss"], metrics), **_eps_postfix(row[key.EPS_SPENT]),
                         acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
     bar.close()
     return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
@@ -357,6 +386,21 @@ def _bar_logging(cfg, dist: Dist):
     return logging_redirect_tqdm() if shows else contextlib.nullcontext()
 
 
+def _released(stats: dict, metrics: TrainMetrics | None, dist: Dist) -> dict:
+    """The epoch's train loss and accuracy as released: the sums over the ranks (noised once, on rank 0) ÷ the
+    count (ledger.TrainMetrics.count); None under log.train_metrics=none."""
+    loss_sum, correct, examples = dist.sum(stats["loss_sum"], stats["correct"], stats["examples"])
+    if metrics is None:
+        return {"loss": loss_sum / max(examples, 1), "acc": None, "examples": int(examples)}
+    count = metrics.count(len(stats["step_times"]), int(examples))
+    if metrics.mode == "none":
+        return {"loss": None, "acc": None, "examples": int(examples)}
+    loss, acc = loss_sum / count, correct / count
+    if metrics.mode == "dp":  # noised: back into the values' range (post-processing, no privacy cost)
+        loss, acc = min(max(loss, 0.0), metrics.clip), min(max(acc, 0.0), 1.0)
+    return {"loss": loss, "acc": acc, "examples": int(examples)}
+
+
 def _epoch_end(epoch: int, q: float, steps: int) -> int:
     """The steps taken when `epoch` (1, 2, ...) ends: k expected passes over the data at sample rate q take
     round(k / q) steps, as budget.py's steps = round(epochs / q) does (epochs of round(n / L) steps made 15 epochs
@@ -371,6 +415,11 @@ def _epochs_done(epoch: int, done: int, q: float) -> float:
     return round(epoch - 1 + (done - start) / max(end - start, 1), 4) if epoch else 0.0
 
 
+def _loss_postfix(loss, metrics) -> dict:
+    """The progress bar's training loss: as released (noised under log.train_metrics=dp); none when not released."""
+    return {} if loss is None or (metrics is not None and metrics.mode == "none") else {"loss": f"{loss:.3f}"}
+
+
 def _eps_postfix(eps) -> dict:
     """The progress bar's ε: spent so far; none for a non-private run."""
     return {} if eps is None else {"eps": f"{eps:.3g}"}
@@ -381,7 +430,8 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
     """summary.json: schema.SUMMARY's keys, in that order."""
     t = trained
     return {
-        key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS], **budget.summary(t.steps),
+        key.TEST_ACC: t.last[key.TEST_ACC], key.TRAIN_LOSS: t.last[key.TRAIN_LOSS],
+        key.TRAIN_ACC: t.last.get(key.TRAIN_ACC), **budget.summary(t.steps),
         key.STREAMS: streams, key.CHECKPOINT: checkpoint,
         key.CHECKPOINT_EPS_SPENT: (checkpoint or {}).get(key.EPS_SPENT),
         key.SAMPLES_PER_S: t.examples / t.train_s if t.train_s > 0 else None,
@@ -389,7 +439,7 @@ def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict
         key.STEP_MS: 1000 * statistics.median(t.step_times) if t.step_times else None,
         key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name, **weights, key.DATASET: data.name,
         key.EPOCHS: t.epochs, key.WALL_S: time.time() - t_start, key.DEVICE: str(device), key.MACHINE: machine(),
-        key.COMMIT: commit, key.NAME: cfg.name, key.RESUMED: resumed, key.WARNINGS: t.warnings,
+        **commit, key.NAME: cfg.name, key.RESUMED: resumed, key.WARNINGS: t.warnings,
         key.CONFIG: OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -399,7 +449,7 @@ def _failed(cfg, data: Data, budget: Budget, e: Diverged, *, tracker, t_start: f
     one-line error the CLI prints."""
     record = {key.STATUS: "failed", key.ERROR: f"training diverged: {e.what}", key.STEP: e.steps,
               **budget.summary(e.steps), key.ENGINE: cfg.engine.name, key.MODEL: cfg.model.name,
-              key.DATASET: data.name, key.WALL_S: time.time() - t_start, key.COMMIT: commit, key.NAME: cfg.name,
+              key.DATASET: data.name, key.WALL_S: time.time() - t_start, **commit, key.NAME: cfg.name,
               key.CONFIG: OmegaConf.to_container(cfg, resolve=True)}
     path = tracker.fail(record)
     eps = record[key.EPS_SPENT]

@@ -27,6 +27,25 @@ def git_commit() -> str | None:
         return None
 
 
+def git_state() -> dict:
+    """summary.json's provenance: the HEAD commit, whether the tracked files (or untracked, not ignored files in
+    the package and conf/) differ from it, and the sha256 of `git diff HEAD` (the same hash: the same edits).
+    None each outside a git checkout."""
+    import hashlib
+
+    commit, dirty, digest = git_commit(), None, None
+    if commit is not None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=root, capture_output=True, timeout=30).stdout
+            new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "dptrain", "conf"],
+                                 cwd=root, capture_output=True, timeout=30).stdout
+            dirty, digest = bool(diff or new.strip()), hashlib.sha256(diff).hexdigest()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {key.COMMIT: commit, key.COMMIT_DIRTY: dirty, key.COMMIT_DIFF: digest}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"

@@ -94,12 +94,21 @@ def cli(*args, cwd):
 
 def accountant_eps(s: dict, steps: int | None = None) -> float:
     """ε of a summary's (σ, q, δ) after `steps` (default: its privacy/steps), recomputed with Opacus' accountant
-    classes directly — not through dptrain's accounting — to check the privacy/eps_spent a run reports."""
+    classes directly — not through dptrain's accounting — to check the privacy/eps_spent a run reports. The ledger's
+    metric releases compose in: the training metrics' two sums (noise σ_m, sensitivities C and 1, each ÷ its noise)
+    ride on the model step's batch, one Gaussian of noise (σ⁻² + 2σ_m⁻²)^(-1/2); a held-out private split's two
+    sums per evaluation are two q = 1 Gaussians of noise σ_v."""
     from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
     acc = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}[s["privacy/accountant"]]()
+    rows = {r["release"]: r for r in s.get("privacy/ledger") or []}
+    sigma = s["privacy/noise_multiplier"]
+    if "train/loss, train/acc" in rows:
+        sigma = (sigma ** -2 + 2 * rows["train/loss, train/acc"]["noise_multiplier"] ** -2) ** -0.5
+    val = [(r["noise_multiplier"], 1.0, r["steps"]) for name, r in rows.items() if name.startswith("test/") and
+           r["steps"] and steps is None]
     acc.history = [tuple(m) for m in s.get("privacy/prior") or []] + [  # mechanisms before training compose
-        (s["privacy/noise_multiplier"], s["privacy/sample_rate"], s["privacy/steps"] if steps is None else steps)]
+        (sigma, s["privacy/sample_rate"], s["privacy/steps"] if steps is None else steps)] + val
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf for the statistics' full-batch (q = 1) query
         return acc.get_epsilon(delta=s["privacy/delta"])
 

@@ -29,7 +29,7 @@ def test_non_private_budget_has_only_q_and_steps(compose):
 
 
 def test_sigma_is_calibrated_to_eps(compose):
-    b = create_budget(compose("eps=2", "batch_size=100", "epochs=2"), 1000, private=True)
+    b = create_budget(compose("eps=2", "batch_size=100", "epochs=2", "log.train_metrics=none"), 1000, private=True)
     assert (b.delta, b.eps, b.steps, b.sample_rate) == (1e-5, 2.0, 20, 0.1)
     assert (b.accountant, b.sampling, b.eps_guaranteed, b.secure) == ("prv", "poisson", True, False)
     assert b.noise_multiplier == pytest.approx(1.3672, abs=1e-4)  # Opacus' bisection, to 0.5% of ε
@@ -53,8 +53,8 @@ def test_bad_privacy_input_is_one_clear_error(compose, override, message):
 
 
 def test_sigma_and_eps_spent_are_the_chosen_accountants_at_the_given_delta(compose):
-    b = create_budget(compose("eps=2", "batch_size=100", "epochs=2", "privacy.accountant=rdp", "delta=1e-6"), 1000,
-                      private=True)
+    b = create_budget(compose("eps=2", "batch_size=100", "epochs=2", "privacy.accountant=rdp", "delta=1e-6",
+                              "log.train_metrics=none"), 1000, private=True)
     assert (b.accountant, b.delta, b.steps, b.sample_rate) == ("rdp", 1e-6, 20, 0.1)
     assert b.noise_multiplier == noise_multiplier_for(eps=2, delta=1e-6, sample_rate=0.1, steps=20, accountant="rdp")
     spent = epsilon(noise_multiplier=b.noise_multiplier, sample_rate=0.1, steps=20, delta=1e-6, accountant="rdp")
@@ -106,7 +106,7 @@ def test_a_prior_is_composed_into_sigma_eps_spent_and_the_summary(compose):
     as lists by data.Data.prior): σ is calibrated so that training composed with them spends eps, eps_spent and the
     summary compose them, also where σ is given; an eps they already spend is one clear error. (RDP at q = 1: fast.)"""
     prior = [[8.0, 1.0, 2]]
-    rdp = ("batch_size=1000", "epochs=5", "privacy.accountant=rdp")
+    rdp = ("batch_size=1000", "epochs=5", "privacy.accountant=rdp", "log.train_metrics=none")
     with deadline():
         b = create_budget(compose("eps=2", *rdp), 1000, private=True, prior=prior)
     assert (b.prior, b.sample_rate, b.steps, b.delta) == (((8.0, 1.0, 2),), 1.0, 5, 1e-5)
@@ -120,6 +120,6 @@ def test_a_prior_is_composed_into_sigma_eps_spent_and_the_summary(compose):
     g = create_budget(compose("eps=null", "privacy.noise_multiplier=1.5", *rdp), 1000, private=True, prior=prior)
     assert g.eps_spent(5) == epsilon(noise_multiplier=1.5, prior=g.prior, **at) > epsilon(noise_multiplier=1.5, **at)
     assert g.summary(5)[key.PRIOR] == prior
-    refused = r"^cannot reach eps=0.5 in 5 steps at q=1: the mechanisms before training already spend eps=0\.6948$"
+    refused = r"^cannot reach eps=0.5 in 5 steps at q=1: the other releases already spend eps=0\.6948$"
     with deadline(), pytest.raises(UserError, match=refused):
         create_budget(compose("eps=0.5", *rdp), 1000, private=True, prior=prior)

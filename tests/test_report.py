@@ -18,7 +18,8 @@ PUBLISHED = {
     "steps": "privacy/steps", "accountant": "privacy/accountant", "sampling": "privacy/sampling",
     "test_acc": "test/acc", "train_loss": "train/loss", "samples_per_s": "perf/samples_per_s",
     "step_ms": "perf/step_ms", "peak_mem_mb": "perf/peak_mem_mb", "wall_s": "wall_s", "commit": "commit",
-    "machine": "machine", "checkpoint_eps_spent": "privacy/checkpoint_eps_spent",
+    "machine": "machine", "checkpoint_eps_spent": "privacy/checkpoint_eps_spent", "train_acc": "train/acc",
+    "commit_dirty": "commit_dirty",
 }
 
 
@@ -106,7 +107,7 @@ def test_csv_columns_come_from_the_schema(tmp_path):
     assert key.COLUMNS == PUBLISHED
     distinct = {k: 0.001 * (i + 1) for i, k in enumerate(PUBLISHED.values())} | {
         key.MODEL: "cnn", key.DATASET: "fake", key.ENGINE: "ghost", key.ACCOUNTANT: "rdp", key.SAMPLING: "poisson",
-        key.COMMIT: "abc123", key.MACHINE: "x86", key.STEPS: 17}
+        key.COMMIT: "abc123", key.MACHINE: "x86", key.STEPS: 17, key.COMMIT_DIRTY: True}
     write_run(tmp_path / "runs" / "a", **distinct, config={"eps": 3.0, "seed": 4, "batch_size": 32, "epochs": 2.0})
     write_run(tmp_path / "runs" / "b", **{**distinct, key.EPS: None, key.TEST_ACC: 0.75},
               config={"eps": 8.0, "seed": 5, "batch_size": 64, "epochs": 1.0})  # σ given: eps from the config

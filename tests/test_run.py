@@ -15,18 +15,19 @@ from dptrain.errors import UserError
 def test_summary_keys_are_the_published_ones():
     """Other tools read summary.json, metrics.jsonl and failed.json by these strings: a rename must fail here."""
     assert key.SUMMARY == (
-        "test/acc", "train/loss", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
-        "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
-        "privacy/steps", "privacy/eps_spent", "privacy/prior", "privacy/streams", "privacy/checkpoint",
-        "privacy/checkpoint_eps_spent", "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model",
-        "model/init", "model/trainable", "model/trainable_params", "dataset", "epochs", "wall_s", "device", "machine",
-        "commit", "name", "resumed", "warnings", "config")
-    assert key.METRICS == ("epoch", "step", "train/loss", "test/acc", "test/loss", "privacy/eps_spent")
+        "test/acc", "train/loss", "train/acc", "privacy/eps", "privacy/delta", "privacy/noise_multiplier",
+        "privacy/accountant", "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise",
+        "privacy/sample_rate", "privacy/steps", "privacy/eps_spent", "privacy/prior", "privacy/ledger",
+        "privacy/eps_excludes", "privacy/streams", "privacy/checkpoint", "privacy/checkpoint_eps_spent",
+        "perf/samples_per_s", "perf/peak_mem_mb", "perf/step_ms", "engine", "model", "model/init", "model/trainable",
+        "model/trainable_params", "dataset", "epochs", "wall_s", "device", "machine", "commit", "commit_dirty",
+        "commit_diff_sha256", "name", "resumed", "warnings", "config")
+    assert key.METRICS == ("epoch", "step", "train/loss", "train/acc", "test/acc", "test/loss", "privacy/eps_spent")
     assert key.FAILED == (
         "status", "error", "step", "privacy/eps", "privacy/delta", "privacy/noise_multiplier", "privacy/accountant",
         "privacy/sampling", "privacy/eps_guaranteed", "privacy/secure", "privacy/secure_noise", "privacy/sample_rate",
-        "privacy/steps", "privacy/eps_spent", "privacy/prior", "engine", "model", "dataset", "wall_s", "commit", "name",
-        "config")
+        "privacy/steps", "privacy/eps_spent", "privacy/prior", "privacy/ledger", "privacy/eps_excludes", "engine",
+        "model", "dataset", "wall_s", "commit", "commit_dirty", "commit_diff_sha256", "name", "config")
 
 
 def saved_model_on_test(run_dir, s) -> tuple[float, float]:

@@ -57,14 +57,15 @@ def test_seed_must_be_a_non_negative_integer(seed):
 
 def test_describe_says_where_each_stream_comes_from():
     """summary.json's privacy/streams: the spawn key of each seeded stream; in secure mode os.urandom for exactly
-    the sampler, the noise, Opacus' noise and dataset.normalize=dp's noise."""
+    the sampler, the noise, Opacus' noise, dataset.normalize=dp's noise and the metric releases' noise (ledger.py)."""
     seeded = {name: f"SeedSequence(7, spawn_key=({k},))" for name, k in KEYS.items()}
     seeded["noise"] = "SeedSequence(7, spawn_key=(4, chunk))"
+    seeded["metrics"] = "SeedSequence(7, spawn_key=(8, 0 train | 1 val, step))"
     assert Streams(7).describe() == seeded
     assert Streams(7).summary() == {key.SECURE: False, key.STREAMS: seeded}
     secure = Streams(7, secure=True).summary()
-    assert secure == {key.SECURE: True, key.STREAMS: seeded | dict.fromkeys(("sampler", "noise", "opacus", "norm"),
-                                                                            "os.urandom")}
+    from_os = dict.fromkeys(("sampler", "noise", "opacus", "norm", "metrics"), "os.urandom")
+    assert secure == {key.SECURE: True, key.STREAMS: seeded | from_os}
 
 
 def test_unknown_streams_and_streams_that_coincide_in_32_bits_are_refused(monkeypatch):

@@ -30,15 +30,26 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     (σ, q, steps) that ran on the same examples before training (e.g. DP normalisation statistics, data.py)."""
     _check_finite(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta)
     history = [tuple(m) for m in prior] + ([(noise_multiplier, sample_rate, steps)] if steps else [])
+    return epsilon_of(history, delta=delta, accountant=accountant)
+
+
+def epsilon_of(history: list, *, delta: float, accountant: str = "prv") -> float:
+    """ε of the composition of `history`: mechanisms (σ, q, steps), each `steps` Poisson-subsampled Gaussians of
+    noise multiplier σ at rate q (q = 1: a plain Gaussian mechanism), on the same examples (the privacy ledger)."""
+    history = [tuple(m) for m in history if m[2]]
     if not history:
         return 0.0
     if min(m[0] for m in history) <= 0:
         return math.inf
+    if accountant == "gdp" and len({m[:2] for m in history}) > 1:
+        # Opacus' GaussianAccountant reads only its last (σ, q): the others would be dropped silently
+        raise ValueError("accountant=gdp composes only one (noise, sample rate); this run has "
+                         f"{len(history)} mechanisms (privacy/ledger): use accountant=prv or accountant=rdp")
     acc = _accountant(accountant)
     acc.history = history
     with warnings.catch_warnings():  # opacus' "largest alpha" / "GDP is experimental" notes
         warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow inside PRV for tiny σ
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow inside PRV for tiny σ; log(1 - q) at q = 1
         try:
             return float(acc.get_epsilon(delta=delta))
         except (ValueError, OverflowError, MemoryError):  # σ so small that the accountant's grid explodes
@@ -63,16 +74,21 @@ def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps:
 
 
 def _calibrate(*, eps, delta, sample_rate, steps, accountant, prior, tolerance=0.005) -> float:
-    """Bisection on σ: ε(σ) composed with `prior` falls as σ grows; stop once eps·(1 - tolerance) < ε(σ) ≤ eps."""
-    def spent(sigma):
-        return epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
-                       accountant=accountant, prior=prior)
+    return calibrate(eps=eps, delta=delta, accountant=accountant, tolerance=tolerance,
+                     history=lambda sigma: [*(tuple(m) for m in prior), (sigma, sample_rate, steps)])
 
-    floor = epsilon(noise_multiplier=1.0, sample_rate=sample_rate, steps=0, delta=delta, accountant=accountant,
-                    prior=prior)
+
+def calibrate(*, eps, delta, accountant, history, tolerance=0.005, high=10.0) -> float:
+    """Bisection on σ: the composition of history(σ) — a list of mechanisms (σ', q, steps), one of them σ's —
+    spends ε(σ), which falls as σ grows; stop once eps·(1 - tolerance) < ε(σ) ≤ eps."""
+    def spent(sigma):
+        return epsilon_of(history(sigma), delta=delta, accountant=accountant)
+
+    _check_finite(eps=eps)  # eps = inf would halve σ towards 0 forever
+    floor = epsilon_of([m for m in history(math.inf) if m[0] != math.inf], delta=delta, accountant=accountant)
     if floor >= eps:
-        raise ValueError(f"the mechanisms before training already spend eps={floor:.4g}")
-    low, high = 0.0, 10.0
+        raise ValueError(f"the other releases already spend eps={floor:.4g}")
+    low = 0.0
     while spent(high) > eps:
         low, high = high, 2 * high
         if high > 1e6:

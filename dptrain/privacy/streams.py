@@ -52,8 +52,9 @@ KEYS = {
     "augment": 5,  # random crop / flip (dataset.augment, privacy.augmult)
     "opacus": 6,   # the Opacus baselines' noise generator
     "norm": 7,     # the noise of dataset.normalize=dp's statistics (data.py)
+    "metrics": 8,  # the noise of the released training / validation metrics (ledger.py); sub-key: 0 train, 1 val
 }
-SECURE = ("sampler", "noise", "opacus", "norm")  # from the OS in secure mode, never from a seed
+SECURE = ("sampler", "noise", "opacus", "norm", "metrics")  # from the OS in secure mode, never from a seed
 MASK64 = (1 << 64) - 1
 
 
@@ -89,7 +90,7 @@ class Streams:
 
     def describe(self) -> dict[str, str]:
         """Where each stream comes from, for summary.json."""
-        sub = {"noise": " chunk"}  # one sub-stream per noise chunk
+        sub = {"noise": " chunk", "metrics": " 0 train | 1 val, step"}  # sub-streams: per noise chunk, per release
         return {name: "os.urandom" if self.secure and name in SECURE
                 else f"SeedSequence({self.seed}, spawn_key=({k},{sub.get(name, '')}))" for name, k in KEYS.items()}
 
