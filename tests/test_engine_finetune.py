@@ -397,3 +397,27 @@ def test_bias_only_layers_are_exact_and_keep_no_input(mode, passes):
     ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=R)
     assert max_rel_err([p.grad for p in model.parameters() if p.requires_grad], ref) < 1e-9
     assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)
+
+
+PARTS = {
+    "q_bias_alone": ["blocks.0.attn.q_bias"],
+    "v_bias_and_a_table": ["blocks.0.attn.v_bias", "blocks.1.attn.relative_position_bias_table"],
+    "gamma_and_cls_token": ["blocks.0.gamma_1", "cls_token"],
+    "qkv_weight": ["blocks.0.attn.qkv.weight"],
+}
+
+
+@pytest.mark.parametrize(("mode", "passes"), MODES_PASSES)
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_a_partly_frozen_beit_is_exact(part, mode, passes):
+    """Fine-tuning freezes any subset: a rule owning several parameters (BEiT's attention: q_bias, v_bias, the
+    relative-position table) covers whichever of them still train."""
+    torch.manual_seed(0)
+    model, shape = tiny("beit")
+    for n, p in model.named_parameters():
+        if n in PARTS[part]:
+            p.requires_grad_(False)
+    x, y = data(shape, n=3)
+    R = small_r(model.double(), x, y)
+    _, engine = check(model, [(x, y)], mode=mode, max_grad_norm=R, passes=passes, tol=1e-8)
+    assert engine.fallback_share == 0.0

@@ -46,8 +46,6 @@ class AttentionRule(ExpandRule):
         unknown = own - {"q_bias", "v_bias", "relative_position_bias_table"}
         if unknown:
             raise CoverageError(f"BEiT attention '{name}' owns parameters the adapter does not know: {sorted(unknown)}")
-        if module.q_bias is not None and ("q_bias" in own) != ("v_bias" in own):
-            raise CoverageError(f"BEiT attention '{name}': freeze q_bias and v_bias together or neither")
         N = (module.window_size[0] * module.window_size[1] + 1) if module.window_size is not None else 5
         x = torch.randn(2, N, module.qkv.in_features, generator=torch.Generator().manual_seed(0))
         self.verify(module, name, x.to(next(module.parameters())))
