@@ -66,10 +66,16 @@ def check_settings(distribution: str, mean: float, shape: float) -> None:
         raise UserError(f"hydra.sweeper.shape (η of the truncated negative binomial) must be >= 0, got {shape}")
 
 
+_NULL = []  # one devnull stream for the process, never closed: a trial's log handlers may keep it after the trial
+
+
 @contextlib.contextmanager
 def silenced():
     """The trials' console lines and log records go nowhere: each would tell how many trials ran."""
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+    if not _NULL:
+        _NULL.append(open(os.devnull, "w"))  # noqa: SIM115 - kept open on purpose (above)
+    null = _NULL[0]
+    with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         logging.disable(logging.CRITICAL)
         try:
             yield

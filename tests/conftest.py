@@ -14,6 +14,21 @@ os.environ.setdefault("WANDB_SILENT", "true")
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
+def _absl_handler_on_the_real_stderr() -> None:
+    """dp_accounting imports absl.logging, whose handler keeps the sys.stderr of the moment — pytest's capture file.
+    The next logging.config.dictConfig (every in-process Hydra run) closes every handler, and absl's closes that
+    stream unless it is the current sys.stderr: pytest's capture was closed under the rest of the session. Its
+    stream is pointed at the process's own stderr first, which absl never closes."""
+    try:
+        import absl.logging
+    except ImportError:
+        return
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_handler_on_the_real_stderr()
+
+
 def _selects_gpu_tests(markexpr: str) -> bool:
     """Whether `-m <markexpr>` can select a test marked gpu (and perhaps slow)."""
     if not markexpr.strip():
