@@ -283,7 +283,8 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                dynamic_ncols=True, leave=True)  # kept on screen when the run ends
     it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
     row = rows[-1] if rows else {}
-    warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr)] if w]  # a resumed run's
+    cap = metrics.clip if metrics is not None and metrics.mode == "dp" else None  # the released loss's bound
+    warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr, cap)] if w]  # a resumed run's
     t_train = time.perf_counter() - at.train_s
     # the bar's ε: the last epoch end's, or the prior's before the first; refreshed within an epoch when the bar shows
     live = LiveEps(budget, row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0), on=not bar.disable)
@@ -336,7 +337,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         if not dist.is_main:
             continue
         tracker.log(row)
-        if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr)) and warning not in warnings:
+        if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr, cap)) and warning not in warnings:
             log.warning("%s", warning)
             warnings.append(warning)
         bar.set_postfix(epoch=epoch, **_loss_postfix(stats["loss"], metrics), **_eps_postfix(row[key.EPS_SPENT]),
@@ -346,15 +347,22 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                    train_s=time.perf_counter() - t_train, warnings=warnings)
 
 
-def _loss_warning(rows: list[dict], num_classes: int, lr: float) -> str | None:
-    """The training loss (cross-entropy) two orders of magnitude above a uniform guess's, ln C, in any epoch so
-    far: the weights are running away (lr=1e6 once "finished successfully" at loss 5.9e5). None: no sign of it."""
+def _loss_warning(rows: list[dict], num_classes: int, lr: float, cap: float | None = None) -> str | None:
+    """The released training loss (cross-entropy) says the weights are running away (lr=1e6 once "finished
+    successfully" at loss 5.9e5): two orders of magnitude above a uniform guess's, ln C — or, when the loss is
+    released privately (each example's clipped to `cap`, log.train_metrics=dp), at 90% of that cap, i.e. nearly
+    every example's loss above it. Read from the released values only, so the warning is post-processing of what
+    the ledger counts. None: no sign of it."""
     chance = math.log(max(num_classes, 2))
+    limit = 100 * chance if cap is None else 0.9 * cap
     for r in rows:
         loss = r.get(key.TRAIN_LOSS)
-        if loss is not None and loss > 100 * chance:
-            return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {loss / chance:.3g}x that of a uniform guess "
-                    f"(ln {num_classes} = {chance:.2f}): training is diverging; lower optimizer.lr (now {lr:g})")
+        if loss is not None and loss >= limit:
+            what = (f"{loss / chance:.3g}x that of a uniform guess" if cap is None else
+                    f"at the released loss's per-example bound ({cap:.2f}: {cap / chance:.3g}x that of a uniform "
+                    "guess)")
+            return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {what} (ln {num_classes} = {chance:.2f}): "
+                    f"training is diverging; lower optimizer.lr (now {lr:g})")
     return None
 
 

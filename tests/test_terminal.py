@@ -165,14 +165,16 @@ def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quic
     from dptrain import schema as key
     from dptrain.cli import format_summary
 
-    with caplog.at_level(logging.WARNING, logger="dptrain"):
-        s, _ = quick("optimizer.lr=1e6", "epochs=2")
-    [w] = s[key.WARNINGS]
-    assert w.startswith("train loss ") and "that of a uniform guess (ln 10 = 2.30): training is diverging; lower " \
-                                             "optimizer.lr (now 1e+06)" in w
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [w]
-    assert format_summary(s).endswith(f"\n  WARNING: {w}")
-    assert quick()[0][key.WARNINGS] == []
+    for metrics in ("dp", "nonprivate"):  # the released loss: clipped per example and noised (dp), or not
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dptrain"):
+            s, _ = quick("optimizer.lr=1e6", "epochs=2", f"log.train_metrics={metrics}", f"name={metrics}")
+        [w] = s[key.WARNINGS]
+        assert w.startswith("train loss ") and "that of a uniform guess" in w and "(ln 10 = 2.30): training is " \
+            "diverging; lower optimizer.lr (now 1e+06)" in w, w
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [w]
+        assert format_summary(s).endswith(f"\n  WARNING: {w}")
+    assert quick("name=calm")[0][key.WARNINGS] == []
 
 
 def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_share(tmp_path, caplog):
