@@ -41,29 +41,37 @@ class NpyRows:
         return self.shape[0]
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if step == 1:
-                return self._read([(start, max(stop - start, 0))])
-            i = torch.arange(start, stop, step)
         if isinstance(i, int):
-            return self._read([(i if i >= 0 else len(self) + i, 1)])[0]
+            return self.read_into(self.rows(slice(i, i + 1 if i != -1 else None)), self._empty(1))[0]
+        rows = self.rows(i)
+        return self.read_into(rows, self._empty(len(rows)))
+
+    def rows(self, i) -> range | list[int]:
+        """Row numbers of a slice (a range) or an index tensor (a list), checked."""
+        if isinstance(i, slice):
+            return range(*i.indices(len(self)))
         idx = torch.as_tensor(i).flatten().tolist()
         if any(not -len(self) <= k < len(self) for k in idx):
             raise IndexError(f"row index out of range for {len(self)} rows")
-        return self._read([(k % len(self), 1) for k in idx])
+        return [k % len(self) for k in idx]
 
-    def _read(self, runs: list[tuple[int, int]]) -> torch.Tensor:
-        """Runs of (first row, count), concatenated into one (sum of counts, ...) tensor."""
-        out = torch.empty((sum(c for _, c in runs), *self.shape[1:]), dtype=self.dtype)
-        buf = memoryview(out.numpy().reshape(-1).view(np.uint8))  # the output's bytes, written in place
+    def _empty(self, n: int) -> torch.Tensor:
+        return torch.empty((n, *self.shape[1:]), dtype=self.dtype)
+
+    def read_into(self, rows: range | list[int], out: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` into `out` (len(rows), ...), each of whose rows is contiguous — e.g. x[:, k] of a (B, views,
+        ...) batch, filled view by view with no stacking copy. Consecutive rows into a contiguous `out`: one read."""
+        o = out.numpy()
+        if isinstance(rows, range) and rows.step == 1 and out.is_contiguous():
+            runs = [(rows.start, o.reshape(-1).view(np.uint8))] if len(rows) else []
+        else:
+            runs = [(r, o[j].reshape(-1).view(np.uint8)) for j, r in enumerate(rows)]
         with open(self.path, "rb", buffering=0) as f:
-            at = 0
-            for first, count in runs:
+            for first, buf in runs:
                 f.seek(self.offset + first * self.row_bytes)
-                end = at + count * self.row_bytes
-                while at < end:  # a raw read may return fewer bytes than asked (large reads: ~2 GB at most)
-                    got = f.readinto(buf[at:end])
+                view, at = memoryview(buf), 0
+                while at < len(view):  # a raw read may return fewer bytes than asked (large reads: ~2 GB at most)
+                    got = f.readinto(view[at:])
                     if not got:
                         raise OSError(f"{self.path}: file shorter than its header says")
                     at += got
@@ -86,12 +94,25 @@ class Features(Dataset):
         rows = i if self.index is None else self.index[i]
         if isinstance(rows, torch.Tensor) and rows.dim() == 0:
             rows = int(rows)
-        xs = [v[rows] for v in self.views]
-        x = xs[0] if len(xs) == 1 else torch.stack(xs, 0 if isinstance(rows, int) else 1)
+        x = self.views[0][rows] if len(self.views) == 1 else self._stacked(rows)
         if self.affine is not None:
             m, inv = self.affine
             x = x.sub(m).mul_(inv)  # the float32 operations of normalising the whole array; never the stored rows
         return x, self.labels[i]
+
+    def _stacked(self, rows) -> torch.Tensor:
+        """(B, views, ...) for a slice or index tensor of rows, (views, ...) for an int: each view read into its
+        place."""
+        one = isinstance(rows, int)
+        n = 1 if one else len(range(*rows.indices(len(self.views[0])))) if isinstance(rows, slice) else len(rows)
+        x = torch.empty((n, len(self.views), *self.views[0].shape[1:]), dtype=self.views[0].dtype)
+        for k, v in enumerate(self.views):
+            r = slice(rows, rows + 1 if rows != -1 else None) if one else rows
+            if isinstance(v, NpyRows):
+                v.read_into(v.rows(r), x[:, k])
+            else:
+                x[:, k] = v[r]
+        return x[0] if one else x
 
     def subset(self, idx) -> Features:
         idx = torch.as_tensor(idx, dtype=torch.long)

@@ -48,6 +48,9 @@ def test_stored_features_read_as_the_in_memory_tensors_through_split_and_normali
     assert data.train.tensors[0].shape == (24, 2, 243, 2, 2) and data.test.tensors[0].shape == (6, 2, 243, 2, 2)
     idx = [torch.tensor([5, 0, 17]), torch.arange(24), torch.tensor([], dtype=torch.long)]
     assert same_batches(data.train, memory.train, idx)
+    for i in (0, 3, -1):  # one example: (views, C, H, W)
+        assert torch.equal(data.train[i][0], memory.train[i][0]) and torch.equal(data.test[i][0], memory.test[i][0])
+    assert torch.equal(data.train[1:20:4][0], memory.train[1:20:4][0])
     split, msplit = (_validation_split(d, 0.25, seed=3) for d in (data, memory))
     assert isinstance(split.train, Features) and split.train.index is not None
     ones = lambda k: torch.ones(k, dtype=torch.float64)  # noqa: E731 — the noise draws, fixed
