@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import schema as key
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, trim_freed_memory
 from .budget import Budget, create_budget
 from .config import validate
 from .data import NORMALIZE, Data, create_dataset
@@ -258,6 +258,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                 e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
+        trim_freed_memory()  # keep_freed_memory's heap, fragmented by the epoch's steps of varying size (allocator.py)
         loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
         stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
