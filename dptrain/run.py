@@ -239,6 +239,7 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
         here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
 
         def on_step(loss, ex, secs, base=seen, epoch=epoch, eps=eps_so_far, here=here, n=n):
+            trim_freed_memory()  # keep_freed_memory's heap, fragmented by steps of varying size (allocator.py)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", **_eps_postfix(eps),
                             samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
@@ -258,7 +259,6 @@ def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, e
                 e.steps += done  # the run's steps, not the epoch's
             raise
         done += len(logical)
-        trim_freed_memory()  # keep_freed_memory's heap, fragmented by the epoch's steps of varying size (allocator.py)
         loss_sum, examples = dist.sum(stats["loss"] * stats["examples"], stats["examples"])  # over the ranks
         stats.update(loss=loss_sum / max(examples, 1), examples=int(examples))
         seen += stats["examples"]
