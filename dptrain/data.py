@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .errors import UserError, check_name, lookup
+from .feature_store import Features, cached
 from .privacy.streams import Streams
 
 log = logging.getLogger("dptrain.data")
@@ -108,11 +109,10 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
     in [-1, 1]; at n = 50,000 the noise per coordinate is then noise·clip/n ≈ 3e-4.
     Variance estimates below three noise standard deviations are floored there: a channel whose variance
     cannot be told from the noise is not amplified by it."""
-    if not isinstance(data.train, TensorDataset):
+    if not isinstance(data.train, (TensorDataset, Features)):
         raise UserError("dataset.normalize=dp needs the examples in memory: image size ≤ "
                         f"{CACHE_MAX_SIZE} and dataset.cache=true")
-    x, y = data.train.tensors
-    n, C = len(x), data.in_chans
+    n, C = len(data.train), data.in_chans
     # an example's statistics over all its views (one clipped vector per example: the sensitivity is unchanged)
     flat = (lambda v: v.transpose(1, 2).flatten(2)) if data.views > 1 else (lambda v: v.flatten(2))
 
@@ -121,24 +121,38 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
         total = (per_example * scale[:, None]).sum(0)
         return (total + noise * clip * normal(C)) / n
 
-    def per_example(fn) -> torch.Tensor:  # (n, C) in float64, 4096 examples at a time (all at once: 6 GB for CIFAR)
-        return torch.cat([fn(flat(x[i : i + 4096]).double()).mean(2) for i in range(0, n, 4096)])
+    def per_example() -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's per-channel mean and mean square, (n, C) each in float64, in one pass over the (possibly
+        stored, feature_store.py) examples, 1024 at a time: ~0.8 GB of buffers for CIFAR's two feature views (all at
+        once: 25 GB). The same values for any chunk size: each row's own reduction."""
+        means, squares = [], []
+        for i in range(0, n, 1024):
+            v = flat(data.train[i : i + 1024][0]).double()  # (b, C, views·H·W)
+            means.append(v.mean(2))
+            squares.append((v ** 2).mean(2))
+        return torch.cat(means), torch.cat(squares)
 
     with torch.no_grad():
-        mean = estimate(per_example(lambda v: v))
-        sq = estimate(per_example(lambda v: v ** 2))
+        m_i, s_i = per_example()
+        mean, sq = estimate(m_i), estimate(s_i)
         floor = 3 * noise * clip / n * (1 + 2 * mean.abs())  # the std of sq - mean², to first order
         var = torch.maximum(sq - mean ** 2, floor)
-        xt, yt = data.test.tensors
-        # (C, 1, ..., 1): broadcast from the right, over (N, C, ...) and (N, views, C, ...) alike
-        shape = (C,) + (1,) * (xt.dim() - 2 - (data.test_views > 1))
+        # (C, 1, ..., 1): broadcast from the right, over an example's (C, ...) and (views, C, ...) alike
+        shape = (C,) + (1,) * (data.test[0][0].dim() - 1 - (data.test_views > 1))
         m, inv = mean.float().view(shape), var.rsqrt().float().view(shape)
-        data.train = TensorDataset(x.sub_(m).mul_(inv), y)
-        data.test = TensorDataset(xt.sub_(m).mul_(inv), yt)
+        data.train, data.test = _affine(data.train, m, inv), _affine(data.test, m, inv)
     log.info("dataset.normalize=dp: per-channel mean/variance of %d examples, noise %g x clip %g (eps composed "
              "into the budget)", n, noise, clip)
     data.prior = data.prior + ((float(noise), 1.0, 2),)
     return data
+
+
+def _affine(ds: Dataset, m: torch.Tensor, inv: torch.Tensor) -> Dataset:
+    """x ↦ (x - m)·inv per channel: stored features at each read (no normalised copy), images in memory in place."""
+    if isinstance(ds, Features):
+        return ds.normalized(m, inv)
+    x, y = ds.tensors
+    return TensorDataset(x.sub_(m).mul_(inv), y)
 
 
 NORMALIZE = ("none", "dp")
@@ -149,11 +163,13 @@ def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False
     the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
     (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
     and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation.
-    flips: also the features of each training image flipped left-right (another fixed, per-example map), stored as
-    a second view: train's inputs become (N, 2, 81·C, H/4, W/4), and both views of an example are trained on as one
+    flips: also the features of each training image flipped left-right (another fixed, per-example map), as a
+    second view: train's examples become (2, 81·C, H/4, W/4), and both views of an example are trained on as one
     example (privacy.augmult=2). The flip changes the ScatterNet's angles, not only the map's columns, so the
     flipped features are computed, not derived.
-    tta: the test split's likewise, (N, 2, 81·C, H/4, W/4), for test-time augmentation (Data.test_views)."""
+    tta: the test split's likewise, (2, 81·C, H/4, W/4), for test-time augmentation (Data.test_views).
+    Each array is computed 1024 images at a time into its own .npy file under cache_dir and read a batch at a time
+    (feature_store.py): the features never sit in memory whole."""
     if not isinstance(data.train, TensorDataset):
         raise UserError(f"dataset.features=scattering needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
                         "and dataset.cache=true")
@@ -165,55 +181,24 @@ def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False
     scatter = ScatteringTorch2D(J=2, shape=(data.image_size, data.image_size))
     log.info("scattering features for %d + %d images", len(data.train), len(data.test))
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([scatter(x[i : i + 1024]).flatten(1, 2) for i in range(0, len(x), 1024)])  # (N, 81·C, ...)
+    def features(x: torch.Tensor, flip: bool):  # (N, C, H, W) images → (N, 81·C, H/4, W/4), cached
+        def blocks():
+            with torch.no_grad():
+                for i in range(0, len(x), 1024):
+                    chunk = x[i : i + 1024]
+                    yield scatter(chunk.flip(-1) if flip else chunk).flatten(1, 2)
+
+        # the cache key: the unflipped images and the transform's name
+        return cached(cache_dir, "scattering-J2-L8" + ("-hflip" if flip else ""), x, blocks)
 
     (x, y), (xt, yt) = data.train.tensors, data.test.tensors
-    with torch.no_grad():
-        train, test = _cached(cache_dir, "scattering-J2-L8", (x, xt), lambda: (apply(x), apply(xt)))
-        if flips:  # (N, 2, ...) filled view by view: two views' memory, not three
-            views = train.new_empty((len(train), 2, *train.shape[1:]))
-            views[:, 0] = train
-            del train
-            views[:, 1] = _cached(cache_dir, "scattering-J2-L8-hflip", (x,), lambda: (apply(x.flip(-1)),))[0]
-            train, data.views = views, 2
-        data.in_chans, data.image_size = test.shape[1], test.shape[-1]
-        if tta:  # computed for this split's own images: another cache entry
-            test = torch.stack([test, _cached(cache_dir, "scattering-J2-L8-hflip", (xt,),
-                                              lambda: (apply(xt.flip(-1)),))[0]], 1)
-            data.test_views = 2
-    data.train, data.test = TensorDataset(train, y), TensorDataset(test, yt)
+    train = [features(x, False)] + ([features(x, True)] if flips else [])
+    test = [features(xt, False)] + ([features(xt, True)] if tta else [])
+    data.views, data.test_views = len(train), len(test)
+    data.in_chans, data.image_size = test[0].shape[1], test[0].shape[-1]
+    data.train, data.test = Features(train, y), Features(test, yt)
     data.name += "-scattering"
     return data
-
-
-def _cached(cache_dir: str | None, what: str, inputs: tuple, compute) -> tuple:
-    """compute(), or its result saved earlier for the very same input tensors: the file is named by a SHA-256 of
-    their bytes (and `what`), so a changed image or transform can never hit a stale entry. Written atomically."""
-    if cache_dir is None:
-        return compute()
-    import hashlib
-
-    h = hashlib.sha256(what.encode())
-    for t in inputs:
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.contiguous().numpy())  # the buffer itself, not a copy
-    path = os.path.join(cache_dir, f"{what}-{h.hexdigest()[:20]}.pt")
-    if os.path.isfile(path):
-        try:
-            out = torch.load(path, weights_only=True)
-            log.info("features from the cache %s", path)
-            return tuple(out)
-        except Exception as e:  # truncated or foreign file: recompute and overwrite
-            log.warning("ignoring unreadable feature cache %s (%s)", path, type(e).__name__)
-    out = compute()
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.save(list(out), path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError as e:  # a read-only data_dir only costs the recomputation next time
-        log.warning("cannot write the feature cache %s (%s)", path, e)
-    return out
 
 
 FEATURES = {"none": lambda data, **_: data, "scattering": _scattering}
@@ -374,13 +359,18 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
     k = max(1, int(n * fraction))
     data.test, data.train = _subset(data.train, perm[:k]), _subset(data.train, perm[k:])
     if data.views > 1 and data.test_views == 1:  # held out: evaluated as the test split is, on the first view
-        xv, yv = data.test.tensors
-        data.test = TensorDataset(xv[:, 0], yv)
+        if isinstance(data.test, Features):
+            data.test = data.test.first_view()
+        else:
+            xv, yv = data.test.tensors
+            data.test = TensorDataset(xv[:, 0], yv)
     data.name += "-val"
     return data
 
 
 def _subset(ds: Dataset, idx: list[int]) -> Dataset:
+    if isinstance(ds, Features):
+        return ds.subset(idx)  # an index into the stored rows, not a copy
     if isinstance(ds, TensorDataset):
         return TensorDataset(*(t[idx] for t in ds.tensors))
     from torch.utils.data import Subset
@@ -392,9 +382,10 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0, pin_memory: boo
     """Yield (x, y) for each index tensor in `index_batches`: whole-batch indexing for in-memory data,
     a DataLoader with workers otherwise. pin_memory (CUDA): page-locked batches, so that a non_blocking copy to
     the device is asynchronous."""
-    if isinstance(ds, TensorDataset):
+    if isinstance(ds, (TensorDataset, Features)):
         for idx in index_batches:
-            yield tuple(t[idx].pin_memory() if pin_memory and t.device.type == "cpu" else t[idx] for t in ds.tensors)
+            batch = ds[idx]  # (x[idx], y[idx]): one gather, no per-example calls
+            yield tuple(t.pin_memory() if pin_memory and t.device.type == "cpu" else t for t in batch)
         return
     from torch.utils.data import DataLoader
 

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from dptrain import schema as key
 from dptrain.budget import create_budget
-from dptrain.data import Data, _cached, _dp_normalize, create_dataset
+from dptrain.data import Data, _dp_normalize, create_dataset
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon, noise_multiplier_for
 
@@ -104,24 +104,28 @@ def test_unknown_normalize_and_scatter_norm_are_one_line_errors():
 
 
 def test_feature_cache_returns_the_saved_result_for_the_same_bytes_only(tmp_path):
+    from dptrain.feature_store import NpyRows, cached
+
     x = torch.randn(5, 3)
-    first = _cached(str(tmp_path), "f", (x,), lambda: (x * 2,))
-    again = _cached(str(tmp_path), "f", (x.clone(),), lambda: pytest.fail("recomputed despite the cache"))
-    torch.testing.assert_close(again[0], first[0])
-    other = _cached(str(tmp_path), "f", (x + 1,), lambda: ((x + 1) * 2,))  # other bytes: another entry
-    torch.testing.assert_close(other[0], (x + 1) * 2)
-    assert len(list(tmp_path.glob("f-*.pt"))) == 2
-    for path in tmp_path.glob("f-*.pt"):
-        path.write_bytes(b"truncated")  # an unreadable entry is recomputed (and rewritten), not trusted
-    torch.testing.assert_close(_cached(str(tmp_path), "f", (x,), lambda: (x * 3,))[0], x * 3)
-    torch.testing.assert_close(_cached(str(tmp_path), "f", (x,), lambda: pytest.fail("not rewritten"))[0], x * 3)
+    first = cached(str(tmp_path), "f", x, lambda: iter([x[:2] * 2, x[2:] * 2]))
+    assert isinstance(first, NpyRows) and torch.equal(first[:], x * 2)  # the stored bytes are the computed ones
+    again = cached(str(tmp_path), "f", x.clone(), lambda: pytest.fail("recomputed despite the cache"))
+    assert torch.equal(again[:], x * 2)
+    other = cached(str(tmp_path), "f", x + 1, lambda: iter([(x + 1) * 2]))  # other bytes: another entry
+    assert torch.equal(other[:], (x + 1) * 2)
+    assert len(list(tmp_path.glob("f-*.npy"))) == 2 and not list(tmp_path.glob("*.tmp"))
+    for path in tmp_path.glob("f-*.npy"):
+        path.write_bytes(path.read_bytes()[:-4])  # truncated: recomputed (and rewritten), not trusted
+    assert torch.equal(cached(str(tmp_path), "f", x, lambda: iter([x * 3]))[:], x * 3)
+    assert torch.equal(cached(str(tmp_path), "f", x, lambda: pytest.fail("not rewritten"))[:], x * 3)
+    assert torch.equal(cached(None, "f", x, lambda: iter([x[:1], x[1:]])), x)  # no cache: a tensor in memory
 
 
 def test_scattering_features_are_cached_under_data_dir(tmp_path):
     a = create_dataset("fake", size=8, image_size=8, features="scattering", data_dir=str(tmp_path))
-    assert len(list((tmp_path / "features").glob("scattering-*.pt"))) == 1
+    assert len(list((tmp_path / "features").glob("scattering-*.npy"))) == 2  # train and test images
     b = create_dataset("fake", size=8, image_size=8, features="scattering", data_dir=str(tmp_path))
-    torch.testing.assert_close(a.train.tensors[0], b.train.tensors[0])
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
 
 
 def test_eval_every_zero_reads_the_test_split_once(quick, monkeypatch):
