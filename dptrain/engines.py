@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UserError, lookup
 from .privacy import MODES, DPOptimizer, PrivacyEngine
+from .privacy.engine import trainable_ids
 from .privacy.streams import Streams
 
 
@@ -225,7 +226,7 @@ class Opacus(_Precision):
         self._stepped = False
         self.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
         self.dropped = 0  # fp16: examples whose scaled per-example gradient overflowed, left out so far
-        self._trainable = _trainable(self.model)
+        self._trainable = trainable_ids(self.model)
 
     def _unscaled_fp32_grad_samples(self) -> None:
         """Under autocast, before Opacus' optimizer clips: every p.grad_sample in float32 and divided by the loss
@@ -246,7 +247,7 @@ class Opacus(_Precision):
                     p.grad_sample = p.grad_sample.masked_fill(bad.view(-1, *[1] * (p.grad_sample.dim() - 1)), 0.0)
 
     def backward(self, out, y, *, last: bool) -> torch.Tensor:
-        if _trainable(self.model) != self._trainable:
+        if trainable_ids(self.model) != self._trainable:
             # Opacus hooks the modules trainable at wrap time and its optimizer noises only requires_grad
             # parameters: a layer unfrozen later would have no per-example gradient, one frozen later its stale .grad
             raise UserError("engine=opacus: the trainable parameters changed after Opacus wrapped the model; freeze "
@@ -281,10 +282,6 @@ class Opacus(_Precision):
     def detach(self) -> nn.Module:
         inner = self.model._module
         return _unclone(inner.module if self.dist is not None else inner)  # DPDDP holds the model in .module
-
-
-def _trainable(model: nn.Module) -> tuple[int, ...]:
-    return tuple(id(p) for p in model.parameters() if p.requires_grad)
 
 
 _AMP_GHOST = ("Opacus' ghost clipping takes its clipped sum from a second backward of Σ c_i·loss_i through the "

@@ -36,6 +36,15 @@ def small_r(model, x, y):
     return float(norms.median())
 
 
+def assert_exact(model, x, y, R, norms=None):
+    """The trainable parameters' .grad (and, given, the engine's per-example norms) equal the float64
+    one-example-at-a-time reference's at clipping bound R."""
+    ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=R)
+    assert max_rel_err([p.grad for p in model.parameters() if p.requires_grad], ref) < 1e-9
+    if norms is not None:
+        assert torch.allclose(norms, ref_norms, rtol=1e-9)
+
+
 # ------------------------------------------------------------------ 1, 2: the trainable set changes after attach
 @pytest.mark.parametrize(("mode", "passes"), MODES_PASSES)
 def test_a_layer_unfrozen_after_attach_is_clipped_with_the_rest(mode, passes):
@@ -65,10 +74,7 @@ def test_a_layer_frozen_after_attach_gets_no_gradient_and_leaves_the_norm(mode, 
     loss_of(model, x, y).backward()
     engine.detach()
     assert model[2].weight.grad is None and model[2].bias.grad is None
-    ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=R)  # the trainable parameters only
-    got = [p.grad for p in model.parameters() if p.requires_grad]
-    assert max_rel_err(got, ref) < 1e-9
-    assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)
+    assert_exact(model, x, y, R, engine.per_sample_norms)  # the trainable parameters only
 
 
 @pytest.mark.parametrize("passes", [1, 2])
@@ -84,8 +90,7 @@ def test_requires_grad_changed_between_forward_and_backward_is_refused(passes):
     model.zero_grad()
     loss_of(model, x, y).backward()  # the next step is exact again
     engine.detach()
-    ref, _ = reference_grads(model, [(x, y)], max_grad_norm=1.0)
-    assert max_rel_err([p.grad for p in model.parameters()], ref) < 1e-9
+    assert_exact(model, x, y, 1.0)
 
 
 def test_a_replaced_head_is_covered():
@@ -97,8 +102,7 @@ def test_a_replaced_head_is_covered():
     model[4] = nn.Linear(8, 3).double()  # a new head after attach
     loss_of(model, x, y).backward()
     engine.detach()
-    ref, _ = reference_grads(model, [(x, y)], max_grad_norm=1.0)
-    assert max_rel_err([p.grad for p in model.parameters()], ref) < 1e-9
+    assert_exact(model, x, y, 1.0)
 
 
 def test_the_optimizer_refuses_a_parameter_with_a_gradient_but_no_noise():
@@ -274,8 +278,7 @@ def test_an_evaluation_forward_between_forward_and_backward_changes_nothing(pass
         model(x[:2])  # e.g. a progress bar's accuracy
     loss.backward()
     engine.detach()
-    ref, _ = reference_grads(model, [(x, y)], max_grad_norm=1.0)
-    assert max_rel_err([p.grad for p in model.parameters()], ref) < 1e-9
+    assert_exact(model, x, y, 1.0)
 
 
 def test_a_second_training_forward_before_the_backward_says_so():
@@ -332,9 +335,7 @@ def test_after_an_exception_mid_backward_the_next_backward_is_exact(where, passe
     model.zero_grad(set_to_none=True)
     loss_of(model, x, y).backward()
     engine.detach()
-    ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=0.5)
-    assert max_rel_err([p.grad for p in model.parameters()], ref) < 1e-9
-    assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)
+    assert_exact(model, x, y, 0.5, engine.per_sample_norms)
 
 
 # ------------------------------------------------------------------------- the runner: model.grad_checkpointing
@@ -394,9 +395,7 @@ def test_bias_only_layers_are_exact_and_keep_no_input(mode, passes):
     assert all(r.args == () for _, r in engine._records)
     F.cross_entropy(out, y, reduction="sum").backward()
     engine.detach()
-    ref, ref_norms = reference_grads(model, [(x, y)], max_grad_norm=R)
-    assert max_rel_err([p.grad for p in model.parameters() if p.requires_grad], ref) < 1e-9
-    assert torch.allclose(engine.per_sample_norms, ref_norms, rtol=1e-9)
+    assert_exact(model, x, y, R, engine.per_sample_norms)
 
 
 PARTS = {

@@ -92,7 +92,7 @@ class PrivacyEngine:
         self._late: dict[int, int] = {}  # id(entry) → its calls made inside this forward's backward (recomputes)
         self._audited = self._logged = False
         self._fallback = fallback
-        self._trainable = _trainable(model)  # the plan's trainable set; re-planned when it changes (issue 28)
+        self._trainable = trainable_ids(model)  # the plan's trainable set; re-planned when it changes (issue 28)
         self._handles: list = []
         self._guards: list = []
         self._saved_forward: list = []
@@ -137,7 +137,7 @@ class PrivacyEngine:
         # a forward without gradients (evaluation between a forward and its backward) touches no step state
         if is_replaying() or not self._passes.phase.new_forward or self._probing or not torch.is_grad_enabled():
             return
-        now = _trainable(self.model)
+        now = trainable_ids(self.model)
         if now != self._trainable:
             self._replan(now)
         if not self._probed and _rows_of(args, kwargs) >= 2:
@@ -248,7 +248,7 @@ class PrivacyEngine:
 
     def _clip_factors(self, records) -> tuple[torch.Tensor | None, list[tuple[Entry, Record]]]:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
-        now = _trainable(self.model)
+        now = trainable_ids(self.model)
         if now != self._trainable:
             _refuse_changed(self.model, self._trainable, now)
         if not self._audited:
@@ -354,7 +354,8 @@ def _rows_of(args, kwargs) -> int:
     return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
 
 
-def _trainable(model: nn.Module) -> tuple[int, ...]:
+def trainable_ids(model: nn.Module) -> tuple[int, ...]:
+    """The trainable set a plan (or Opacus' wrapping, engines.py) was built for: ids of requires_grad parameters."""
     return tuple(id(p) for p in model.parameters() if p.requires_grad)
 
 
