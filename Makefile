@@ -58,7 +58,7 @@ bench-dist: $(STAMP) ## samples/s of one DP step on 1 vs 2 data-parallel process
 # mutation testing (mutmut; config: pyproject.toml [tool.mutmut]): the privacy arithmetic, and of engine.py the
 # clip factors. Every surviving mutant is killed by a test or listed as equivalent in results/mutants.md.
 MUTANTS := 'dptrain.privacy.optimizer.*' 'dptrain.privacy.sampling.*' 'dptrain.privacy.accounting.*' \
-	'dptrain.privacy.streams.*' 'dptrain.budget.*' 'dptrain.privacy.engine.x*_clip_factors__mutmut_*' \
+	'dptrain.privacy.streams.*' 'dptrain.train.budget.*' 'dptrain.privacy.engine.x*_clip_factors__mutmut_*' \
 	'dptrain.privacy.engine.x*_finish__mutmut_*' 'dptrain.privacy.engine.x__zero_rows__mutmut_*'
 MUTANT_JOBS ?= 1
 mutants: $(STAMP) ## mutation testing of the privacy code (not in `make test`) → counts + every surviving mutant
@@ -67,16 +67,16 @@ mutants: $(STAMP) ## mutation testing of the privacy code (not in `make test`) �
 	$(BIN)/python tests/mutants_summary.py $(MUTANTS)
 
 # A lent GPU machine is bare and offline (python 3.12, torch 2.11, timm, numpy, pytest, pandas, matplotlib): nothing
-# here installs torch or reaches the network there. dptrain.gpu_check first installs what the machine lacks from
+# here installs torch or reaches the network there. dptrain.bench.gpu_check first installs what the machine lacks from
 # wheels/ (pip --no-index --no-deps --target, never touching torch), then measures; the venv's python when there is one.
 GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 GPU_OUT = $${OUT:-results}
-gpu-check: ## every GPU check in one command, ≤ 420 s from its start (no make: python3 -m dptrain.gpu_check) → $${OUT:-results}/gpu-check.* + bench-gpu.*
+gpu-check: ## every GPU check in one command, ≤ 420 s from its start (no make: python3 -m dptrain.bench.gpu_check) → $${OUT:-results}/gpu-check.* + bench-gpu.*
 	mkdir -p $(GPU_OUT)
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.gpu_check --out $(GPU_OUT)/gpu-check 2>&1 | tee $(GPU_OUT)/gpu-check.log
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.bench.gpu_check --out $(GPU_OUT)/gpu-check 2>&1 | tee $(GPU_OUT)/gpu-check.log
 
 bench-gpu: ## the GPU bench alone (224×224; vgg19's max batch; BEiT-large) → results/bench-gpu.{csv,md,png}
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.gpu_check --sections bench max_batch beit_large \
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m dptrain.bench.gpu_check --sections bench max_batch beit_large \
 		--out $(GPU_OUT)/bench-gpu-check --bench-out $(GPU_OUT)/bench-gpu
 
 # What dptrain needs and the GPU machine lacks: all pure-python wheels (~0.9 MB, committed in wheels/ so that the

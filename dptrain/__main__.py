@@ -1,5 +1,5 @@
 """`python -m dptrain <overrides>`, and `torchrun --nproc_per_node=N -m dptrain <overrides>` (distributed.py)."""
 
-from .cli import main
+from dptrain.cli.train import main
 
 main()

@@ -50,9 +50,9 @@ from scipy import special, stats
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from . import schema as key
-from .config import TrainConfig
-from .errors import UserError, check_name
+from dptrain import keys as key
+from dptrain.config import TrainConfig
+from dptrain.errors import UserError, check_name
 
 log = logging.getLogger("dptrain")
 
@@ -355,7 +355,7 @@ class AuditRunConfig(TrainConfig):
 def register() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from .config import register as register_train
+    from dptrain.config import register as register_train
 
     register_train()
     ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)
@@ -363,8 +363,8 @@ def register() -> None:
 
 def audit(cfg, run_dir: str) -> dict:
     """One training run with canaries (run.run) → scores → the bound → audit.json in run_dir."""
-    from .privacy.accounting import default_delta
-    from .run import run
+    from dptrain.privacy.accounting import default_delta
+    from dptrain.train.run import run
 
     a = cfg.audit
     if not 0 < a.confidence < 1:
@@ -413,15 +413,15 @@ def _main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from . import terminal
-    from .cli import CONF_DIR
-    from .config import check_paths, validate
+    from dptrain.cli import terminal
+    from dptrain.cli.train import CONF_DIR
+    from dptrain.config import check_paths, validate
 
     register()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")
     def main(cfg) -> float:
-        from .privacy import CoverageError
+        from dptrain.privacy import CoverageError
 
         try:
             result = audit(cfg, HydraConfig.get().runtime.output_dir)

@@ -197,7 +197,7 @@ def validate(cfg) -> None:
     misspelled key, would otherwise be accepted and ignored) or the first numeric knob outside its RANGES entry."""
     from omegaconf import OmegaConf
 
-    from .errors import UserError, check_range
+    from dptrain.errors import UserError, check_range
 
     schema = OmegaConf.get_type(cfg) if OmegaConf.is_config(cfg) else None  # TrainConfig, or a subclass (audit)
     schema = schema if isinstance(schema, type) and issubclass(schema, TrainConfig) else TrainConfig
@@ -213,7 +213,7 @@ def check_paths(cfg) -> None:
     not the command line (tests/test_readme.py validates the README's commands, whose folders are placeholders)."""
     from omegaconf import OmegaConf
 
-    from .errors import UserError
+    from dptrain.errors import UserError
 
     root = OmegaConf.select(cfg, "dataset.root")
     if root and not os.path.isdir(os.path.expanduser(str(root))):

@@ -20,9 +20,9 @@ import json
 import os
 import sys
 
-from . import schema as key
-from .errors import UserError
-from .schema import COLUMNS
+from dptrain import keys as key
+from dptrain.errors import UserError
+from dptrain.keys import COLUMNS
 
 
 def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -62,7 +62,7 @@ def _tuning(root: str, d: str, s: dict) -> dict:
     """How a run was chosen: the selected run of a private search (its tuning.json's eps_incl_tuning), a private run
     of a plain `-m` sweep (a multirun.yaml above it, no tuning.json: "tuning cost not accounted" — choosing among
     its runs is a release their ε does not cover), or a single run."""
-    from .search import TUNING_FILE
+    from dptrain.sweep.search import TUNING_FILE
 
     here, stop = os.path.abspath(d), os.path.dirname(os.path.abspath(root))
     while here not in (stop, os.path.dirname(here)):  # the directories above the run, up to root's parent
@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from .terminal import fail
+    from dptrain.cli.terminal import fail
 
     args = parser().parse_args(argv)
     try:

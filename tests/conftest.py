@@ -84,7 +84,7 @@ def compose():
 @pytest.fixture
 def quick(compose, tmp_path):
     """Run a tiny training in-process and return its summary."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     def go(*overrides):
         cfg = compose("progress=false", "dataset=fake", "dataset.size=64", "dataset.image_size=8",
@@ -103,7 +103,7 @@ TINY = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size
 def cli(*args, cwd):
     """`dptrain <args>` in a subprocess, as a user runs it."""
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dptrain.cli.train", *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
 
 

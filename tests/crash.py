@@ -29,16 +29,16 @@ def arm(kill: str) -> None:
         return count[0] == n
 
     if kind == "step":
-        import dptrain.loop
+        import dptrain.train.loop
 
-        real_all_finite = dptrain.loop.all_finite  # called once per step, right after it
+        real_all_finite = dptrain.train.loop.all_finite  # called once per step, right after it
 
         def all_finite(tensors):
             if hit():
                 die()
             return real_all_finite(tensors)
 
-        dptrain.loop.all_finite = all_finite
+        dptrain.train.loop.all_finite = all_finite
     elif kind == "write":
         real_save = torch.save
 
@@ -69,6 +69,6 @@ def arm(kill: str) -> None:
 if __name__ == "__main__":
     arm(sys.argv[1])
     sys.argv = ["dptrain", *sys.argv[2:]]
-    from dptrain.cli import main
+    from dptrain.cli.train import main
 
     main()

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from dptrain.distributed import SINGLE, Dist
 from dptrain.engines import create_engine
-from dptrain.loop import train_one_epoch
 from dptrain.privacy.sampling import PoissonSampler
 from dptrain.privacy.streams import Streams
+from dptrain.train.distributed import SINGLE, Dist
+from dptrain.train.loop import train_one_epoch
 
 N = 12  # training examples
 
@@ -110,7 +110,7 @@ def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: lis
     import torch.distributed as tdist
     from test_checkpoint import EVERY_STEP, Killed, _compose, dies_at
 
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Run dptrain.gpu_check as on a bare GPU machine (torch, timm, numpy only): hydra, omegaconf, opacus, wandb,
+"""Run dptrain.bench.gpu_check as on a bare GPU machine (torch, timm, numpy only): hydra, omegaconf, opacus, wandb,
 kymatio, pytest, antlr4 and submitit unimportable. A CPU dry run of the flow (results/gpu-check-cpu-dryrun.md):
 
     PYTHONPATH=. python tests/gpu_check_bare.py --device cpu --bench-models resnet18 --out /tmp/gpu-check
@@ -20,4 +20,4 @@ class Block(importlib.abc.MetaPathFinder):
 if __name__ == "__main__":
     sys.meta_path.insert(0, Block())
     sys.argv = ["gpu_check", *sys.argv[1:]]
-    runpy.run_module("dptrain.gpu_check", run_name="__main__")
+    runpy.run_module("dptrain.bench.gpu_check", run_name="__main__")

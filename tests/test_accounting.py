@@ -9,7 +9,7 @@ import torch
 from conftest import assert_eps_spent, deadline
 from opacus.accountants import PRVAccountant
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.privacy import DPOptimizer
 from dptrain.privacy.accounting import _calibrate, default_delta, epsilon, noise_multiplier_for, steps_for
 from dptrain.privacy.optimizer import CHUNKS, SCRATCH
@@ -447,7 +447,7 @@ def test_given_noise_multiplier_reports_epsilon(quick):
 def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
     """`dptrain eps=1`: its (σ, q, steps, δ) recomputed with Opacus' PRV accountant gives 0.995 ≤ ε ≤ 1 — the
     training metrics' noise σ_m riding on the same batch (the step one Gaussian at (σ⁻² + 2σ_m⁻²)^(-1/2))."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     s = run(compose("progress=false", "eps=1"), str(tmp_path / "r"))
     acc = PRVAccountant()

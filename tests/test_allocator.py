@@ -13,7 +13,7 @@ def test_trim_gives_back_freed_heap_only_under_keep_freed_memory():
     fragments of the heap stay resident until trim_freed_memory gives them back."""
     code = """
 import ctypes, torch
-from dptrain.allocator import keep_freed_memory, trim_freed_memory
+from dptrain.train.allocator import keep_freed_memory, trim_freed_memory
 def rss():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) // 1024
 print(trim_freed_memory(), keep_freed_memory())

@@ -142,7 +142,7 @@ def test_simulated_dp_sgd_canaries_stay_below_the_accounted_eps():
 def test_dirac_canary_gradient_is_s_e_j_and_real_rows_are_untouched():
     """Through the real engine: a canary row's per-example gradient is s·e_j in the canary block and zero in the
     model; a real row's gradient is the plain model's. The engine's row probe accepts the wrapper."""
-    from dptrain.models import create_model
+    from dptrain.models.factory import create_model
     from dptrain.privacy import PrivacyEngine
 
     torch.manual_seed(0)

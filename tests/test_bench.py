@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dptrain import bench
+from dptrain.bench import speed as bench
 
 
 def test_time_engines_and_tables(tmp_path):

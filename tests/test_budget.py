@@ -5,10 +5,10 @@ import logging
 import pytest
 from conftest import accountant_eps, deadline
 
-from dptrain import schema as key
-from dptrain.budget import Budget, create_budget
+from dptrain import keys as key
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon, noise_multiplier_for, steps_for
+from dptrain.train.budget import Budget, create_budget
 
 
 def test_eps_spent_is_the_accountants_and_summary_has_the_privacy_keys():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import CONF
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.errors import UserError
 
 CRASH = str(Path(__file__).with_name("crash.py"))
@@ -65,8 +65,8 @@ def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
     process resuming it (`dptrain resume=<dir>`) is SIGKILLed inside its 2nd checkpoint write (half a
     checkpoint.pt.tmp on disk); a third resume finishes. Weights, metrics.jsonl, accuracy, steps and ε equal
     those of the same run left alone (which checkpointed only at its epoch ends: checkpoints change nothing)."""
-    from dptrain.checkpoint import resume_config
-    from dptrain.run import run
+    from dptrain.train.checkpoint import resume_config
+    from dptrain.train.run import run
 
     ref, d = tmp_path / "ref", tmp_path / "run"
     run(_compose(*RUN), str(ref))
@@ -92,7 +92,7 @@ def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
 def test_killed_before_the_rename_keeps_the_previous_checkpoint(monkeypatch, tmp_path):
     """Killed after its 4th checkpoint.pt.tmp (epoch 1's end) is complete but before the rename, and before the
     epoch's metrics line: the checkpoint of step 3 is intact, and the resumed run repeats step 4."""
-    import dptrain.checkpoint
+    import dptrain.train.checkpoint
 
     real, count = os.replace, [0]
 
@@ -104,7 +104,7 @@ def test_killed_before_the_rename_keeps_the_previous_checkpoint(monkeypatch, tmp
         return real(src, dst)
 
     def kill():
-        monkeypatch.setattr(dptrain.checkpoint.os, "replace", replace)
+        monkeypatch.setattr(dptrain.train.checkpoint.os, "replace", replace)
 
     ref, d = killed_and_resumed(monkeypatch, tmp_path, at_step=kill, meanwhile=lambda d: monkeypatch.undo())
     assert_same_run(ref, d)
@@ -133,10 +133,10 @@ class Killed(BaseException):
 @contextlib.contextmanager
 def dies_at(step: int):
     """Inside: a run dies (Killed) once its `step`-th step is taken, before anything after it is saved or logged;
-    dptrain.loop is restored on the way out. For callers without pytest's monkeypatch (a module fixture, a worker)."""
-    import dptrain.loop
+    dptrain.train.loop is restored on the way out. Callers without pytest's monkeypatch (a module fixture, a worker)."""
+    import dptrain.train.loop
 
-    real, count = dptrain.loop.all_finite, [0]
+    real, count = dptrain.train.loop.all_finite, [0]
 
     def all_finite(tensors):
         count[0] += 1
@@ -144,33 +144,33 @@ def dies_at(step: int):
             raise Killed
         return real(tensors)
 
-    dptrain.loop.all_finite = all_finite
+    dptrain.train.loop.all_finite = all_finite
     try:
         yield
     finally:
-        dptrain.loop.all_finite = real
+        dptrain.train.loop.all_finite = real
 
 
 def interrupt(monkeypatch, at_step: int) -> None:
     """The next run dies once its `at_step`-th step is taken, before anything after it is saved or logged."""
-    import dptrain.loop
+    import dptrain.train.loop
 
-    real, count = dptrain.loop.all_finite, [0]
+    real, count = dptrain.train.loop.all_finite, [0]
 
     def all_finite(tensors):
         count[0] += 1
         if count[0] == at_step:
-            monkeypatch.setattr(dptrain.loop, "all_finite", real)
+            monkeypatch.setattr(dptrain.train.loop, "all_finite", real)
             raise Killed
         return real(tensors)
 
-    monkeypatch.setattr(dptrain.loop, "all_finite", all_finite)
+    monkeypatch.setattr(dptrain.train.loop, "all_finite", all_finite)
 
 
 def killed_and_resumed(monkeypatch, tmp_path, *overrides, at_step=6, every=EVERY_STEP, base=RUN, meanwhile=None):
     """(uninterrupted run dir, killed-at-step-`at_step`-then-resumed run dir), in-process. at_step: a step, or a
     function that arms another kill; `meanwhile(run dir)` runs between the kill and the resume."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     ref, d = tmp_path / "ref", tmp_path / "run"
     run(_compose(*base, *overrides), str(ref))
@@ -233,7 +233,7 @@ def test_secure_mode_resumes_with_fresh_entropy(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """A run killed (in-process) after step 3, with a checkpoint at step 2; status.json "running"."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     d = tmp_path_factory.mktemp("killed") / "run"
     with dies_at(3), pytest.raises(Killed):
@@ -252,7 +252,7 @@ def killed(tmp_path_factory):
                                     "(experiment is not one of its keys)"),
 ])
 def test_resume_refuses_overrides_that_change_the_run(killed, override, message):
-    from dptrain.checkpoint import resume_config
+    from dptrain.train.checkpoint import resume_config
 
     cfg = _compose(f"resume={killed}", override)  # as `dptrain resume=<dir> <override>` composes it
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
@@ -263,7 +263,7 @@ def test_resume_refuses_overrides_that_change_the_run(killed, override, message)
 def test_resume_takes_the_saved_config_and_harmless_overrides(killed):
     """`resume=<dir>` alone runs the saved config (not the defaults); harmless overrides apply; an override
     equal to the saved value is no change."""
-    from dptrain.checkpoint import resume_config
+    from dptrain.train.checkpoint import resume_config
 
     given = ["progress=true", "logger=wandb", "checkpoint.every_s=60", "batch_size=16", "dataset.name=fake"]
     cfg = resume_config(_compose(f"resume={killed}", *given), [f"resume={killed}", *given])
@@ -273,15 +273,15 @@ def test_resume_takes_the_saved_config_and_harmless_overrides(killed):
 
 
 def test_in_process_resume_with_another_config_is_refused(killed, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     with pytest.raises(UserError, match="max_grad_norm=2.0 differs from the run's saved max_grad_norm=1.0"):
         run(_compose(*RUN, EVERY_STEP, "max_grad_norm=2", f"resume={killed}"), str(killed))
 
 
 def test_resume_refuses_finished_failed_and_checkpointless_runs(tmp_path):
-    from dptrain.checkpoint import load
-    from dptrain.run import run
+    from dptrain.train.checkpoint import load
+    from dptrain.train.run import run
 
     d = tmp_path / "done"
     run(_compose(*RUN, "epochs=0.25"), str(d))
@@ -299,7 +299,7 @@ def test_resume_refuses_finished_failed_and_checkpointless_runs(tmp_path):
 
 
 def test_every_s_0_writes_no_checkpoint(tmp_path, monkeypatch):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     interrupt(monkeypatch, 6)
     d = tmp_path / "r"
@@ -336,7 +336,7 @@ def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path)
     import shutil
 
     from dptrain.privacy import DPOptimizer
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     state = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert state["device"] == "cpu"
@@ -360,9 +360,9 @@ def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path)
 def test_a_sampler_that_redraws_other_batches_is_caught(tmp_path, done, drawn):
     """The resumed sampler is redrawn to the checkpoint's position; its generator must then stand where the
     checkpoint saw it (a tripwire for code or data that changed between the two)."""
-    from dptrain.budget import Budget
-    from dptrain.checkpoint import Checkpointer, Position
     from dptrain.privacy.sampling import PoissonSampler
+    from dptrain.train.budget import Budget
+    from dptrain.train.checkpoint import Checkpointer, Position
 
     def sampler(seed):
         return PoissonSampler(64, sample_rate=0.25, steps=12, seed=seed)

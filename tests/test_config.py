@@ -141,8 +141,8 @@ def test_every_conf_option_has_a_registry_entry_and_back():
     """Each group's valid names are one registry's keys (engines.ENGINES, optim.OPTIMIZERS, tracking.LOGGERS; datasets:
     test_data.py): a conf file without an entry would fail only at run time, an entry without a file not at all."""
     from dptrain.engines import ENGINES
-    from dptrain.optim import OPTIMIZERS
-    from dptrain.tracking import LOGGERS
+    from dptrain.train.optim import OPTIMIZERS
+    from dptrain.train.outputs import LOGGERS
 
     for group, registry in [("engine", ENGINES), ("optimizer", OPTIMIZERS), ("logger", LOGGERS)]:
         names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
@@ -155,7 +155,7 @@ def test_bad_numbers_and_unknown_keys_are_refused_before_torch_loads(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom dptrain.cli import main\nsys.argv = ['dptrain', sys.argv[1], 'hydra.run.dir=.']\n"
+    code = ("import sys\nfrom dptrain.cli.train import main\nsys.argv = ['dptrain', sys.argv[1], 'hydra.run.dir=.']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
     for override, message in (("eps=-1", "eps must be > 0"), ("+epoch=1", "unknown config key 'epoch'")):
         p = subprocess.run([sys.executable, "-c", code, override], capture_output=True, text=True, cwd=tmp_path,

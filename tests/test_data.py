@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dptrain import schema as key
-from dptrain.data import augment, create_dataset
+from dptrain import keys as key
+from dptrain.data.datasets import augment, create_dataset
 from dptrain.errors import UserError
 
 
@@ -134,7 +134,7 @@ def test_every_conf_dataset_has_a_loader_and_every_loader_a_conf_file():
 
     from conftest import CONF
 
-    from dptrain.data import DATASETS
+    from dptrain.data.datasets import DATASETS
 
     conf = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "dataset")))
     assert conf == sorted(DATASETS)
@@ -144,7 +144,7 @@ def test_every_conf_dataset_has_a_loader_and_every_loader_a_conf_file():
 def test_truncated_jpeg_is_one_line_error_naming_the_file(tmp_path, cache):
     """A truncated JPEG fails inside PIL in a DataLoader worker: decoding into memory (cache) or per example
     (DataLoader workers, the path of large images) — either way one line that names the file and the fix."""
-    from dptrain.data import batches
+    from dptrain.data.datasets import batches
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

@@ -16,8 +16,8 @@ import torch
 from conftest import TINY
 from dist_workers import SCENARIOS, reference, worker
 
-from dptrain import schema as key
-from dptrain.distributed import SINGLE, Dist, worker_overrides
+from dptrain import keys as key
+from dptrain.train.distributed import SINGLE, Dist, worker_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +150,7 @@ def test_ddp_turns_the_buffer_sync_off_by_feature_check():
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from dptrain.distributed import no_buffer_sync
+    from dptrain.train.distributed import no_buffer_sync
 
     class New:
         def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True): ...
@@ -197,8 +197,8 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
 
     from test_checkpoint import EVERY_STEP, _compose
 
-    from dptrain.checkpoint import load
     from dptrain.errors import UserError
+    from dptrain.train.checkpoint import load
 
     with pytest.raises(UserError, match=r"written by 2 process\(es\), this run has 1; .* continue it on as many: "
                                         r"torchrun with 2 processes") as err:
@@ -225,9 +225,9 @@ def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
     """The other way round: a checkpoint of one process, resumed by 2 (what rank 0 checks before sending it)."""
     from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
 
-    from dptrain.checkpoint import check_world_size, load
     from dptrain.errors import UserError
-    from dptrain.run import run
+    from dptrain.train.checkpoint import check_world_size, load
+    from dptrain.train.run import run
 
     d = tmp_path / "one"
     interrupt(monkeypatch, 2)
@@ -316,7 +316,7 @@ def test_torchrun_every_engine(tmp_path, quick):
 @pytest.mark.slow
 def test_torchrun_digits_default_matches_one_process(tmp_path, compose):
     """The issue's check: `torchrun --nproc_per_node=2 -m dptrain` on the digits default (~1 min on 2 cores)."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     _torchrun("progress=false", cwd=tmp_path)
     found, runs = _summaries(tmp_path / "outputs")
@@ -368,7 +368,7 @@ def test_bench_processes(tmp_path):
     """`dptrain-bench --processes 1 2`: one row per process count, samples/s and the speed-up over 1 process."""
     import pandas as pd
 
-    from dptrain.bench import main
+    from dptrain.bench.speed import main
 
     main(["--processes", "1", "2", "--models", "cnn", "--engines", "mixed_ghost", "--batches", "8", "--steps", "2",
           "--out", str(tmp_path / "b")])
@@ -381,8 +381,8 @@ def test_mid_epoch_checkpoints_follow_rank_0s_clock_at_a_few_broadcasts(tmp_path
     """Checkpointer.due() under torchrun: rank 0 decides (its clock) and sends (save?, steps to skip) — with 1 s
     steps and every_s=100 it saves at the 100th step, not later, after ~log2(100) broadcasts rather than 100;
     every_s=1e-9 (a checkpoint after every step) checks at every step."""
-    import dptrain.checkpoint as ckpt
-    from dptrain.budget import Budget
+    import dptrain.train.checkpoint as ckpt
+    from dptrain.train.budget import Budget
 
     class Rank0:
         enabled, is_main, rank, world_size = True, True, 0, 2

@@ -204,7 +204,7 @@ def test_the_engine_labels_its_phases_for_the_profiler():
 
 
 def tiny_resnet():
-    from dptrain.models import fix_batchnorm
+    from dptrain.models.factory import fix_batchnorm
 
     return fix_batchnorm(timm.create_model("resnet18", num_classes=3, pretrained=False))[0]
 
@@ -221,7 +221,7 @@ def tiny_beit():
 
 def tiny_vgg():
     """VGG-style: 3×3 conv + norm + ReLU(inplace) + max-pool stages, then an MLP classifier."""
-    from dptrain.models import fix_batchnorm
+    from dptrain.models.factory import fix_batchnorm
 
     layers, c = [], 3
     for out in (4, "M", 8, "M", 8):
@@ -593,7 +593,7 @@ def test_input_gram_cost_check():
 
 def test_scatter_cnn_matches_reference():
     """The ScatterNet CNN's head (parameter-free GroupNorm, conv-pool-conv, linear) on 27-channel features."""
-    from dptrain.models import ScatterCNN
+    from dptrain.models.factory import ScatterCNN
 
     torch.manual_seed(0)
     for mode in MODES:

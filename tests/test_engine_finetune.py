@@ -236,7 +236,7 @@ def tiny(name):
     if name == "convnext":
         return timm.create_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), ls_init_value=0.1,
                                  **kw), (3, 32, 32)
-    from dptrain.models import fix_batchnorm
+    from dptrain.models.factory import fix_batchnorm
 
     return fix_batchnorm(timm.create_model("resnet18", **kw))[0], (3, 16, 16)
 
@@ -340,7 +340,7 @@ def test_after_an_exception_mid_backward_the_next_backward_is_exact(where, passe
 
 # ------------------------------------------------------------------------- the runner: model.grad_checkpointing
 def test_the_runner_trains_the_same_model_with_grad_checkpointing(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     def go(name, *extra):
         cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=8", "model=timm",
@@ -357,7 +357,7 @@ def test_the_runner_trains_the_same_model_with_grad_checkpointing(compose, tmp_p
 
 def test_grad_checkpointing_on_a_model_without_it_is_one_line(compose, tmp_path):
     from dptrain.errors import UserError
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "batch_size=8", "model.grad_checkpointing=true")
     with pytest.raises(UserError, match="has no set_grad_checkpointing"):

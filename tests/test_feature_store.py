@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from dptrain.data import _dp_normalize, _validation_split, batches, create_dataset
-from dptrain.feature_store import Features, NpyRows
+from dptrain.data.datasets import _dp_normalize, _validation_split, batches, create_dataset
+from dptrain.data.store import Features, NpyRows
 
 
 def test_rows_are_read_by_int_slice_and_index(tmp_path):

@@ -8,7 +8,7 @@ from test_engine import batches, tiny_beit, tiny_resnet, tiny_vit
 
 from dptrain.config import LoraConfig
 from dptrain.errors import UserError
-from dptrain.finetune import TRAINABLE, check_adapters_run, classifier, merge_lora, set_trainable, zero_head
+from dptrain.models.finetune import TRAINABLE, check_adapters_run, classifier, merge_lora, set_trainable, zero_head
 
 MODELS = {  # name → (make, input shape, LoRA targets)
     "vit_tiny": (tiny_vit, (3, 8, 8), ["attn.proj", "mlp.fc1", "mlp.fc2"]),
@@ -135,8 +135,8 @@ TINY = ("progress=false", "checkpoint.every_s=0", "device=cpu", "dataset=fake", 
 def test_a_dptrain_model_pt_fine_tunes_on_other_classes_with_a_new_head(compose, tmp_path):
     """Run 1 (10 classes, LoRA) saves model.pt with its adapters merged; run 2 loads it with 3 classes: a fresh head
     (the only shape that differs), the body exactly as saved and frozen (model.trainable=head)."""
-    from dptrain import schema as key
-    from dptrain.run import run
+    from dptrain import keys as key
+    from dptrain.train.run import run
 
     first = run(compose(*TINY, "model.trainable=lora", "model.lora.targets=[attn.proj]"), str(tmp_path / "a"))
     assert first[key.TRAINABLE] == "lora" and first[key.INIT] == "from scratch"

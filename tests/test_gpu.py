@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from reference import check, engine_grads, max_rel_err, reference_grads
 from test_engine import MODELS, MODES, Noisy, batches, tiny_vit
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.privacy import PrivacyEngine
 
 DEVICE = torch.device(os.environ.get("DPTRAIN_TEST_DEVICE", "cuda"))
@@ -164,7 +164,7 @@ def test_ddp_path_on_the_device(tmp_path):
     (no_sync, then the all-reduce with the summing hook) gives the plain model's summed gradients."""
     import torch.distributed as tdist
 
-    from dptrain.distributed import Dist, ddp
+    from dptrain.train.distributed import Dist, ddp
 
     backend = "nccl" if DEVICE.type == "cuda" else "gloo"
     tdist.init_process_group(backend, init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -187,8 +187,8 @@ def test_ddp_path_on_the_device(tmp_path):
 def test_gpu_check_rows_on_the_device(monkeypatch):
     """gpu_check on the device: every engine keeps its bench row (its memory measured, or its error), and a cuBLAS
     allocation error in a step is that probe's "does not fit", not the section's end."""
-    import dptrain.bench
-    from dptrain import gpu_check
+    import dptrain.bench.speed
+    from dptrain.bench import gpu_check
 
     engines = ["nonprivate", "no_such_engine", "mixed_ghost"]
     rows = gpu_check.bench_model("cnn", 16, 4, 1, DEVICE, gpu_check.Clock(None), engines)
@@ -197,12 +197,12 @@ def test_gpu_check_rows_on_the_device(monkeypatch):
     assert by["mixed_ghost"]["step_ms"] > 0
     if DEVICE.type == "cuda":
         assert by["nonprivate"]["peak_mem_mb"] > 0 and by["mixed_ghost"]["peak_mem_mb"] > 0
-        eng, _, _ = dptrain.bench.build("cnn", 16, "mixed_ghost", 4, DEVICE)
+        eng, _, _ = dptrain.bench.speed.build("cnn", 16, "mixed_ghost", 4, DEVICE)
 
         def one_step(*_):
             raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-        monkeypatch.setattr(dptrain.bench, "one_step", one_step)
+        monkeypatch.setattr(dptrain.bench.speed, "one_step", one_step)
         notes = {}
         assert gpu_check._cuda_peak(eng, 8, 16, DEVICE, notes) == float("inf") and "ALLOC_FAILED" in notes[8]
 
@@ -213,7 +213,7 @@ def test_a_cpu_checkpoint_is_not_resumed_on_the_device(monkeypatch, tmp_path):
     from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
 
     from dptrain.errors import UserError
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     if DEVICE.type != "cuda":
         pytest.skip("needs CUDA: the resume must land on another device type")

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from dptrain import gpu_check
+from dptrain.bench import gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # import name → distribution: what `import dptrain` and the gpu tests need beyond the GPU machine's preinstalled
@@ -108,7 +108,7 @@ def test_an_allocation_error_of_cudnn_or_cublas_is_a_probe_that_does_not_fit(mon
     line kept), as in a max-batch search past the memory; any other error propagates to its row."""
     import torch
 
-    import dptrain.bench
+    import dptrain.bench.speed
 
     for f in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, f, lambda *a, **k: None)
@@ -119,7 +119,7 @@ def test_an_allocation_error_of_cudnn_or_cublas_is_a_probe_that_does_not_fit(mon
         if len(x) in fail:
             raise fail[len(x)]
 
-    monkeypatch.setattr(dptrain.bench, "one_step", one_step)
+    monkeypatch.setattr(dptrain.bench.speed, "one_step", one_step)
     fail.update({24: RuntimeError(ALLOC), 32: torch.OutOfMemoryError("CUDA out of memory"),
                  40: RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), 48: RuntimeError("shape mismatch")})
     notes, cpu = {}, torch.device("cpu")
@@ -214,7 +214,7 @@ def test_tests_run_on_the_cpu_unless_marked_gpu():
     import torch
     from conftest import _selects_gpu_tests
 
-    from dptrain.run import _device
+    from dptrain.train.run import _device
 
     assert not torch.cuda.is_available() and _device("auto") == torch.device("cpu")
     r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,

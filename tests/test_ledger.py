@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import TINY, accountant_eps, cli
 
-from dptrain import schema as key
-from dptrain.budget import Budget, create_budget
-from dptrain.ledger import TrainMetrics, evaluations, history_of, joint_sigma
+from dptrain import keys as key
 from dptrain.privacy.accounting import epsilon_of
-from dptrain.tuning import draw_trials, eps_incl_tuning, tnb_gamma, tnb_mean, tuning_rdp
+from dptrain.sweep.tuning import draw_trials, eps_incl_tuning, tnb_gamma, tnb_mean, tuning_rdp
+from dptrain.train.budget import Budget, create_budget
+from dptrain.train.ledger import TrainMetrics, evaluations, history_of, joint_sigma
 
 
 def ledger_budget(accountant="rdp"):
@@ -95,7 +95,7 @@ def test_gdp_refuses_what_it_cannot_compose(compose):
 @pytest.mark.parametrize("q,steps,every", [(0.178, 84, 1), (0.178, 84, 4), (0.3, 7, 0), (1.0, 3, 2), (0.07, 100, 3)])
 def test_evaluations_are_the_loops(q, steps, every):
     """evaluations() against run._train's schedule: epoch k ends at run._epoch_end(k), evaluated if due."""
-    from dptrain.run import _epoch_end
+    from dptrain.train.run import _epoch_end
 
     want, done, epoch = [], 0, 0
     while done < steps:
@@ -132,7 +132,7 @@ def test_train_metrics_clip_count_and_noise():
 def test_validation_release_is_noised_and_kept_in_range():
     import torch
 
-    from dptrain.ledger import release_validation
+    from dptrain.train.ledger import release_validation
 
     class Fixed:
         def __init__(self, z):
@@ -150,8 +150,8 @@ def test_validation_release_is_noised_and_kept_in_range():
 
 
 def test_metric_noise_is_fresh_per_step_and_independent_of_the_seeded_streams():
-    from dptrain.ledger import MetricNoise
     from dptrain.privacy.streams import Streams
+    from dptrain.train.ledger import MetricNoise
 
     n = MetricNoise(Streams(0), 0)
     a, b = n.draw(1, 2), n.draw(2, 2)
@@ -203,7 +203,7 @@ def test_tuning_bound_by_hand_and_against_dp_accounting(dist, mean, shape):
     theorem written out here (TNB), and by dp_accounting's RepeatAndSelectDpEvent (its own implementation)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from dptrain.tuning import ORDERS
+    from dptrain.sweep.tuning import ORDERS
 
     history = [(1.1, 0.01, 1000)]
     eps, _ = eps_incl_tuning(history, delta=1e-5, distribution=dist, mean=mean, shape=shape)

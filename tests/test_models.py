@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dptrain.errors import UserError
-from dptrain.models import CONF_MODELS, create_model
+from dptrain.models.factory import CONF_MODELS, create_model
 
 
 def test_cnn_on_digits_and_cifar_sizes():
@@ -148,8 +148,8 @@ def test_checkpoint_provenance_reads_the_run_beside_it(tmp_path, caplog):
     of continued runs stays visible); a warning says the budgets compose. No summary: the path only."""
     import json
 
-    from dptrain import schema as key
-    from dptrain.models import checkpoint_provenance
+    from dptrain import keys as key
+    from dptrain.models.factory import checkpoint_provenance
 
     assert checkpoint_provenance(None, dataset="digits") is None
     earlier = {"path": "/runs/0/model.pt", "summary": "/runs/0/summary.json", key.EPS_SPENT: 1.0}

@@ -7,11 +7,11 @@ import torch
 from conftest import assert_eps_spent
 from torch.utils.data import TensorDataset
 
-from dptrain import schema as key
-from dptrain.budget import create_budget
-from dptrain.data import Data, _dp_normalize, create_dataset
+from dptrain import keys as key
+from dptrain.data.datasets import Data, _dp_normalize, create_dataset
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon, noise_multiplier_for
+from dptrain.train.budget import create_budget
 
 
 def make_data(x, xt=None):
@@ -95,7 +95,7 @@ def test_secure_mode_draws_the_statistics_noise_from_the_os(monkeypatch):
 def test_unknown_normalize_and_scatter_norm_are_one_line_errors():
     with pytest.raises(UserError, match="unknown dataset.normalize 'bn'; valid: none, dp"):
         create_dataset("fake", size=8, normalize="bn")
-    from dptrain.models import create_model
+    from dptrain.models.factory import create_model
 
     with pytest.raises(UserError, match="unknown model.kwargs.norm 'batch'"):
         create_model("scatter_cnn", num_classes=10, in_chans=243, img_size=8, norm="batch")
@@ -104,7 +104,7 @@ def test_unknown_normalize_and_scatter_norm_are_one_line_errors():
 
 
 def test_feature_cache_returns_the_saved_result_for_the_same_bytes_only(tmp_path):
-    from dptrain.feature_store import NpyRows, cached
+    from dptrain.data.store import NpyRows, cached
 
     x = torch.randn(5, 3)
     first = cached(str(tmp_path), "f", x, lambda: iter([x[:2] * 2, x[2:] * 2]))
@@ -129,7 +129,7 @@ def test_scattering_features_are_cached_under_data_dir(tmp_path):
 
 
 def test_eval_every_zero_reads_the_test_split_once(quick, monkeypatch):
-    import dptrain.run as run_mod
+    import dptrain.train.run as run_mod
 
     calls = []
     real = run_mod.evaluate
@@ -160,7 +160,7 @@ def test_prior_alone_is_the_analytic_gaussian_mechanism():
 
 
 def test_secure_statistics_are_refused_where_they_would_be_released_twice(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     cfg = compose("dataset=fake", "dataset.normalize=dp", "privacy.secure=true", f"resume={tmp_path}")
     with pytest.raises(UserError, match="not under torchrun or resume="):

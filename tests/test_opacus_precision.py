@@ -6,7 +6,7 @@ import torch
 from conftest import assert_eps_spent
 from test_engine import tiny_vgg
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.engines import FP16_LOSS_SCALE, create_engine
 from dptrain.errors import UserError
 

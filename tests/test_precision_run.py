@@ -3,7 +3,7 @@
 import pytest
 from conftest import assert_eps_spent
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.errors import UserError
 
 

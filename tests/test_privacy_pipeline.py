@@ -1,7 +1,7 @@
 """End to end: what a real (tiny) private run DOES, observed from outside its own counters (issue #21).
 
 Two seams, neither of them a dptrain counter:
-  * batches — every physical batch the training loop feeds the model: `dptrain.loop.batches` is wrapped and
+  * batches — every physical batch the training loop feeds the model: `dptrain.train.loop.batches` is wrapped and
     records (indices, x, y) of each batch that `train_one_epoch` asks for;
   * updates — every step of the torch optimizer underneath any engine (the built-in DPOptimizer and Opacus
     both end in torch.optim.SGD.step): a global step pre-hook records each parameter's .grad, i.e. the
@@ -73,13 +73,13 @@ def compose(*overrides):
 
 
 def observe(overrides, run_dir) -> Observed:
-    import dptrain.loop
-    from dptrain.models import create_model
-    from dptrain.run import run
+    import dptrain.train.loop
+    from dptrain.models.factory import create_model
+    from dptrain.train.run import run
 
     cfg = compose(*BASE, *overrides)
     events, train_sets = [], []
-    real_batches = dptrain.loop.batches
+    real_batches = dptrain.train.loop.batches
 
     def batches(ds, index_batches, **kw):
         if sys._getframe(1).f_code.co_name != "train_one_epoch":  # evaluate()'s batches are not training
@@ -100,7 +100,7 @@ def observe(overrides, run_dir) -> Observed:
                                     for g in opt.param_groups for p in g["params"]]))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dptrain.loop, "batches", batches)
+        mp.setattr(dptrain.train.loop, "batches", batches)
         handle = register_optimizer_step_pre_hook(on_step)
         try:
             summary = run(cfg, str(run_dir))

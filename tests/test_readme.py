@@ -107,7 +107,7 @@ def runs_here(cfg, *, sweep: bool, torchrun: bool) -> bool:
 @pytest.mark.parametrize("tool,args,torchrun", [c for c in COMMANDS if c[0] in ("dptrain", "dptrain-audit")],
                          ids=[" ".join([t, *a]) for t, a, _ in COMMANDS if t in ("dptrain", "dptrain-audit")])
 def test_readme_training_command_composes_validates_and_runs(make, tmp_path, tool, args, torchrun):
-    from dptrain.run import check_config, run
+    from dptrain.train.run import check_config, run
 
     config = "audit" if tool == "dptrain-audit" else "train"
     every = jobs(make, config, args)
@@ -122,7 +122,8 @@ def test_readme_training_command_composes_validates_and_runs(make, tmp_path, too
 @pytest.mark.parametrize("tool,args", [c[:2] for c in COMMANDS if c[0] in ("dptrain-bench", "dptrain-report")],
                          ids=[" ".join([t, *a]) for t, a, _ in COMMANDS if t in ("dptrain-bench", "dptrain-report")])
 def test_readme_bench_and_report_commands_parse(tool, args):
-    from dptrain import bench, report
+    from dptrain import report
+    from dptrain.bench import speed as bench
     from dptrain.engines import ENGINES
 
     parsed = (bench if tool == "dptrain-bench" else report).parser().parse_args(args)  # SystemExit(2) if not
@@ -133,7 +134,7 @@ def test_readme_bench_and_report_commands_parse(tool, args):
 def shrunk_bench(args: list[str], out: str) -> list[str]:
     """A README `dptrain-bench` line cut to seconds: 8×8 inputs, batch 2, one step, no memory processes (their
     subprocess path is test_bench.py's), the max-batch search over 1..4 — every flag it names kept."""
-    from dptrain import bench
+    from dptrain.bench import speed as bench
 
     given = bench.parser().parse_args(args)
     cut = ["--sizes", "8", "--batches", "2", "--steps", "1", "--no-memory", "--max-batch-limit", "4", "--out", out]
@@ -145,7 +146,7 @@ def shrunk_bench(args: list[str], out: str) -> list[str]:
 def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
     """Each README `dptrain-bench` line runs (issue #30: two of them ran over 10 minutes and wrote nothing);
     `--processes` spawns gloo processes: test_bench.py / test_distributed.py run that path."""
-    from dptrain import bench
+    from dptrain.bench import speed as bench
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench, "peak_memory", lambda *a, **k: {"peak_mb": 10.0 * a[2], "extra_mb": 1.0})
@@ -166,7 +167,7 @@ def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
     from conftest import TINY
 
     from dptrain import report
-    from dptrain.cli import main
+    from dptrain.cli.train import main
 
     monkeypatch.chdir(tmp_path)
     paths = [a for a in report.parser().parse_args(args).paths]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import CONF
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.errors import UserError
 
 FINETUNE = {"model.pretrained": True, "optimizer.name": "adam", "optimizer.lr": 5e-4, "batch_size": 1000,
@@ -26,7 +26,7 @@ def values(cfg, keys):
 
 
 def test_the_headline_command_is_the_seeds_fine_tuning_recipe(compose):
-    from dptrain.models import data_config
+    from dptrain.models.factory import data_config
 
     cfg = compose("model=beit", "dataset=cifar100", "eps=1")
     assert values(cfg, FINETUNE) == FINETUNE
@@ -71,7 +71,7 @@ def write_cifar100(root, n=20):
 
 
 def test_cifar100_from_its_pickle_format(tmp_path):
-    from dptrain.data import create_dataset
+    from dptrain.data.datasets import create_dataset
 
     write_cifar100(tmp_path)
     data = create_dataset("cifar100", root=str(tmp_path), download=False, image_size=48, mean=(0.5,) * 3,
@@ -102,7 +102,7 @@ def warm_cache(monkeypatch, home, tagged: str, seed=0) -> dict:
 def test_offline_without_the_weights_is_one_line(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from dptrain.models import create_model
+    from dptrain.models.factory import create_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -121,8 +121,8 @@ def test_offline_without_the_weights_is_one_line(tmp_path, monkeypatch):
 
 
 def test_batchnorm_replaced_in_pretrained_weights_is_said(tmp_path, monkeypatch):
-    from dptrain.finetune import weights_from
-    from dptrain.models import create_model
+    from dptrain.models.factory import create_model
+    from dptrain.models.finetune import weights_from
 
     warm_cache(monkeypatch, tmp_path, "test_resnet.r160_in1k")
     model = create_model("test_resnet.r160_in1k", num_classes=5, pretrained=True)
@@ -138,9 +138,9 @@ def test_headline_style_command_fine_tunes_the_cached_weights_with_a_new_head(co
     """`dptrain model=vit_tiny dataset=cifar100 eps=1` with the model's name pointed at timm's tiny test ViT (its
     weights in the cache): the model conf's fine-tuning recipe, timm's weights loaded, a fresh 100-class head, the
     pretrained input size (160) and normalisation, one step trained, and summary.json saying where from."""
-    from dptrain.cli import format_summary
-    from dptrain.models import data_config
-    from dptrain.run import run
+    from dptrain.cli.train import format_summary
+    from dptrain.models.factory import data_config
+    from dptrain.train.run import run
 
     state = warm_cache(monkeypatch, tmp_path / "hf", "test_vit.r160_in1k")
     write_cifar100(tmp_path / "cifar")

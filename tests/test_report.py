@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import TINY, cli
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.report import report
 
 # csv column → the summary.json key it reads, written out here rather than taken from schema.py, so that a column

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import TINY, accountant_eps, assert_eps_spent, cli
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.engines import ENGINES
 from dptrain.errors import UserError
 
@@ -36,8 +36,8 @@ def saved_model_on_test(run_dir, s) -> tuple[float, float]:
     accuracy, not on loss."""
     import torch
 
-    from dptrain.data import create_dataset
-    from dptrain.models import create_model
+    from dptrain.data.datasets import create_dataset
+    from dptrain.models.factory import create_model
 
     c = s[key.CONFIG]
     ds = c["dataset"]
@@ -71,7 +71,7 @@ def test_every_engine_runs_and_writes_summary(quick, engine):
         assert_eps_spent(s, target=3.0, steps=lines[-1][key.STEP])
         assert s[key.SAMPLING] == "poisson"
         assert lines[-1][key.EPS_SPENT] == pytest.approx(s[key.EPS_SPENT])
-    from dptrain.cli import format_summary
+    from dptrain.cli.train import format_summary
 
     assert f"with {engine}: test acc" in format_summary(s)
 
@@ -91,7 +91,7 @@ def test_builtin_and_opacus_give_identical_models(quick):
 
 
 def test_digits_learns(quick, compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     cfg = compose("progress=false")  # the embedded default, as `make demo` runs it
     s = run(cfg, str(tmp_path / "d"))
@@ -190,7 +190,7 @@ def test_ema_averages_every_optimizer_step():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from dptrain.engines import create_engine
-    from dptrain.loop import train_one_epoch
+    from dptrain.train.loop import train_one_epoch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -217,7 +217,7 @@ def test_cosine_schedule_decays_to_zero_over_the_run(quick):
     _, d = quick("name=b", "optimizer.lr=0.5", "epochs=3", "optimizer.schedule=cosine")
     b = torch.load(d / "model.pt")
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # a different, decaying lr was used
-    from dptrain.optim import create_schedule
+    from dptrain.train.optim import create_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched, lrs = create_schedule("cosine", opt, 10), []
@@ -231,7 +231,7 @@ def test_cosine_schedule_decays_to_zero_over_the_run(quick):
 
 
 def test_model_input_size_mismatch_is_one_line(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     cfg = compose("progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=timm",
                   "model.name=convnext_atto", "epochs=1", "batch_size=8")
@@ -240,7 +240,7 @@ def test_model_input_size_mismatch_is_one_line(compose, tmp_path):
 
 
 def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=scatter_cnn",
             "model.kwargs.width=4", "epochs=1", "batch_size=16"]
@@ -276,7 +276,7 @@ def test_bad_numbers_are_refused_before_the_data_loads(quick, monkeypatch, overr
     def no_data(*a, **k):
         raise AssertionError("the data loaded before the config was validated")
 
-    monkeypatch.setattr("dptrain.run.create_dataset", no_data)
+    monkeypatch.setattr("dptrain.train.run.create_dataset", no_data)
     with pytest.raises(UserError) as err:
         quick(override)
     assert str(err.value) == message
@@ -313,7 +313,7 @@ def test_divergence_guard_stops_at_the_step(stub, steps):
     import torch
 
     from dptrain.errors import Diverged
-    from dptrain.loop import train_one_epoch
+    from dptrain.train.loop import train_one_epoch
 
     engine = _Stub(**stub)
     data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long))
@@ -329,7 +329,7 @@ def test_the_loop_reads_the_loss_once_per_step(monkeypatch):
     import torch
 
     from dptrain.engines import create_engine
-    from dptrain.loop import train_one_epoch
+    from dptrain.train.loop import train_one_epoch
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -384,7 +384,7 @@ def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
     compose where the data overlap) and says so; a bare weights file records its path only."""
     import shutil
 
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     sigma = ["eps=null", "privacy.noise_multiplier=1.0"]  # no calibration: 6 s less per run
     first = run(compose(*TINY, *sigma, "privacy.accountant=rdp"), str(tmp_path / "a"))
@@ -397,7 +397,7 @@ def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
     assert s[key.CHECKPOINT_EPS_SPENT] == first[key.EPS_SPENT] != s[key.EPS_SPENT]
     assert_eps_spent(s)  # this run's own ε, as before
     assert "the budgets compose" in caplog.text and f"spent eps={first[key.EPS_SPENT]:.4g}" in caplog.text
-    from dptrain.cli import format_summary
+    from dptrain.cli.train import format_summary
 
     assert f"its checkpoint's run spent eps {first[key.EPS_SPENT]:.3f}" in format_summary(s)
 
@@ -422,7 +422,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsy
     """KeyboardInterrupt anywhere in a run: exit 130 and one line — the resume command when a checkpoint exists."""
     import sys
 
-    from dptrain import cli
+    from dptrain.cli import train as cli
 
     def interrupt(cfg, run_dir, **_):
         os.makedirs(run_dir, exist_ok=True)
@@ -430,7 +430,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsy
             open(os.path.join(run_dir, "checkpoint.pt"), "wb").close()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dptrain.run.run", interrupt)
+    monkeypatch.setattr("dptrain.train.run.run", interrupt)
     monkeypatch.setattr(sys, "argv", ["dptrain", *TINY, f"hydra.run.dir={tmp_path}/r"])
     with pytest.raises(SystemExit) as e:
         cli.main()
@@ -447,7 +447,7 @@ def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
     process's lifetime peak (issue #15: every later engine reported the earlier one's)."""
     import torch
 
-    from dptrain import run as R
+    from dptrain.train import run as R
 
     load = R._data
 
@@ -469,7 +469,7 @@ def test_summary_epochs_are_the_epochs_requested(quick):
     16 steps in 3 epochs of 5, 6 and 5 steps (with round(n / L) = 5 steps each they were 4 epochs, the last of one
     step), and summary.json says 3; on the digits default (q = 256/1437) 15 epochs, not 14."""
     from dptrain.privacy.accounting import steps_for
-    from dptrain.run import _epoch_end, _epochs_done
+    from dptrain.train.run import _epoch_end, _epochs_done
 
     s, run_dir = quick("batch_size=12", "epochs=3")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -504,7 +504,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
         def close(self):
             pass
 
-    monkeypatch.setattr("dptrain.run.tqdm", Bar)
+    monkeypatch.setattr("dptrain.train.run.tqdm", Bar)
     s, _ = quick(f"engine={engine}", "batch_size=12", "epochs=2")
     assert made[0]["leave"] is True
     if engine == "nonprivate":

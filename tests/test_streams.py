@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from dptrain import schema as key
+from dptrain import keys as key
 from dptrain.errors import UserError
 from dptrain.privacy import DPOptimizer
 from dptrain.privacy.optimizer import CHUNKS
@@ -120,7 +120,7 @@ def test_sampler_and_noise_never_share_a_generator():
 def test_every_generator_a_run_seeds_is_distinct(compose, tmp_path, monkeypatch):
     """A real run (fake data, validation split, augmentation, built-in engine and Opacus) at seed 0: every
     torch generator it seeds and the global seed are pairwise distinct in the bits torch keeps."""
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     seeded = []
 

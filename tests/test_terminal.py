@@ -8,13 +8,13 @@ import sys
 import pytest
 from conftest import TINY, cli
 
-from dptrain.rundir import LOCK, Claim
+from dptrain.train.rundir import LOCK, Claim
 
 
 def _main(prog, argv, monkeypatch, capsys, cwd):
     """`prog <argv>` in this process (Hydra's task included), from `cwd`: (exit code, stdout, stderr)."""
     from dptrain import audit
-    from dptrain import cli as dptrain_cli
+    from dptrain.cli import train as dptrain_cli
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [prog, *argv])
@@ -162,8 +162,8 @@ def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quic
     "finished successfully" without a word."""
     import logging
 
-    from dptrain import schema as key
-    from dptrain.cli import format_summary
+    from dptrain import keys as key
+    from dptrain.cli.train import format_summary
 
     for metrics in ("dp", "nonprivate"):  # the released loss: clipped per example and noised (dp), or not
         caplog.clear()
@@ -183,7 +183,7 @@ def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_s
 
     import torch
 
-    from dptrain.models import create_model, load_checkpoint
+    from dptrain.models.factory import create_model, load_checkpoint
 
     kw = {"channels": [4], "hidden": 4}
     torch.save(create_model("cnn", num_classes=10, in_chans=3, img_size=8, **kw).state_dict(), tmp_path / "w.pt")
@@ -206,9 +206,10 @@ def test_help_is_a_page_with_every_headline_knob_its_range_and_five_examples_tha
     """Before #30: `dptrain --help` was Hydra's raw config dump, with no meaning, range or example."""
     import shlex
 
-    from dptrain import config, terminal
-    from dptrain import help as dhelp
-    from dptrain.cli import CONF_DIR
+    from dptrain import config
+    from dptrain.cli import help as dhelp
+    from dptrain.cli import terminal
+    from dptrain.cli.train import CONF_DIR
 
     code, out, err = _main("dptrain", ["--help"], monkeypatch, capsys, tmp_path)
     assert code == 0 and err == "" and os.listdir(tmp_path) == []
@@ -254,7 +255,7 @@ def test_the_bar_eps_is_recomputed_within_an_epoch_at_a_bounded_cost():
     """Before #30 the bar showed the epoch start's ε (0 for all of epoch 1)."""
     import time
 
-    from dptrain.run import LiveEps
+    from dptrain.train.run import LiveEps
 
     class Budget:
         noise_multiplier, calls = 1.0, []
@@ -279,8 +280,8 @@ def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
     from omegaconf import OmegaConf
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from dptrain.distributed import SINGLE
-    from dptrain.run import _bar_logging
+    from dptrain.train.distributed import SINGLE
+    from dptrain.train.run import _bar_logging
 
     cfg = OmegaConf.create({"progress": True})
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -291,7 +292,7 @@ def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
 
 def test_a_run_is_named_for_what_ran():
     """Before #30: `vit_tiny_patch16_224` for a ViT run at patch 4 on 32x32 images."""
-    from dptrain.terminal import model_name
+    from dptrain.cli.terminal import model_name
 
     vit = {"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}, "img_size": None}
     assert model_name(vit, 32) == "vit_tiny_patch16_224 (patch_size=4) at 32x32"

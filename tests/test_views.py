@@ -6,10 +6,10 @@ import torch
 from conftest import assert_eps_spent
 from torch.utils.data import TensorDataset
 
-from dptrain import schema as key
-from dptrain.data import Data, _dp_normalize, _validation_split, create_dataset
+from dptrain import keys as key
+from dptrain.data.datasets import Data, _dp_normalize, _validation_split, create_dataset
 from dptrain.errors import UserError
-from dptrain.loop import train_one_epoch
+from dptrain.train.loop import train_one_epoch
 
 
 def test_the_second_view_is_the_scattering_of_the_mirror_image():
@@ -95,7 +95,7 @@ def test_the_loop_feeds_an_examples_views_as_consecutive_rows():
 
 
 def test_a_run_trains_on_both_views_and_other_multiplicities_are_refused(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "model=scatter_cnn",
             "model.kwargs.width=4", "epochs=1", "batch_size=16", "dataset.features=scattering", "dataset.augment=true"]
@@ -144,7 +144,7 @@ def test_tta_holds_out_both_views_and_normalises_them_alike():
 
 
 def test_evaluate_averages_the_softmax_over_views_or_mirror_images():
-    from dptrain.loop import evaluate
+    from dptrain.train.loop import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -163,7 +163,7 @@ def test_evaluate_averages_the_softmax_over_views_or_mirror_images():
 
 
 def test_a_run_evaluates_with_tta(compose, tmp_path):
-    from dptrain.run import run
+    from dptrain.train.run import run
 
     base = ["progress=false", "dataset=fake", "dataset.size=32", "dataset.image_size=16", "epochs=1",
             "batch_size=16", "dataset.tta=true"]

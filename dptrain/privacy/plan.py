@@ -62,7 +62,7 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
         if isinstance(module, _BATCHNORM) and any(p.requires_grad for p in module.parameters()):
             raise CoverageError(
                 f"BatchNorm layer '{name}' mixes examples, so per-example gradients are undefined; "
-                "replace it with GroupNorm (dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
+                "replace it with GroupNorm (dptrain.models.factory.fix_batchnorm or opacus ModuleValidator.fix)"
             )
         _unsupported(name, module)
         inner = {id(p) for c in module.children() for p in c.parameters()}  # aliases of a child's parameter
@@ -82,7 +82,7 @@ def build_plan(model: nn.Module, *, fallback: tuple = ()) -> list[Entry]:
                 if isinstance(m, _BATCHNORM):
                     raise CoverageError(
                         f"BatchNorm layer '{name}.{bn_name}' mixes examples; replace it with GroupNorm "
-                        "(dptrain.models.fix_batchnorm or opacus ModuleValidator.fix)"
+                        "(dptrain.models.factory.fix_batchnorm or opacus ModuleValidator.fix)"
                     )
             entries.append(Entry(name, module, FALLBACK, sub, dropouts=_dropouts(module)))
             return

@@ -1,4 +1,4 @@
-"""The Sweeper of conf/hydra/sweeper/dptrain_private.yaml's _target_: settings in, dptrain.search does the rest."""
+"""The Sweeper of conf/hydra/sweeper/dptrain_private.yaml: settings in, dptrain.sweep.search does the rest"""
 
 from __future__ import annotations
 
@@ -24,6 +24,6 @@ class PrivateSearchSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from dptrain.search import search
+        from dptrain.sweep.search import search
 
         return search(self, arguments)

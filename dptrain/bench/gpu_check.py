@@ -3,7 +3,7 @@
 A lent GPU machine starts bare and offline, with torch (2.11), timm, numpy, pytest, pandas and matplotlib, and maybe
 no `make`. From the repository root, one command (the no-make path; `make gpu-check` runs the same):
 
-    mkdir -p $OUT && PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m dptrain.gpu_check --out $OUT/gpu-check
+    mkdir -p $OUT && PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m dptrain.bench.gpu_check --out $OUT/gpu-check
 
 kit         first, what dptrain needs and the machine lacks is installed from the committed wheel folder
             (wheels/, `make gpu-wheels` refreshes it): `pip install --no-index --find-links wheels --no-deps
@@ -25,7 +25,7 @@ out-of-memory or a cuDNN/cuBLAS allocation error: "does not fit"; any other erro
   bench       per model (vgg19 first, then resnet18, vit_base, beit_base at 224×224; CPU: 32×32): median step time
               of interleaved steps and peak memory (CUDA: max_memory_allocated, one engine at a time) of
               nonprivate, mixed_ghost, mixed_ghost_2pass, opacus in fp32 and in bf16
-              → <bench-out>.{csv,md,png} (dptrain.bench.write)
+              → <bench-out>.{csv,md,png} (dptrain.bench.speed.write)
   max_batch   right after the first model's bench: the largest batch whose step's peak memory fits
               --memory-budget-mb, mixed_ghost vs opacus (the paper's "18× larger batch than Opacus" on VGG19):
               two probes fit memory = fixed + per-example·batch, then probes around the prediction pin it down
@@ -34,7 +34,7 @@ out-of-memory or a cuDNN/cuBLAS allocation error: "does not fit"; any other erro
   beit_large  BEiT-large's memory per example of a physical batch (two batch sizes, the slope), bf16; CUDA only
 A CPU dry run of the flow with small sizes (results/gpu-check-cpu-dryrun.md):
 
-    PYTHONPATH=. python -m dptrain.gpu_check --device cpu --bench-models cnn --memory-budget-mb 700 \
+    PYTHONPATH=. python -m dptrain.bench.gpu_check --device cpu --bench-models cnn --memory-budget-mb 700 \
         --out /tmp/gpu-check/gpu-check
 """
 
@@ -78,13 +78,13 @@ BUDGET_S = 390.0
 # own words (and cuDNN refuses sizes past its limits), not as torch's OutOfMemoryError
 _ALLOC = re.compile(r"out of memory|ALLOC_FAILED|CUBLAS_STATUS_NOT_INITIALIZED|CUDNN_STATUS_NOT_SUPPORTED|"
                     r"CUDNN_STATUS_INTERNAL_ERROR|cudaErrorMemoryAllocation|[Ff]ailed to allocate")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo/dptrain/<role>/x.py
 
 
 def tiny_models() -> dict:
     import timm
 
-    from .models import create_model
+    from dptrain.models.factory import create_model
 
     v = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3, drop_path_rate=0.0)
     return {
@@ -136,7 +136,7 @@ def exactness(device: torch.device, clock=None) -> dict:
 
 
 def dropout_replay(device: torch.device) -> dict:
-    from .privacy import PrivacyEngine
+    from dptrain.privacy import PrivacyEngine
 
     def grads(passes: int) -> torch.Tensor:
         torch.manual_seed(0)
@@ -154,7 +154,7 @@ def dropout_replay(device: torch.device) -> dict:
 
 
 def bf16_bound(device: torch.device, clock=None) -> dict:
-    from .privacy import PrivacyEngine
+    from dptrain.privacy import PrivacyEngine
 
     out = {}
     for name, make in tiny_models().items():
@@ -282,7 +282,7 @@ def _cuda_peak(eng, batch: int, size: int, device, notes: dict | None = None) ->
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        from .bench import one_step
+        from dptrain.bench.speed import one_step
 
         one_step(eng, x, y, device)
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -301,7 +301,7 @@ def _cuda_peak(eng, batch: int, size: int, device, notes: dict | None = None) ->
 def cuda_memory(model: str, size: int, batch: int, device, engine: str) -> dict:
     """One engine's peak memory on CUDA (built alone): peak_mem_mb, extra_mem_mb (above the model and the engine
     before any step); a step that does not fit: a note instead."""
-    from .bench import build
+    from dptrain.bench.speed import build
 
     eng, x, y = build(model, size, engine, batch, device)
     del x, y
@@ -319,10 +319,10 @@ def cuda_memory(model: str, size: int, batch: int, device, engine: str) -> dict:
 
 def bench_model(model: str, size: int, batch: int, steps: int, device, clock: Clock,
                 engines=BENCH_ENGINES, memory=None) -> list[dict]:
-    """dptrain.bench rows of one model, one per engine whatever fails: interleaved step times (until the clock
+    """dptrain.bench.speed rows of one model, one per engine whatever fails: interleaved step times (until the clock
     runs out); each engine's memory, `memory(engine)` → dict (CUDA default: cuda_memory, one engine at a time),
     checked against the clock before each engine; an engine's error is its row's note."""
-    from .bench import time_engines
+    from dptrain.bench.speed import time_engines
 
     if memory is None and device.type == "cuda":
         def memory(e):
@@ -394,9 +394,9 @@ def max_batch_search(peak, budget_mb: float, probes=(8, 16), max_probes: int = 7
 
 def _max_batch_one(model: str, size: int, device, budget_mb: float, clock: Clock, engine: str) -> dict:
     """max_batch_search of one engine; CUDA: the engine built once, probed in-process (peak allocated; an
-    allocation error is that probe's "does not fit"); CPU: one fresh process per probe (dptrain.bench.peak_memory,
+    allocation error is that probe's "does not fit"); CPU: one fresh process per probe (dptrain.bench.speed.peak_memory,
     peak RSS with torch's libraries)."""
-    from .bench import build, peak_memory
+    from dptrain.bench.speed import build, peak_memory
 
     if device.type != "cuda":
         def cpu_peak(b):
@@ -443,7 +443,7 @@ def max_batch(model: str, size: int, device, budget_mb: float, clock: Clock,
 
 
 def beit_large(device, size: int = 224, clock: Clock | None = None) -> dict:
-    from .bench import build
+    from dptrain.bench.speed import build
 
     peaks, notes = {}, {}
     for b in (8, 16):
@@ -565,15 +565,15 @@ def _save(report: dict, rows: list[dict], args, bench_out: str, command: list[st
         json.dump(report, f, indent=1, default=str)
     if rows:
         try:
-            from .bench import write
+            from dptrain.bench.speed import write
 
-            write(rows, bench_out, device=args.device, argv=["python -m dptrain.gpu_check", *command])
+            write(rows, bench_out, device=args.device, argv=["python -m dptrain.bench.gpu_check", *command])
             report["bench_files"] = [bench_out + x for x in (".csv", ".md", ".png")]
         except Exception:  # noqa: BLE001 - pandas/matplotlib missing: the rows stay in the json
             report["bench_files"] = {"error": traceback.format_exc()[-600:]}
     with open(args.out + ".md", "w") as f:
         f.write(f"# gpu-check ({report['env']['name']}, torch {report['env']['torch']}, python "
-                f"{report['env']['python']})\n\ncommand: `python -m dptrain.gpu_check {' '.join(command)}`\n\n")
+                f"{report['env']['python']})\n\ncommand: `python -m dptrain.bench.gpu_check {' '.join(command)}`\n\n")
         if rows or "max_batch" in report:
             f.write(summary_md(report, rows) + "\n")
         f.write("```json\n" + json.dumps(report, indent=1, default=str) + "\n```\n")

@@ -14,24 +14,24 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import schema as key
-from .allocator import keep_freed_memory, trim_freed_memory
-from .budget import Budget, create_budget
-from .config import check_paths, validate
-from .data import NORMALIZE, Data, create_dataset
-from .distributed import SINGLE, Dist
-from .engines import ENGINES, PRECISIONS, Engine, create_engine
-from .errors import Diverged, UserError, check_name
-from .finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
-from .ledger import MetricNoise, TrainMetrics, release_validation
-from .loop import evaluate, train_one_epoch
-from .models import checkpoint_provenance, create_model, data_config, grad_checkpointing
-from .optim import create_optimizer, create_schedule
-from .privacy import CLIPPING
-from .privacy.sampling import PoissonSampler, ShuffleSampler
-from .seeding import create_streams
-from .tracking import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
+from dptrain import keys as key
+from dptrain.config import check_paths, validate
+from dptrain.data.datasets import NORMALIZE, Data, create_dataset
+from dptrain.engines import ENGINES, PRECISIONS, Engine, create_engine
+from dptrain.errors import Diverged, UserError, check_name
+from dptrain.models.factory import checkpoint_provenance, create_model, data_config, grad_checkpointing
+from dptrain.models.finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
+from dptrain.privacy import CLIPPING
+from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler
+from dptrain.train import checkpoint as ckpt
+from dptrain.train.allocator import keep_freed_memory, trim_freed_memory
+from dptrain.train.budget import Budget, create_budget
+from dptrain.train.distributed import SINGLE, Dist
+from dptrain.train.ledger import MetricNoise, TrainMetrics, release_validation
+from dptrain.train.loop import evaluate, train_one_epoch
+from dptrain.train.optim import create_optimizer, create_schedule
+from dptrain.train.outputs import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
+from dptrain.train.seeding import create_streams
 
 log = logging.getLogger("dptrain")
 
@@ -152,7 +152,7 @@ def _sampler(cfg, n: int, budget: Budget, streams, hooks, dist: Dist):
 
 
 def _log_setup(cfg, data: Data, budget: Budget) -> None:
-    from .terminal import model_name
+    from dptrain.cli.terminal import model_name
 
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              model_name(OmegaConf.to_container(cfg.model)), data.name, len(data.train), data.num_classes,

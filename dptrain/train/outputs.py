@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from . import schema as key
-from .errors import check_name
+from dptrain import keys as key
+from dptrain.errors import check_name
 
 LOGGERS = ("none", "wandb")
 
@@ -35,7 +35,7 @@ def git_state() -> dict:
 
     commit, dirty, digest = git_commit(), None, None
     if commit is not None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         try:
             diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=root, capture_output=True, timeout=30).stdout
             new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "dptrain", "conf"],

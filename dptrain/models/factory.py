@@ -12,8 +12,8 @@ import os
 import torch
 from torch import nn
 
-from . import schema as key
-from .errors import UserError
+from dptrain import keys as key
+from dptrain.errors import UserError
 
 log = logging.getLogger("dptrain.models")
 

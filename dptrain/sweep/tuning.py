@@ -120,7 +120,7 @@ def eps_incl_tuning(history: list, *, delta: float, distribution: str, mean: flo
 
 def check_space(params: dict) -> None:
     """Refuse a searched key that changes a trial's budget (module docstring)."""
-    from .errors import UserError
+    from dptrain.errors import UserError
 
     for k in params:
         if k in BUDGET_KEYS or any(p.endswith(".") and k.startswith(p) for p in BUDGET_KEYS):

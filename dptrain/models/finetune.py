@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from .errors import UserError, check_name
+from dptrain.errors import UserError, check_name
 
 log = logging.getLogger("dptrain.finetune")
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .distributed import Dist
+from dptrain.train.distributed import Dist
 
 
 def _port() -> int:
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
     model_name, size, batch, engine, device_name, steps, threads = args
     import torch.distributed as tdist
 
-    from .bench import build, one_step
+    from dptrain.bench.speed import build, one_step
 
     torch.set_num_threads(threads)
     dist, device = Dist(), torch.device(device_name)
@@ -99,8 +99,8 @@ def main(args) -> None:
     """`dptrain-bench --processes 1 2 [--models …] [--engines …] [--batches …]` → <out>.csv, .md."""
     import pandas as pd
 
-    from .bench import out_prefix
-    from .tracking import git_commit, machine
+    from dptrain.bench.speed import out_prefix
+    from dptrain.train.outputs import git_commit, machine
 
     models = args.models or ["cnn", "resnet18"]
     engines = [e for e in args.engines if e != "opacus_ghost"] if args.engines else ["nonprivate", "mixed_ghost"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from .errors import UserError
-from .privacy.streams import Streams
+from dptrain.errors import UserError
+from dptrain.privacy.streams import Streams
 
 log = logging.getLogger("dptrain")
 

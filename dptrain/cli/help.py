@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import os
 
-from . import config
+from dptrain import config
 
 EXAMPLES = [
     ("dptrain", "a small CNN on the embedded digits data at eps = 3 (about 40 s on 2 CPU cores)"),
@@ -26,7 +26,7 @@ GROUPS = {"model": "ModelConfig", "dataset": "DatasetConfig", "engine": "EngineC
 
 def page(conf_dir: str, topic: str | None = None) -> str:
     """The help text: the overview, or one group's page. An unknown topic raises UserError."""
-    from .errors import check_name
+    from dptrain.errors import check_name
 
     if topic is None:
         return _overview(conf_dir)

@@ -10,8 +10,8 @@ import difflib
 import os
 import sys
 
-from .errors import UserError
-from .rundir import Claim
+from dptrain.errors import UserError
+from dptrain.train.rundir import Claim
 
 # argv tokens that keep Hydra's own behaviour (help pages, --cfg, --info, ...): no pre-composition then
 _RUN_FLAGS = {"--multirun", "-m"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import lookup
+from dptrain.errors import lookup
 
 # name → factory(trainable parameters, optimizer config)
 OPTIMIZERS = {

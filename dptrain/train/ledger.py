@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .privacy.accounting import calibrate, epsilon_of, noise_multiplier_for
+from dptrain.privacy.accounting import calibrate, epsilon_of, noise_multiplier_for
 
 METRIC_MODES = ("dp", "none", "nonprivate")
 
@@ -114,14 +114,14 @@ class MetricNoise:
     released draw (a reused draw would cancel in a difference); from the OS in secure mode (streams.os_normal)."""
 
     def __init__(self, streams, sub: int):
-        from .privacy.streams import KEYS
+        from dptrain.privacy.streams import KEYS
 
         self.seed, self.secure, self.key = streams.seed, streams.secure, (KEYS["metrics"], sub)
 
     def draw(self, index: int, n: int) -> torch.Tensor:
         import numpy as np
 
-        from .privacy.streams import os_normal
+        from dptrain.privacy.streams import os_normal
 
         if self.secure:
             return os_normal(n)

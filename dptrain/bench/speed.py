@@ -38,10 +38,10 @@ def build(model_name: str, size: int, engine: str, batch: int, device: torch.dev
           expected_batch_size: int | None = None, trainable: str = "all"):
     """trainable: model.trainable's subset (finetune.py; lora with conf's default LoraConfig), frozen before the
     engine attaches, as a run does."""
-    from .config import LoraConfig
-    from .engines import create_engine
-    from .finetune import set_trainable
-    from .models import create_model, grad_checkpointing
+    from dptrain.config import LoraConfig
+    from dptrain.engines import create_engine
+    from dptrain.models.factory import create_model, grad_checkpointing
+    from dptrain.models.finetune import set_trainable
 
     ckpt = "_ckpt" in engine  # <engine>_ckpt: with the model's activation checkpointing
     engine = engine.replace("_ckpt", "")
@@ -148,7 +148,7 @@ def peak_memory(model_name, size, batch, engine, device_name, steps=2, trainable
     """{"peak_mb": the process's peak memory during `steps` steps in a fresh process (CPU: RSS, libraries
     included; CUDA: max allocated), "extra_mb": that peak minus the memory held before the first step (model,
     data, imports)}. None if it failed (e.g. out of memory)."""
-    code = (f"from dptrain.bench import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
+    code = (f"from dptrain.bench.speed import _memory_child; _memory_child({model_name!r}, {size}, {batch}, "
             f"{engine!r}, {device_name!r}, {steps}, {trainable!r})")
     # glibc's dynamic mmap threshold keeps freed blocks in the heap, so RSS would depend on allocation order
     # (measured: the same non-private step's RSS after a step alternated 1.5 and 2.2 GB). A fixed threshold
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.processes:
-        from .bench_dist import main as bench_processes
+        from dptrain.bench.dist import main as bench_processes
 
         return bench_processes(args)
 
@@ -328,8 +328,8 @@ def _eta(done: int, total: int, elapsed: float) -> None:
 def write(rows: list[dict], out: str, *, device: str, argv: list[str]) -> None:
     import pandas as pd
 
-    from .report import plot_bench
-    from .tracking import git_commit, machine
+    from dptrain.report import plot_bench
+    from dptrain.train.outputs import git_commit, machine
 
     df = pd.DataFrame(rows)
     num = ["step_ms", "peak_mem_mb", "extra_mem_mb"]

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import UserError, check_name, lookup
-from .feature_store import Features, cached
-from .privacy.streams import Streams
+from dptrain.data.store import Features, cached
+from dptrain.errors import UserError, check_name, lookup
+from dptrain.privacy.streams import Streams
 
 log = logging.getLogger("dptrain.data")
 
@@ -88,7 +88,7 @@ def create_dataset(name: str, *, root: str | None = None, image_size: int | None
 
 def _normals(streams: Streams):
     """n → n draws of N(0, 1), float64: the "norm" stream, or the OS's CSPRNG in secure mode."""
-    from .privacy.streams import os_normal
+    from dptrain.privacy.streams import os_normal
 
     if streams.secure:
         return os_normal

@@ -10,7 +10,7 @@ import fcntl
 import os
 import shutil
 
-from .errors import UserError
+from dptrain.errors import UserError
 
 LOCK = ".lock"
 # what Hydra writes before the task runs: its config copies (.hydra/, a resume's .hydra/resume-<date>/) and the

@@ -58,11 +58,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from . import schema as key
-from .budget import Budget
-from .distributed import SINGLE, fingerprint
-from .errors import UserError
-from .tracking import write_json
+from dptrain import keys as key
+from dptrain.errors import UserError
+from dptrain.train.budget import Budget
+from dptrain.train.distributed import SINGLE, fingerprint
+from dptrain.train.outputs import write_json
 
 log = logging.getLogger("dptrain")
 
@@ -97,7 +97,7 @@ def resume_config(cfg, overrides: list[str]):
     applied; any other override that would change a saved value is refused in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import TrainConfig
+    from dptrain.config import TrainConfig
 
     run_dir = str(cfg.resume)
     saved = _read(run_dir, mmap=True)["config"]
@@ -141,7 +141,7 @@ def load(cfg, *, world_size: int = 1) -> dict:
         k = changed[0]
         raise UserError(f"resume={run_dir}: {k}={now.get(k)} differs from the run's saved {k}={saved.get(k)}; a "
                         f"resumed run keeps its saved config (allowed to change: {', '.join(HARMLESS[1:])})")
-    from .tracking import git_commit
+    from dptrain.train.outputs import git_commit
 
     if state["commit"] != git_commit():
         log.warning("resume: the checkpoint was written by commit %s, this is %s; the result is bit-identical to an "
@@ -286,7 +286,7 @@ def resumed_budget(state: dict, *, n: int, batch_size: int) -> Budget:
 def _engine_state(engine) -> dict:
     """An engine's own state: the noise generators (built-in: one per chunk and device; Opacus: one), and
     nonprivate fp16's loss scaler. Nothing in secure mode: OS entropy."""
-    from .privacy import DPOptimizer
+    from dptrain.privacy import DPOptimizer
 
     opt, out = getattr(engine, "optimizer", None), {}
     if isinstance(opt, DPOptimizer):
@@ -309,7 +309,7 @@ def _set_engine_state(engine, state: dict) -> None:
 
 # engines whose whole state _engine_state captures; another engine's run is not checkpointed (fail closed)
 def _supported(engine) -> bool:
-    from .engines import BuiltIn, NonPrivate, Opacus
+    from dptrain.engines import BuiltIn, NonPrivate, Opacus
 
     return isinstance(engine, (BuiltIn, NonPrivate, Opacus))
 

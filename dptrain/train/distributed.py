@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .errors import UserError
+from dptrain.errors import UserError
 
 log = logging.getLogger("dptrain")
 BUCKET = 1 << 24  # elements per all-reduce buffer (64 MB of fp32): large messages, bounded extra memory

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from . import schema as key
-from .config import validate
-from .errors import UserError, check_name
-from .ledger import METRIC_MODES, calibrate_metrics, evaluations, joint_sigma, loss_clip
-from .privacy.accounting import ACCOUNTANTS, default_delta, epsilon_of, steps_for
+from dptrain import keys as key
+from dptrain.config import validate
+from dptrain.errors import UserError, check_name
+from dptrain.privacy.accounting import ACCOUNTANTS, default_delta, epsilon_of, steps_for
+from dptrain.train.ledger import METRIC_MODES, calibrate_metrics, evaluations, joint_sigma, loss_clip
 
 log = logging.getLogger("dptrain")
 SAMPLING = ("poisson", "shuffle")
@@ -60,7 +60,7 @@ class Budget:
 
     def summary(self, steps_done: int) -> dict:
         """The summary's privacy/... keys, ε spent after `steps_done` steps included."""
-        from .ledger import entries
+        from dptrain.train.ledger import entries
 
         private = self.noise_multiplier is not None
         return {key.EPS: self.eps, key.DELTA: self.delta, key.NOISE_MULTIPLIER: self.noise_multiplier,

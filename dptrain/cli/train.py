@@ -9,10 +9,10 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from . import schema as key
-from .config import register
+from dptrain import keys as key
+from dptrain.config import register
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo/dptrain/<role>/x.py
 CONF_DIR = os.path.join(ROOT, "conf")
 register()
 
@@ -37,11 +37,11 @@ log = logging.getLogger("dptrain")
 def main():
     """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's. The
     command line is composed and checked before Hydra runs (terminal.py): a mistake is one line and exit 2."""
-    from . import terminal
+    from dptrain.cli import terminal
 
     if sys.argv[1:2] in (["--help"], ["-h"]) and len(sys.argv) <= 3:  # ours; Hydra's is --hydra-help
-        from .errors import UserError
-        from .help import page
+        from dptrain.cli.help import page
+        from dptrain.errors import UserError
 
         try:
             print(page(CONF_DIR, sys.argv[2] if len(sys.argv) == 3 else None))
@@ -49,7 +49,7 @@ def main():
             terminal.fail("dptrain", str(e))
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun only: distributed.py imports torch (seconds)
-        from .distributed import worker_overrides
+        from dptrain.train.distributed import worker_overrides
 
         sys.argv += worker_overrides()
     claim = terminal.start("dptrain", CONF_DIR, "train", precheck)
@@ -59,9 +59,9 @@ def main():
 def precheck(cfg) -> None:
     """What the command line alone can show wrong: numbers and keys (config.validate), or a path that must exist
     and does not — resume=, dataset.root= (each would be created)."""
-    from .config import check_paths, validate
-    from .errors import UserError
-    from .terminal import without_hydra
+    from dptrain.cli.terminal import without_hydra
+    from dptrain.config import check_paths, validate
+    from dptrain.errors import UserError
 
     if cfg.resume:
         if not os.path.isdir(str(cfg.resume)):
@@ -73,19 +73,19 @@ def precheck(cfg) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg) -> float:
-    from .config import validate
-    from .errors import UserError
+    from dptrain.config import validate
+    from dptrain.errors import UserError
 
     if not cfg.resume:  # numbers and keys need neither torch nor timm: refused before they load (seconds)
         try:
             validate(cfg)
         except UserError as e:
             _fail(e)
-    from .checkpoint import resume_config
-    from .distributed import init
-    from .privacy import CoverageError
-    from .run import run
-    from .tracking import wandb_sync_hint
+    from dptrain.privacy import CoverageError
+    from dptrain.train.checkpoint import resume_config
+    from dptrain.train.distributed import init
+    from dptrain.train.outputs import wandb_sync_hint
+    from dptrain.train.run import run
 
     try:
         if cfg.resume:  # the run's saved config; of the command line's overrides, only harmless ones apply
@@ -108,7 +108,7 @@ def _main(cfg) -> float:
 
 def _fail(e: Exception):
     """A user's mistake: one line on stderr (in cli.log too), exit 2."""
-    from .terminal import fail, log_to_files
+    from dptrain.cli.terminal import fail, log_to_files
 
     log_to_files(log, str(e))
     fail("dptrain", str(e))
@@ -116,7 +116,7 @@ def _fail(e: Exception):
 
 def interrupted(run_dir: str) -> str:
     """Ctrl-C's one line: whether the run can be continued, and the command that does it."""
-    from .checkpoint import FILE
+    from dptrain.train.checkpoint import FILE
 
     if os.path.isfile(os.path.join(run_dir, FILE)):
         return f"dptrain: interrupted; continue the run with: dptrain resume={run_dir} (its last checkpoint)"
@@ -132,7 +132,7 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
         priv += f"; eps excludes {' and '.join(s[key.EPS_EXCLUDES])} (log.*=nonprivate)"
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
-    from .terminal import model_name
+    from dptrain.cli.terminal import model_name
 
     config = s.get(key.CONFIG) or {}
     model = model_name(config.get("model") or {"name": s[key.MODEL]}, (config.get("dataset") or {}).get("image_size"))

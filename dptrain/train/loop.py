@@ -9,9 +9,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import augment, batches
-from .errors import Diverged
-from .privacy.sampling import physical
+from dptrain.data.datasets import augment, batches
+from dptrain.errors import Diverged
+from dptrain.privacy.sampling import physical
 
 
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,

@@ -1,166 +1,17 @@
-"""Engines behind one interface (`Engine`): the built-in engine (mixed_ghost, ghost, per_sample), the Opacus
-baselines (opacus: hooks; opacus_ghost: fast gradient clipping, two backward passes) and nonprivate.
-
-All private engines see the same Poisson batches, divide by the same expected batch size L and add
-N(0, σ²R²) once per logical batch, so their ε and their updates are comparable.
-"""
+"""engine=opacus|opacus_ghost: Opacus 1.x as users run it, in the same runner and on the same batches."""
 
 from __future__ import annotations
 
-import contextlib
-from functools import partial
-from typing import Protocol
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, lookup
-from .privacy import MODES, DPOptimizer, PrivacyEngine
-from .privacy.engine import trainable_ids
-from .privacy.streams import Streams
+from dptrain.engines.base import FP16_LOSS_SCALE, Precision
+from dptrain.errors import UserError
+from dptrain.privacy import MODES
+from dptrain.privacy.engine import trainable_ids
 
 
-class Engine(Protocol):
-    """What the training loop (loop.py), run.py and dptrain-bench ask of an engine.
-
-    Per logical batch the loop calls `backward(model(x), y, last=...)` once per physical batch — `last=True` on
-    the logical batch's final one — and then `step()` exactly once, also when the batch was empty (a Poisson
-    batch can be: the step is then noise only). After the last step, `detach()` once.
-
-    - `model`: the module to run forward (an engine may have wrapped the user's model, e.g. Opacus).
-    - `backward(out, y, *, last) -> Tensor`: the summed cross-entropy of this physical batch, a 0-dim tensor on
-      the device (for the progress bar and metrics; the loop reads it once per step, as each read waits for the
-      device); its per-example gradients, clipped, are added to what earlier physical batches of the same
-      logical batch left.
-    - `step()`: noise N(0, σ²R²) added once to the clipped sum, ÷ L (the *expected* logical batch size),
-      optimizer step, gradients zeroed. Non-private: ÷ L, step, zero.
-    - `detach() -> nn.Module`: the user's model as a plain module again (no hooks, no wrappers), to save.
-    - `autocast()`: the context the loop runs the forward in (torch.autocast for precision=bf16/fp16).
-    - optional `sync(last) -> context`: entered around the forward too; DDP (nonprivate on N processes) skips its
-      all-reduce unless `last`. On N processes (distributed.py) `step()` is also collective: every rank calls it
-      for every logical batch, its shard empty or not.
-    """
-
-    model: nn.Module
-
-    def backward(self, out: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor: ...
-
-    def step(self) -> None: ...
-
-    def detach(self) -> nn.Module: ...
-
-    def autocast(self) -> contextlib.AbstractContextManager: ...
-
-
-# precision → the autocast dtype of the forward (None: float32, no autocast)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# fp16's loss scale for the private engines: static. GradScaler's dynamic scale skips a step when some gradient
-# overflowed — an event that depends on the batch and that the accountant never saw; with a fixed scale an
-# overflowed example contributes nothing instead (PrivacyEngine.loss_scale), and every step is taken.
-FP16_LOSS_SCALE = 2.0**10
-
-
-class _Precision:
-    """The forward of an engine under torch.autocast (`autocast()`, entered by the loop around model(x));
-    parameters, gradients, noise and the optimizer stay float32."""
-
-    def _set_precision(self, precision: str, model: nn.Module) -> None:
-        self.precision = precision
-        self.amp_dtype = lookup("precision", precision, PRECISIONS)
-        self.device_type = next(model.parameters()).device.type
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
-
-
-def _divide_grads(optimizer, by: float) -> None:
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if p.grad is not None:
-                p.grad.div_(by)
-
-
-def _loss(out, y, augmult: int):
-    """Summed cross-entropy; with K augmented rows per example, each example's loss is the mean of its K."""
-    if augmult == 1:
-        return F.cross_entropy(out, y, reduction="sum")
-    return F.cross_entropy(out, y.repeat_interleave(augmult), reduction="sum") / augmult
-
-
-class BuiltIn(_Precision):
-    def __init__(self, model, optimizer, *, mode, noise_multiplier, max_grad_norm, expected_batch_size,
-                 clipping="abadi", gamma=0.01, streams=None, augmult=1, passes=1, precision="fp32", dist=None):
-        self.model, self.augmult = model, augmult
-        self._set_precision(precision, model)
-        if precision == "fp16" and passes == 2:
-            raise UserError("precision=fp16 needs engine.passes=1 (or precision=bf16 with passes=2): an example whose "
-                            "loss-scaled gradient overflows would carry inf/NaN rows through passes=2's tripwires")
-        self.engine = PrivacyEngine(model, mode=mode, max_grad_norm=max_grad_norm, clipping=clipping, gamma=gamma,
-                                    augmult=augmult, passes=passes)
-        self.engine.loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, streams=streams, dist=dist)
-
-    def backward(self, out, y, *, last: bool) -> torch.Tensor:
-        loss = _loss(out.float(), y, self.augmult)
-        # clipped per-example gradients summed into .grad (book-keeping; passes=2: two inside); fp16: S times them
-        (loss * self.engine.loss_scale if self.engine.loss_scale != 1.0 else loss).backward()
-        return loss.detach()
-
-    def step(self) -> None:
-        if self.engine.loss_scale != 1.0:  # fp16: .grad holds S·Σ c_i g_i
-            _divide_grads(self.optimizer, self.engine.loss_scale)
-        self.optimizer.step()  # noise once, ÷ L, step, zero
-
-    def detach(self) -> nn.Module:
-        return self.engine.detach()
-
-
-class NonPrivate(_Precision):
-    """fp16: torch's GradScaler (dynamic scale, skipped steps on overflow: no privacy to keep here).
-    Data-parallel: torch's DistributedDataParallel (distributed.py `ddp`), its gradients all-reduced in the
-    backward of each logical batch's last physical batch (`sync`, entered by the loop around the forward)."""
-
-    def __init__(self, model, optimizer, *, expected_batch_size, augmult=1, precision="fp32", dist=None, **_):
-        self.model, self.optimizer, self.L, self.augmult = model, optimizer, expected_batch_size, augmult
-        self._set_precision(precision, model)
-        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
-        self.raw = model
-        if dist is not None and dist.enabled:
-            from .distributed import ddp
-
-            self.model = ddp(model, dist, expected_batch_size=expected_batch_size)
-
-    def sync(self, last: bool):
-        """DDP: no all-reduce before the logical batch's last backward (gradient accumulation)."""
-        if last or self.model is self.raw:
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
-    def backward(self, out, y, *, last: bool) -> torch.Tensor:
-        loss = _loss(out.float(), y, self.augmult)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss.detach()
-
-    def step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        _divide_grads(self.optimizer, self.L)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def detach(self) -> nn.Module:
-        return self.raw
-
-
-class Opacus(_Precision):
+class Opacus(Precision):
     """Opacus 1.x as users run it: GradSampleModule + DPOptimizer (hooks), or the fast-gradient-clipping
     trio (ghost). Physical batches accumulate through `signal_skip_step`, as BatchMemoryManager does.
 
@@ -357,26 +208,3 @@ def _unclone(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):
         setattr(model, name, child.m if isinstance(child, _Cloned) else _unclone(child))
     return model
-
-
-# name → factory; every factory takes create_engine's keyword arguments and ignores those it has no use for
-ENGINES = {
-    **{mode: partial(BuiltIn, mode=mode) for mode in MODES},
-    "opacus": partial(Opacus, ghost=False),
-    "opacus_ghost": partial(Opacus, ghost=True),
-    "nonprivate": NonPrivate,
-}
-
-
-def create_engine(name: str, model, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                  clipping="abadi", gamma=0.01, seed=0, secure=False, streams=None, augmult=1, passes=1,
-                  precision="fp32", dist=None) -> Engine:
-    """streams: the run's random streams (privacy/streams.py); default: Streams(seed, secure=secure).
-    dist: this process's place in a data-parallel run (distributed.py); None: one process."""
-    factory = lookup("engine", name, ENGINES)
-    if passes not in (1, 2) or (passes == 2 and name not in MODES):
-        raise UserError(f"engine.passes={passes}: 1, or 2 with a built-in engine ({', '.join(MODES)})")
-    return factory(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                   expected_batch_size=expected_batch_size, clipping=clipping, gamma=gamma,
-                   streams=streams if streams is not None else Streams(seed, secure=secure), augmult=augmult,
-                   passes=passes, precision=precision, dist=dist)

@@ -18,9 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .privacy.accounting import epsilon_of
-from .tuning import DISTRIBUTIONS, check_space, draw_trials, eps_incl_tuning, os_rng
+from dptrain.errors import UserError
+from dptrain.privacy.accounting import epsilon_of
+from dptrain.sweep.tuning import DISTRIBUTIONS, check_space, draw_trials, eps_incl_tuning, os_rng
 
 TUNING_FILE = "tuning.json"
 
@@ -122,8 +122,8 @@ def select(sweep_dir: Path, results: list[tuple]) -> Path | None:
 def record(sweep_dir: Path, selected: Path | None, *, distribution: str, mean: float, shape: float,
            params: dict) -> dict:
     """tuning.json: the search's settings, the selected run and ε including the tuning (never K)."""
-    from . import schema as key
-    from .ledger import history_of
+    from dptrain import keys as key
+    from dptrain.train.ledger import history_of
 
     info = {"hparams_search": "private", "distribution": distribution, "mean": mean,
             "shape": shape if distribution != "poisson" else None, "params": dict(params or {}),

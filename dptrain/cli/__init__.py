@@ -1,0 +1,1 @@
+"""Entry points: the command lines and what they print."""

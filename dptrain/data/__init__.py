@@ -1,0 +1,1 @@
+"""Datasets, their feature maps and the feature cache."""

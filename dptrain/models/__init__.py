@@ -1,0 +1,1 @@
+"""Models: name → timm or the small CNN, and what a fine-tuning run trains."""

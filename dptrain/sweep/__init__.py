@@ -1,0 +1,1 @@
+"""Sweeps over private data: the private hyperparameter search and its Hydra sweeper."""
