@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CoverageError
-from .layout import to_batch_first
 from .plan import Entry
 from .rules import is_replaying
+from .sequence_first import to_batch_first
 
 # keep(entry, detached args, detached kwargs, rows, tensors): one training call of entry's module; a hook on each
 # tensor's gradient is the engine's (the tensors require grad)

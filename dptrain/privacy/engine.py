@@ -16,7 +16,6 @@ passes' current phase (passes.py), never which path it is on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from functools import partial
 
@@ -27,12 +26,14 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .attach import guard, unwrap, wrap
 from .errors import CoverageError
-from .layout import grad_to_batch_first
+from .finish import Finish, exact_fp32
 from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
 from .records import examples, pending, ready
 from .rules import FALLBACK, Record, is_replaying
+from .sequence_first import grad_to_batch_first
+from .trainable import refuse_changed, trainable_ids
 from .two_pass import TwoPass
 
 log = logging.getLogger("dptrain.privacy")
@@ -92,7 +93,7 @@ class PrivacyEngine:
         self._late: dict[int, int] = {}  # id(entry) → its calls made inside this forward's backward (recomputes)
         self._audited = self._logged = False
         self._fallback = fallback
-        self._trainable = trainable_ids(model)  # the plan's trainable set; re-planned when it changes (issue 28)
+        self._trainable = trainable_ids(model)  # the plan's trainable set; re-planned when it changes
         self._handles: list = []
         self._guards: list = []
         self._saved_forward: list = []
@@ -158,7 +159,7 @@ class PrivacyEngine:
         self._passes.start(args, kwargs)
 
     def _anchor_output(self, module, args, out):
-        """passes=1: the model's outputs pass through _Finish, whose backward runs first in the user's backward and
+        """passes=1: the model's outputs pass through Finish, whose backward runs first in the user's backward and
         queues _finish on *that* backward. Queued from a layer's gradient instead, it could land on an inner backward
         (reentrant activation checkpointing backpropagates each segment separately): clipped a segment at a time."""
         if is_replaying() or not torch.is_grad_enabled() or self._probing:
@@ -167,7 +168,7 @@ class PrivacyEngine:
         if not any(torch.is_tensor(o) and o.requires_grad for o in flat):
             return None
         fid = self._forward_id
-        flat = [_Finish.apply(o, partial(self._queue, fid)) if torch.is_tensor(o) and o.requires_grad else o
+        flat = [Finish.apply(o, partial(self._queue, fid)) if torch.is_tensor(o) and o.requires_grad else o
                 for o in flat]
         return tree_unflatten(flat, spec)
 
@@ -211,7 +212,7 @@ class PrivacyEngine:
         phase = self._passes.phase
         if phase.compare:
             self._passes.compare(rec, k, rec.grads[k])
-        if self._queued != self._forward_id:  # a loss not computed from the model's output (no _Finish ran)
+        if self._queued != self._forward_id:  # a loss not computed from the model's output (no Finish ran)
             self._queue(self._forward_id)
         # A layer called once whose output gradients are all in: its norm (and, when instantiated, its
         # per-example gradient) is computed now, and its stored input and output gradient are freed, instead
@@ -250,7 +251,7 @@ class PrivacyEngine:
         """Runs the pending rules, sums the per-layer squared norms, sets per_sample_norms; → (c, done)."""
         now = trainable_ids(self.model)
         if now != self._trainable:
-            _refuse_changed(self.model, self._trainable, now)
+            refuse_changed(self.model, self._trainable, now)
         if not self._audited:
             self._audit()
         groups, done, B = self._pending(records)
@@ -354,58 +355,10 @@ def _rows_of(args, kwargs) -> int:
     return next((a.shape[0] for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a) and a.dim()), 0)
 
 
-def trainable_ids(model: nn.Module) -> tuple[int, ...]:
-    """The trainable set a plan (or Opacus' wrapping, engines.py) was built for: ids of requires_grad parameters."""
-    return tuple(id(p) for p in model.parameters() if p.requires_grad)
-
-
-def _refuse_changed(model: nn.Module, before: tuple[int, ...], now: tuple[int, ...]) -> None:
-    was, is_ = set(before), set(now)
-    names = {id(p): n for n, p in model.named_parameters()}
-    frozen = [names.get(i, "?") for i in before if i not in is_]
-    unfrozen = [names.get(i, "?") for i in now if i not in was]
-    what = "; ".join(f"{k}: {', '.join(v[:4])}{' …' if len(v) > 4 else ''}"
-                     for k, v in (("frozen", frozen), ("unfrozen", unfrozen)) if v)
-    raise CoverageError(
-        f"requires_grad changed between the forward and its backward ({what}); the forward's plan would clip the "
-        "wrong set. Change requires_grad before the forward (the engine re-plans at the next forward)")
-
-
 def _recomputed(entry: Entry, grad: torch.Tensor) -> None:
     raise CoverageError(
         f"{entry.label()} is called both inside a reentrant activation-checkpoint segment and outside it, so its "
         "recomputed call cannot be told apart from its first; use use_reentrant=False for that checkpoint")
-
-
-class _Finish(torch.autograd.Function):
-    """Identity on a model output (a copy: a custom Function's returned input may not be modified in place)
-    whose backward queues the engine's end-of-backward callback on the backward it runs in."""
-
-    @staticmethod
-    def forward(ctx, out, queue):
-        ctx.queue = queue
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.queue()
-        return g, None
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Norms and clipped sums in full float32 on CUDA: TF32 (cuDNN's default for convolutions) rounds the clipped
-    sum's weight-gradient convolution differently from the norm's float32 matmuls, so a clipped example could exceed
-    R by ~1e-3 relative. The flags are process-wide; restored on exit."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def _fallback_share(entries: list[Entry]) -> float:
@@ -420,12 +373,6 @@ def _fallback_share(entries: list[Entry]) -> float:
     else:
         log.debug("privacy engine: fallback share 0% (every trainable parameter on a ghost/instantiation rule)")
     return share
-
-
-
-
-
-
 
 
 def _zero_rows(bad: torch.Tensor, t):

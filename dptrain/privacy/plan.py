@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import CoverageError
-from .layout import mark
 from .rules import FALLBACK, TOKEN, Rule, rule_for
+from .sequence_first import mark
 
 MODES = ("mixed_ghost", "ghost", "per_sample")
 
@@ -31,7 +31,7 @@ class Entry:
     calls: int = 0
     dropouts: list[nn.Module] = field(default_factory=list)  # only for fallback units
     split: set[int] | None = None  # fallback: flat argument positions that are per example (probe.py); None: unprobed
-    batch_dim: int = 0  # 1: a sequence-first call (T, B, …), recorded batch-first (layout.py)
+    batch_dim: int = 0  # 1: a sequence-first call (T, B, …), recorded batch-first (sequence_first.py)
 
     def label(self) -> str:
         return f"{self.name or '<root>'} ({type(self.module).__name__})"

@@ -11,7 +11,7 @@ B leading rows that a hooked call takes or returns:
   forward:  the model on the batch and on the batch with example 0 changed — only row 0 may change;
   backward: the gradient of example 0's outputs alone — only row 0 may receive any.
 A row that moves with another example, or that influences another example, is not an example: CoverageError
-naming the module. A call that layout.py reads as sequence-first (torch's batch_first=False attention modules) is
+naming the module. A call read as sequence-first (sequence_first.py) (torch's batch_first=False attention modules) is
 checked batch-first, along its dim 1: a module fed another layout than its batch_first says is refused. An argument
 whose rows neither depend on the examples nor carry a gradient (a mask or table passed in) is ambiguous — shared, or
 per-example copies of a constant — and is refused when the fallback would split it (for the other rules the backward
@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CoverageError
-from .layout import seen_as, seq_positions, to_batch_first
 from .plan import Entry
 from .rules import FALLBACK, replaying
+from .sequence_first import seen_as, seq_positions, to_batch_first
 
 
 def _perturbed(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _perturbed(x: torch.Tensor) -> torch.Tensor:
 def _capture(model: nn.Module, entries: list[Entry], args, kwargs, *, grad: bool,
              moves: dict | None = None) -> dict[int, list[list]]:
     """Per entry, per call: the flat tensor arguments (and, with grad=True, outputs appended), detached unless
-    grad=True (then the live tensors, for torch.autograd.grad). A sequence-first call's (layout.py) are batch-first:
+    grad=True (then the live tensors, for torch.autograd.grad). A sequence-first call's are batch-first:
     detached copies moved here; for live tensors, `moves[(entry id, call)]` gets the positions whose gradients
     _example_zero_grads moves."""
     seen: dict[int, list[list]] = {id(e): [] for e in entries}

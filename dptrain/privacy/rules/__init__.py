@@ -16,10 +16,15 @@ nothing the parent defines (`rule_for`).
 
 from __future__ import annotations
 
+from timm.layers import LayerNorm as TimmLN
+from timm.layers import LayerNorm2d as TimmLN2d
+from timm.layers import LayerScale, LayerScale2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import Linear as TimmLinear
+from timm.models import beit, cait, convnext, eva, swin_transformer
 from torch import nn
 
+from .attention import AttentionRule, SharedBiasRule, WindowAttentionRule
 from .base import Record, Rule, choose
-from .beit import AttentionRule, SharedBiasRule, WindowAttentionRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .expand import ConvNeXtGammaRule, ExpandRule, GammaRule, TokenRule
@@ -32,14 +37,6 @@ TOKEN = TokenRule()
 
 
 def _timm_rules() -> dict[type, Rule]:
-    try:
-        from timm.layers import LayerNorm as TimmLN
-        from timm.layers import LayerNorm2d as TimmLN2d
-        from timm.layers import LayerScale, LayerScale2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-        from timm.layers import Linear as TimmLinear
-        from timm.models import beit, cait, convnext, eva, swin_transformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return {}
     gamma, std = GammaRule(), StdConvRule()
     # timm's Linear overrides forward only to cast dtypes under torchscript: the same function as nn.Linear
     return {TimmLinear: LinearRule(), TimmLN: LayerNormRule(), TimmLN2d: LayerNormRule(channels_first=True),

@@ -10,6 +10,11 @@ broadcast a (B, d) stand-in against a (T, d) tensor when T == B, silently).
 from __future__ import annotations
 
 import torch
+from timm.models.beit import Beit
+from timm.models.cait import Cait
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import CoverageError
@@ -87,14 +92,6 @@ class TokenRule(ExpandRule):
 
     @staticmethod
     def applies(module: nn.Module, own: list) -> bool:
-        try:
-            from timm.models.beit import Beit
-            from timm.models.cait import Cait
-            from timm.models.deit import VisionTransformerDistilled
-            from timm.models.eva import Eva
-            from timm.models.vision_transformer import VisionTransformer
-        except ImportError:  # pragma: no cover
-            return False
         kinds = (VisionTransformer, VisionTransformerDistilled, Beit, Cait, Eva)
         return (type(module) in kinds and not getattr(module, "dynamic_img_size", False)
                 and all(n in TokenRule.NAMES and p.dim() == 3 and p.shape[0] == 1 for n, p in own))

@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..layout import replayed_batch_first
+from ..sequence_first import replayed_batch_first
 from .base import Record, Rule, add_grad, fold, weighted_sum
 
 _STATE = threading.local()
@@ -50,7 +50,7 @@ class FallbackRule(Rule):
         for r in recs:
             if all(g is None for g in r.grads):
                 continue
-            with replayed_batch_first(entry):  # a sequence-first attention's records are batch-first (layout.py)
+            with replayed_batch_first(entry):  # sequence-first records, read batch-first
                 per = tuple(fold(t, B) for t in self._per_example(m, names, params, r, r.rows, entry.split))
             total = per if total is None else tuple(t + q for t, q in zip(total, per))
         n2 = params[0].new_zeros(B)

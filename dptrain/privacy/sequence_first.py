@@ -1,4 +1,4 @@
-"""Sequence-first torch modules inside a batch-first model (issue #14 item 2): their calls' examples are along dim 1.
+"""Sequence-first torch modules inside a batch-first model: their calls' examples are along dim 1.
 
 nn.MultiheadAttention and nn.TransformerEncoderLayer / DecoderLayer (and nn.TransformerEncoder / Decoder /
 Transformer built from them) default to batch_first=False: inside a batch-first model (the user transposes to

@@ -1,4 +1,4 @@
-"""timm BEiT on the fast path: its attention and its shared relative-position bias.
+"""timm attention blocks on the fast path: BEiT's attention and shared relative-position bias, Swin's window attention.
 
 BEiT's attention calls `F.linear(x, self.qkv.weight, bias=cat(q_bias, k_bias, v_bias))`, so hooks on `qkv`
 never fire, and it owns the q/v biases and a relative-position bias table (num_rel, heads) that it gathers into
