@@ -90,8 +90,9 @@ def test_the_accountants_notes_are_silenced_not_raised():
 def test_only_the_accountants_known_notes_are_silenced(monkeypatch):
     """The accounting silences Opacus' UserWarning notes and (in ε) numpy's RuntimeWarning overflow, nothing else:
     a FutureWarning — an Opacus deprecation — still reaches the user, from ε and from σ's calibration."""
-    import opacus.accountants.utils
     from opacus.accountants.rdp import RDPAccountant
+
+    from dptrain.privacy import accounting
 
     def warns(categories, result):
         def f(*_, **__):
@@ -101,7 +102,7 @@ def test_only_the_accountants_known_notes_are_silenced(monkeypatch):
         return f
 
     monkeypatch.setattr(RDPAccountant, "get_epsilon", warns((UserWarning, RuntimeWarning, FutureWarning), 1.5))
-    monkeypatch.setattr(opacus.accountants.utils, "get_noise_multiplier", warns((UserWarning, FutureWarning), 2.0))
+    monkeypatch.setattr(accounting, "get_noise_multiplier", warns((UserWarning, FutureWarning), 2.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5, accountant="rdp") == 1.5
@@ -477,3 +478,22 @@ def test_noise_reaches_every_parameter_including_non_contiguous_gradients():
     DPOptimizer(torch.optim.SGD(again, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1,
                 seed=5).add_noise()
     assert all(torch.equal(a.grad.contiguous(), b.grad.contiguous()) for a, b in zip(ps, again))
+
+
+def test_an_accountant_is_one_entry_in_the_registry(monkeypatch):
+    """Another accountant is a class with Opacus' IAccountant interface under a new name: ε composes its history,
+    and σ is calibrated by the same bisection (Opacus' own calibration knows only its names)."""
+    from opacus.accountants import RDPAccountant
+
+    from dptrain.privacy import accounting
+
+    class Renamed(RDPAccountant):  # the RDP accountant under another name: the same numbers, through the registry
+        pass
+
+    monkeypatch.setitem(accounting.ACCOUNTANTS, "renamed_rdp", Renamed)
+    kw = dict(sample_rate=0.01, steps=500, delta=1e-5)
+    assert epsilon(noise_multiplier=1.0, accountant="renamed_rdp", **kw) == epsilon(noise_multiplier=1.0,
+                                                                                    accountant="rdp", **kw)
+    sigma = noise_multiplier_for(eps=2.0, accountant="renamed_rdp", **kw)
+    assert 2.0 * (1 - 0.005) < epsilon(noise_multiplier=sigma, accountant="rdp", **kw) <= 2.0
+    assert sigma == pytest.approx(noise_multiplier_for(eps=2.0, accountant="rdp", **kw), rel=0.01)

@@ -1,4 +1,5 @@
-"""σ ↔ ε with Opacus' accountants: prv (default), rdp, gdp. No hand-written accountant.
+"""σ ↔ ε with Opacus' accountants: prv (default), rdp, gdp. No hand-written accountant: another one is an entry in
+ACCOUNTANTS, a class with Opacus' `IAccountant` interface (`history` of (σ, q, steps), `get_epsilon(delta)`).
 
 Steps: a run of `epochs` epochs at sample rate q = L/n takes round(epochs / q) steps (at least one);
 training takes exactly that many, so the ε reported is the ε spent.
@@ -9,19 +10,21 @@ from __future__ import annotations
 import math
 import warnings
 
-ACCOUNTANTS = ("prv", "rdp", "gdp")
+from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+# name (privacy.accountant) → an Opacus IAccountant class
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
 
 
 def steps_for(epochs: float, sample_rate: float) -> int:
     return max(1, round(epochs / sample_rate))
 
 
-def _accountant(name: str):
-    from opacus.accountants import create_accountant
-
+def _accountant(name: str) -> IAccountant:
     if name not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant '{name}'; valid: {', '.join(ACCOUNTANTS)}")
-    return create_accountant(mechanism=name)
+    return ACCOUNTANTS[name]()
 
 
 def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
@@ -59,12 +62,11 @@ def epsilon_of(history: list, *, delta: float, accountant: str = "prv") -> float
 def noise_multiplier_for(*, eps: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
                          prior: tuple = ()) -> float:
     """The smallest σ (to 0.5% of ε) whose ε after `steps`, composed with `prior`, is ≤ eps: Opacus' bisection,
-    or, with a prior (which Opacus' calibration does not take), the same bisection over the composed ε."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+    or, with a prior (which Opacus' calibration does not take) or an accountant Opacus does not know by name, the
+    same bisection over the composed ε."""
     _check_finite(eps=eps, delta=delta, sample_rate=sample_rate)
-    _accountant(accountant)  # validates the name
-    if prior:
+    acc = _accountant(accountant)  # validates the name
+    if prior or acc.mechanism() != accountant:
         return _calibrate(eps=eps, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
                           prior=prior)
     with warnings.catch_warnings():
