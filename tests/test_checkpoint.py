@@ -362,7 +362,8 @@ def test_a_sampler_that_redraws_other_batches_is_caught(tmp_path, done, drawn):
     checkpoint saw it (a tripwire for code or data that changed between the two)."""
     from dptrain.privacy.sampling import PoissonSampler
     from dptrain.train.budget import Budget
-    from dptrain.train.checkpoint import Checkpointer, Position
+    from dptrain.train.checkpoint import Checkpointer
+    from dptrain.train.loop import Position
 
     def sampler(seed):
         return PoissonSampler(64, sample_rate=0.25, steps=12, seed=seed)

@@ -88,11 +88,28 @@ def _clean(v):
     return v
 
 
-def write_json(path: str, obj: dict) -> None:
+def atomic_write(path: str, write) -> None:
+    """write(binary file) into path.tmp, flushed to disk, then renamed over `path`: a reader, or a run killed at
+    any instant, sees the old file or the new one, never a part."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2, default=str)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj: dict) -> None:
+    text = json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2, default=str)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def wandb_sync_hint(run_dir: str) -> str | None:
