@@ -329,7 +329,7 @@ def test_the_checkpoint_holds_the_run_state(killed):
 
 
 def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path):
-    """Issue #34: the noise, dropout and Opacus generators are device generators (a CPU Mersenne Twister, a CUDA
+    """The noise, dropout and Opacus generators are device generators (a CPU Mersenne Twister, a CUDA
     Philox counter): a checkpoint written on cuda and resumed with device=auto on a CPU (or the reverse) would draw
     fresh streams. Refused in one line, from the checkpoint's `device`, or (an older checkpoint) from its noise
     generators' device; the noise optimizer refuses another device's generator states too."""

@@ -23,6 +23,7 @@ import torch
 from dptrain import keys as key
 from dptrain.engines.base import checkpointable
 from dptrain.errors import UserError
+from dptrain.privacy.sampling import BatchSampler
 from dptrain.train.budget import Budget
 from dptrain.train.distributed import SINGLE, fingerprint
 from dptrain.train.loop import Position
@@ -136,7 +137,7 @@ class Checkpointer:
         log.info("resumed %s at step %d of %d (eps spent %s)", self.run_dir, self.position.steps, self.budget.steps,
                  state["accountant"][key.EPS_SPENT])
 
-    def batches(self, sampler):
+    def batches(self, sampler: BatchSampler):
         """The sampler's logical batches. A resumed run first redraws and drops those drawn before the epoch its
         checkpoint is in (secure mode: nothing to redraw, OS entropy), and checks that the sampler's generator
         then stands where the checkpoint saw it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
@@ -31,8 +33,6 @@ def git_state() -> dict:
     """summary.json's provenance: the HEAD commit, whether the tracked files (or untracked, not ignored files in
     the package and conf/) differ from it, and the sha256 of `git diff HEAD` (the same hash: the same edits).
     None each outside a git checkout."""
-    import hashlib
-
     commit, dirty, digest = git_commit(), None, None
     if commit is not None:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,8 +114,6 @@ def write_json(path: str, obj: dict) -> None:
 
 def wandb_sync_hint(run_dir: str) -> str | None:
     """The command that uploads the run's offline wandb runs (one per part of a resumed run), or None if none."""
-    import glob
-
     runs = sorted(glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*")))
     return f"wandb: offline run; upload it with: wandb sync {' '.join(runs)}" if runs else None
 
@@ -131,7 +129,7 @@ class Tracker:
         self.wandb = None
         check_name("logger", logger, LOGGERS)
         if logger == "wandb":
-            import wandb
+            import wandb  # optional: only with logger=wandb
 
             os.environ.setdefault("WANDB_MODE", mode)
             os.environ.setdefault("WANDB_SILENT", "true")
