@@ -394,3 +394,29 @@ def test_report_lists_a_killed_run_as_unfinished(killed):
     assert rows == [] and failed == [
         f"{killed} (unfinished: running, or killed; checkpoint at step 2 of 8, eps spent "
         f"{status(killed)[key.EPS_SPENT]:.4g}; continue with: dptrain resume={killed})"]
+
+
+def test_a_sampler_that_cannot_redraw_its_batches_is_not_resumed(tmp_path):
+    """A sampler without the BatchSampler's `generator` (a wrapper, such as dptrain-audit's canary filter) would
+    start its batches over: a resumed run would repeat Poisson masks already used. Refused in one line; under
+    torchrun Sharded has no generator either."""
+    from dptrain.train.budget import Budget
+    from dptrain.train.checkpoint import Checkpointer
+    from dptrain.train.distributed import Dist, Sharded
+
+    class Wrapped:
+        n = 8
+
+        def __iter__(self):
+            yield from [torch.arange(4)] * 2
+
+        def __len__(self):
+            return 2
+
+    assert not hasattr(Sharded(Wrapped(), Dist(rank=0, world_size=2)), "generator")
+    saver = Checkpointer(str(tmp_path), every_s=0, config={}, commit=None, budget=Budget(0.25, 2), model=None,
+                         optimizer=None, scheduler=None, ema=None, engine=None, sampler=Wrapped(), augment=None,
+                         t_start=0.0)
+    with pytest.raises(UserError, match="sampler .Wrapped. cannot redraw the batches drawn before its checkpoint") as e:
+        saver.start({})
+    assert "\n" not in str(e.value)

@@ -108,10 +108,10 @@ class Checkpointer:
         """The replicated state (model, optimizer, schedule, EMA: rank 0's, equal on every rank) from the
         checkpoint; the rank-local state (random streams, the engine's noise generators, the epoch's running sums)
         from this rank's own part of it."""
-        check_device(state, _device_type(self.model), self.run_dir)
         if not hasattr(self.sampler, "generator"):  # not a BatchSampler: it could repeat the batches drawn already
             raise UserError(f"resume={self.run_dir}: this run's sampler ({type(self.sampler).__name__}) cannot redraw "
                             "the batches drawn before its checkpoint; start it again")
+        check_device(state, _device_type(self.model), self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
