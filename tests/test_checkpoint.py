@@ -329,7 +329,7 @@ def test_the_checkpoint_holds_the_run_state(killed):
 
 
 def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path):
-    """Issue #34: the noise, dropout and Opacus generators are device generators (a CPU Mersenne Twister, a CUDA
+    """The noise, dropout and Opacus generators are device generators (a CPU Mersenne Twister, a CUDA
     Philox counter): a checkpoint written on cuda and resumed with device=auto on a CPU (or the reverse) would draw
     fresh streams. Refused in one line, from the checkpoint's `device`, or (an older checkpoint) from its noise
     generators' device; the noise optimizer refuses another device's generator states too."""
@@ -362,7 +362,8 @@ def test_a_sampler_that_redraws_other_batches_is_caught(tmp_path, done, drawn):
     checkpoint saw it (a tripwire for code or data that changed between the two)."""
     from dptrain.privacy.sampling import PoissonSampler
     from dptrain.train.budget import Budget
-    from dptrain.train.checkpoint import Checkpointer, Position
+    from dptrain.train.checkpoint import Checkpointer
+    from dptrain.train.loop import Position
 
     def sampler(seed):
         return PoissonSampler(64, sample_rate=0.25, steps=12, seed=seed)
@@ -393,3 +394,29 @@ def test_report_lists_a_killed_run_as_unfinished(killed):
     assert rows == [] and failed == [
         f"{killed} (unfinished: running, or killed; checkpoint at step 2 of 8, eps spent "
         f"{status(killed)[key.EPS_SPENT]:.4g}; continue with: dptrain resume={killed})"]
+
+
+def test_a_sampler_that_cannot_redraw_its_batches_is_not_resumed(tmp_path):
+    """A sampler without the BatchSampler's `generator` (a wrapper, such as dptrain-audit's canary filter) would
+    start its batches over: a resumed run would repeat Poisson masks already used. Refused in one line; under
+    torchrun Sharded has no generator either."""
+    from dptrain.train.budget import Budget
+    from dptrain.train.checkpoint import Checkpointer
+    from dptrain.train.distributed import Dist, Sharded
+
+    class Wrapped:
+        n = 8
+
+        def __iter__(self):
+            yield from [torch.arange(4)] * 2
+
+        def __len__(self):
+            return 2
+
+    assert not hasattr(Sharded(Wrapped(), Dist(rank=0, world_size=2)), "generator")
+    saver = Checkpointer(str(tmp_path), every_s=0, config={}, commit=None, budget=Budget(0.25, 2), model=None,
+                         optimizer=None, scheduler=None, ema=None, engine=None, sampler=Wrapped(), augment=None,
+                         t_start=0.0)
+    with pytest.raises(UserError, match="sampler .Wrapped. cannot redraw the batches drawn before its checkpoint") as e:
+        saver.start({})
+    assert "\n" not in str(e.value)

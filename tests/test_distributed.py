@@ -1,4 +1,4 @@
-"""Data-parallel DP training (distributed.py, issue #17) on CPU: 2 gloo processes against 1 process.
+"""Data-parallel DP training (distributed.py) on CPU: 2 gloo processes against 1 process.
 
 One spawn of 2 processes runs every scenario of dist_workers.py (the clipped sum, empty local batches, the
 noise's std, Opacus, nonprivate DDP, secure sampling); torchrun runs the CLI end to end; Hydra's submitit and

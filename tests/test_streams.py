@@ -202,7 +202,7 @@ def test_os_bernoulli_includes_exactly_the_64_bit_words_below_floor_q_2_64(monke
 
 
 def test_os_normal_reads_32_bytes_per_value_and_halves_four_box_muller_normals(monkeypatch):
-    """n values read 32·n bytes in one call (the cost the module docstring states): 4n normals from 2n Box–Muller
+    """n values read 32·n bytes in one call (the cost os_normal states): 4n normals from 2n Box–Muller
     pairs of 53-bit uniforms (the top 53 bits of each 64-bit word × 2**-53), radii from the first 2n uniforms and
     angles from the last 2n, cosines then sines; value j is half the sum of normals j, n + j, 2n + j, 3n + j."""
     n, asked = 3, []

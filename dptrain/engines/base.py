@@ -35,6 +35,10 @@ class Engine(Protocol):
     - optional `sync(last) -> context`: entered around the forward too; DDP (nonprivate on N processes) skips its
       all-reduce unless `last`. On N processes (distributed.py) `step()` is also collective: every rank calls it
       for every logical batch, its shard empty or not.
+    - `state_dict() -> dict` / `load_state_dict(state)`: the engine's own state beyond the model's and the torch
+      optimizer's, between two steps — its noise generators (none in secure mode: OS entropy), a loss scaler —
+      so that a resumed run draws what the uninterrupted one draws (checkpoint.py; on N processes, this rank's).
+      An engine without them is not checkpointed (`checkpointable`): its runs cannot be resumed.
     """
 
     model: nn.Module
@@ -46,6 +50,15 @@ class Engine(Protocol):
     def detach(self) -> nn.Module: ...
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def checkpointable(engine) -> bool:
+    """Whether `engine` can save and restore its own state (the `Engine` protocol's state_dict/load_state_dict)."""
+    return callable(getattr(engine, "state_dict", None)) and callable(getattr(engine, "load_state_dict", None))
 
 
 # precision → the autocast dtype of the forward (None: float32, no autocast)

@@ -37,3 +37,10 @@ class BuiltIn(Precision):
 
     def detach(self) -> nn.Module:
         return self.engine.detach()
+
+    def state_dict(self) -> dict:
+        """The noise chunk generators, by device (DPOptimizer's own)."""
+        return {"noise": self.optimizer.generator_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.set_generator_states(state["noise"])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dptrain.engines.base import Precision, divide_grads, summed_loss
+from dptrain.train.distributed import ddp
 
 
 class NonPrivate(Precision):
@@ -21,8 +22,6 @@ class NonPrivate(Precision):
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
         self.raw = model
         if dist is not None and dist.enabled:
-            from dptrain.train.distributed import ddp
-
             self.model = ddp(model, dist, expected_batch_size=expected_batch_size)
 
     def sync(self, last: bool):
@@ -49,3 +48,11 @@ class NonPrivate(Precision):
 
     def detach(self) -> nn.Module:
         return self.raw
+
+    def state_dict(self) -> dict:
+        """fp16: GradScaler's scale and growth tracker; nothing else is random or carried between steps."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -10,6 +10,9 @@ from dptrain.errors import UserError
 from dptrain.privacy import MODES
 from dptrain.privacy.engine import trainable_ids
 
+# opacus is imported inside the functions that use it: a heavy optional dependency, loaded only when an Opacus
+# engine is built
+
 
 class Opacus(Precision):
     """Opacus 1.x as users run it: GradSampleModule + DPOptimizer (hooks), or the fast-gradient-clipping
@@ -129,6 +132,13 @@ class Opacus(Precision):
             opt.original_optimizer.step()
             opt.original_optimizer.zero_grad(set_to_none=True)
         self._stepped = False
+
+    def state_dict(self) -> dict:
+        """Opacus' noise generator (its optimizer's; this rank's on N processes, rank 0 drawing the noise)."""
+        return {"opacus": self.optimizer.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.generator.set_state(state["opacus"])
 
     def detach(self) -> nn.Module:
         inner = self.model._module

@@ -13,10 +13,9 @@ from .streams import Streams, os_normal
 
 # The noise for the flat vector of all gradients is split into CHUNKS fixed ranges, each with its own
 # generator (sub-stream `chunk` of the "noise" stream, streams.py), so the draw does not depend on the thread
-# count. On CPU the ranges fill in parallel threads (normal_ and os.urandom release the GIL): 3× faster than one
-# randn for an 11M-parameter ResNet-18. Each range is drawn through a small scratch buffer straight into the
-# gradients, so no parameter-sized noise tensor exists: that buffer was 45 MB of a ResNet-18's extra memory, and
-# the scratch stays in cache while it is added.
+# count. On CPU the ranges fill in parallel threads (normal_ and os.urandom release the GIL). Each range is drawn
+# through a small scratch buffer straight into the gradients, so no parameter-sized noise tensor exists (a
+# model-sized share of the extra memory), and the scratch stays in cache while it is added.
 CHUNKS = 8
 SCRATCH = {"cpu": 1 << 18}  # elements per draw; other devices: 1 << 22 (fewer kernel launches)
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(CHUNKS, os.cpu_count() or 1)))

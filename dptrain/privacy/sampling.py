@@ -9,9 +9,27 @@ Randomness: the "sampler" stream of `streams` (streams.py), or OS entropy on eve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
 
 from .streams import Streams, os_bernoulli
+
+
+class BatchSampler(Protocol):
+    """What the training loop asks of a batch sampler: `len()` logical batches, each a 1-d index tensor (possibly
+    empty), in the order of the run's steps. `n`: the examples it samples from. `generator`: the seeded stream its
+    batches come from, whose state after k batches is a function of the seed alone — a resumed run redraws the
+    batches up to its checkpoint from it (checkpoint.py); None when the draws cannot be replayed (secure mode: OS
+    entropy). PoissonSampler and ShuffleSampler keep it; distributed.Sharded is one over either."""
+
+    n: int
+    generator: torch.Generator | None
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    def __len__(self) -> int: ...
 
 
 class PoissonSampler:

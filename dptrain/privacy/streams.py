@@ -1,39 +1,9 @@
-"""Every random stream of a run, derived from ONE seed by a spawning scheme — or, in secure mode, the
-privacy-critical ones drawn from the operating system's CSPRNG.
+"""Every random stream of a run, derived from ONE seed (`Streams`) — or, in secure mode, the privacy-critical ones
+drawn from the operating system's CSPRNG on every draw (`os_bernoulli`, `os_normal`).
 
-Why (issue #14): the sampler was seeded `seed` and noise chunk i `seed*1000 + i`, so at seed 0 they were the
-same generator and step 1's noise was a transform of the uniforms that chose step 1's batch — the noise was a
-function of what it is meant to hide. Here stream NAME gets
-
-    numpy.random.SeedSequence(seed, spawn_key=(KEYS[NAME], *sub))      # = SeedSequence(seed).spawn(...)[KEY]
-
-whose 64-bit output seeds a torch.Generator. SeedSequence hashes (entropy, spawn key) into its pool, so two
-different keys give unrelated seeds for every seed (a collision is a ~2**-63 event per pair), and stream k of
-seed a is unrelated to stream j of seed b as well (no `seed + 1` arithmetic across runs).
-
-torch's CPU generator (mt19937) keeps only the LOW 32 BITS of a seed (manual_seed(1) and manual_seed(1 + 2**32)
-draw the same numbers); CUDA's Philox keeps all 64. So a Streams object also refuses to hand out two streams
-whose low 32 bits coincide (a ~2**-32 event per pair; tests check seeds 0..999 for every stream).
-
-KEYS are part of the reproducibility contract: never renumber one, only append.
-
-Secure mode (`secure=True`, config `privacy.secure`): the streams an adversary must not predict — the
-Poisson sampler's inclusion mask and the Gaussian noise — come from `os.urandom` (getrandom(2): the kernel's
-ChaCha20 CSPRNG) on every draw, not from a seeded PRNG; `seed_for`/`generator` refuse to seed them. A torch
-generator re-seeded from os.urandom would not do: mt19937 is not a CSPRNG and its CPU seed is 32 bits, so
-the noise would be one of 2**32 sequences. Opacus' secure_mode gets its bits from torchcsprng's
-/dev/urandom generator (unmaintained; no build for this torch), so reading os.urandom directly is the same
-entropy source without the dependency. As in Opacus' secure_mode, each noise value is the sum of four
-N(0, 1) draws halved (Holohan & Braghin 2021, §5.1: the floating-point attack on Gaussian samplers of
-Jin et al. 2022 then costs ~2**159 instead of ~2**53). The normals are Box–Muller in float64 from 53-bit
-uniforms: a draw is bounded by 8.6 (σ units, before the four-sum), a truncation of probability ~1e-17.
-The mask includes an example iff a uniform 64-bit integer is < floor(q·2**64), so the realised rate is ≤ q
-(within 2**-64) and the accountant's q stays an upper bound. Cost: 8 bytes of OS entropy per example and
-step for sampling, 32 bytes per parameter and step for noise: 3.1 s of noise per step for 11M parameters (a
-ResNet-18) on a shared 2-core VM, against 0.11 s seeded — a deployment setting, not an experiment one.
-Model init, dropout, augmentation and the data split stay seeded in secure mode: the guarantee does not rest
-on their secrecy, and they stay reproducible.
-"""
+KEYS are part of the reproducibility contract: never renumber one, only append. Model init, dropout,
+augmentation and the data split stay seeded in secure mode: the guarantee does not rest on their secrecy, and
+they stay reproducible."""
 
 from __future__ import annotations
 
@@ -60,8 +30,24 @@ MASK64 = (1 << 64) - 1
 
 class Streams:
     """The random streams of one run: `seed_for(name, *sub)` (an int), `generator(name, *sub, device=)`.
+    seed=None draws a fresh root seed from the OS (recorded in `.seed`, so the run can be repeated).
 
-    seed=None draws a fresh root seed from the OS (recorded in `.seed`, so the run can be repeated)."""
+    Stream NAME gets `numpy.random.SeedSequence(seed, spawn_key=(KEYS[NAME], *sub))` (= SeedSequence(seed).spawn
+    (...)[KEY]), whose 64-bit output seeds a torch.Generator. SeedSequence hashes (entropy, spawn key) into its pool,
+    so two keys give unrelated seeds for every seed (a collision is a ~2**-63 event per pair), and stream k of seed a
+    is unrelated to stream j of seed b (no `seed + 1` arithmetic across runs). So the noise is never a function of
+    the uniforms that chose the batch it is meant to hide, as it would be with seeds like `seed` and `seed*1000 + i`.
+
+    torch's CPU generator (mt19937) keeps only the LOW 32 BITS of a seed (manual_seed(1) and manual_seed(1 + 2**32)
+    draw the same numbers); CUDA's Philox keeps all 64. So a Streams object refuses to hand out two streams whose
+    low 32 bits coincide (a ~2**-32 event per pair; tests check seeds 0..999 for every stream).
+
+    Secure mode (`secure=True`, config `privacy.secure`): the SECURE streams — the Poisson inclusion mask and the
+    Gaussian noise — come from `os.urandom` (getrandom(2): the kernel's ChaCha20 CSPRNG) on every draw;
+    `seed_for`/`generator` refuse to seed them. A torch generator re-seeded from os.urandom would not do: mt19937 is
+    not a CSPRNG and its CPU seed is 32 bits, so the noise would be one of 2**32 sequences. Opacus' secure_mode gets
+    its bits from torchcsprng's /dev/urandom generator (unmaintained; no build for this torch): reading os.urandom
+    directly is the same entropy source without the dependency."""
 
     def __init__(self, seed: int | None = 0, *, secure: bool = False):
         if seed is None:
@@ -99,7 +85,9 @@ class Streams:
 
 
 def os_bernoulli(n: int, p: float) -> torch.Tensor:
-    """n independent Bernoulli(p') from os.urandom, p' = floor(p·2**64)/2**64 ∈ (p - 2**-64, p]. (n,) bool."""
+    """n independent Bernoulli(p') from os.urandom, p' = floor(p·2**64)/2**64 ∈ (p - 2**-64, p]: an example is
+    included iff a uniform 64-bit integer is < floor(p·2**64), so the realised rate is ≤ p and the accountant's q
+    stays an upper bound. 8 bytes of OS entropy per example and step. (n,) bool."""
     if p >= 1:
         return torch.ones(n, dtype=torch.bool)
     threshold = np.uint64(math.floor(max(p, 0.0) * 2.0**64))  # exact: p is a double, 2**64 a power of two
@@ -108,8 +96,11 @@ def os_bernoulli(n: int, p: float) -> torch.Tensor:
 
 
 def os_normal(n: int) -> torch.Tensor:
-    """n draws of N(0, 1) from os.urandom, each the halved sum of four Box–Muller normals (see the module
-    docstring). (n,) float64 on the CPU."""
+    """n draws of N(0, 1) from os.urandom, (n,) float64 on the CPU. As in Opacus' secure_mode, each is the sum of
+    four N(0, 1) draws halved (Holohan & Braghin 2021, §5.1: the floating-point attack on Gaussian samplers of
+    Jin et al. 2022 then costs ~2**159 instead of ~2**53). The normals are Box–Muller in float64 from 53-bit
+    uniforms: a draw is bounded by 8.6 (σ units, before the four-sum), a truncation of probability ~1e-17.
+    32 bytes of OS entropy per value: far slower than seeded noise, a deployment setting, not an experiment one."""
     m = 4 * n  # normals, made in Box–Muller pairs
     k = (m + 1) // 2
     u = (np.frombuffer(os.urandom(16 * k), dtype=np.uint64) >> np.uint64(11)).astype(np.float64)

@@ -1,40 +1,13 @@
-"""Data-parallel DP training on N processes: torch.distributed, started by torchrun (gloo on CPU, NCCL on CUDA),
-one node or several. One `Dist` object is passed around; in a single process it is `SINGLE` and every method
-is a no-op, so run.py, loop.py and the engines keep one code path.
+"""Data-parallel DP training on N processes under torchrun (gloo on CPU, NCCL on CUDA), one node or several:
 
     torchrun --nproc_per_node=2 -m dptrain <the same overrides as one process>
 
-The contract (issue #17), and where each part is kept:
-
-- Sampling (`Sharded`): every rank holds the SAME Poisson mask over the whole training set — drawn from the
-  run's "sampler" stream (streams.py: one seed, the same stream on every rank, never torch's global RNG), or in
-  secure mode drawn from the OS by rank 0 and broadcast — and keeps the strided shard `batch[rank::world]`.
-  Why one shared mask rather than disjoint partitions each sampled at rate q (also exact Poisson): the logical
-  batch is then exactly the one the 1-process run of the same command draws (N processes train on the same
-  examples, step by step, so the two runs can be compared — tests/test_distributed.py does), and the strided
-  shard balances the ranks to ±1 example where disjoint partitions give Binomial-sized local batches. The cost
-  — every rank draws n uniforms per step — is ~1 ms for n = 50 000. A rank whose shard is empty (a small or
-  empty Poisson batch) still calls engine.step(), which holds the step's only collective: no rank skips it.
-- Clipped sums and noise (privacy/optimizer.py `DPOptimizer`, given this object): each rank's engine writes its
-  clipped sum into .grad (book-keeping: autograd never produces the parameter gradients DDP's reducer waits for,
-  so the reducer is not used for the private engines); the fp32 noise N(0, σ²R²) is partitioned by range: noise
-  chunk i (a fixed range of the flat gradient, its own sub-stream of the run's seed) is drawn and added by rank
-  i mod world alone; then ONE all-reduce (`all_reduce_sum_`, flat buckets) sums the ranks' gradients —
-  Σ_i c_i g_i + noise, each coordinate's noise drawn exactly once — identical on every rank; ÷ L (the expected
-  logical batch size of the whole run); every rank takes the same optimizer step. Why not every rank drawing
-  the same noise from a shared stream after the all-reduce: that draws the noise N times (once counted) and
-  cannot work in secure mode (OS entropy differs per rank). Partitioned noise keeps one collective per step,
-  works unchanged in secure mode, splits the drawing between the ranks, and is the 1-process run's noise
-  draw for draw (a chunk's stream does not depend on which rank draws it).
-- Opacus baselines: Opacus' own distributed support (DPDDP + DistributedDPOptimizer[FastGradientClipping]: noise
-  on rank 0, all-reduce, ÷ world), with expected_batch_size L/world so the update is again ÷ L. nonprivate:
-  torch's DistributedDataParallel (its reducer overlaps the all-reduce with the backward of the logical batch's
-  last physical batch; a sum hook so the engine's ÷ L stays).
-- Rank 0 owns the run directory (summary.json, metrics.jsonl, model.pt, checkpoint.pt, wandb, progress bar) and
-  runs the accountant and the evaluation; each checkpoint holds every rank's own random streams, gathered to it
-  (checkpoint.py); the other ranks agree on its directory (`agree`) and write nothing there
-  (`worker_overrides` sends their Hydra files to a temporary directory).
-"""
+One `Dist` is passed around (`SINGLE` in one process: every method a no-op, one code path). Who keeps what:
+sampling, `Sharded` (one shared Poisson mask, this rank's strided shard); the clipped sums and the noise,
+privacy/optimizer.DPOptimizer (each noise chunk drawn by one rank, one all-reduce, ÷ L); the Opacus baselines,
+Opacus' DPDDP (engines/opacus.py); nonprivate, torch's DDP (`ddp`). Rank 0 owns the run directory, the accountant
+and the evaluation; the other ranks agree on its directory (`agree`) and write nothing there (`worker_overrides`);
+checkpoints gather every rank's own streams to rank 0 (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -49,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 from dptrain.errors import UserError
+from dptrain.privacy.sampling import BatchSampler
 
 log = logging.getLogger("dptrain")
 BUCKET = 1 << 24  # elements per all-reduce buffer (64 MB of fp32): large messages, bounded extra memory
@@ -211,7 +186,7 @@ class Dist:
             raise RuntimeError(f"rank {self.rank}: parameter {bad} differs from rank 0's after training (the ranks "
                                "desynchronised)")
 
-    def shard(self, sampler) -> Sharded:
+    def shard(self, sampler: BatchSampler) -> Sharded:
         return Sharded(sampler, self)
 
     def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -242,17 +217,25 @@ def _buckets(tensors: list[torch.Tensor], size: int = BUCKET):
 
 
 class Sharded:
-    """This rank's part of every logical batch: the same batch on every rank (see the module docstring), then
-    `batch[rank::world]` — possibly empty; the loop still calls engine.step() for it."""
+    """A BatchSampler (privacy/sampling.py) of this rank's part of every logical batch: the same batch on every
+    rank, then `batch[rank::world]` — possibly empty; the loop still calls engine.step() for it.
 
-    def __init__(self, sampler, dist: Dist):
+    Why one shared mask rather than disjoint partitions each sampled at rate q (also exact Poisson): the logical
+    batch is then exactly the one the 1-process run of the same command draws (tests/test_distributed.py compares
+    them), and the strided shard balances the ranks to ±1 example where disjoint partitions give Binomial-sized
+    local batches. The cost: every rank draws n uniforms per step."""
+
+    def __init__(self, sampler: BatchSampler, dist: Dist):
         self.sampler, self.dist = sampler, dist
         self.n = sampler.n
         # secure mode: OS entropy differs per rank, so rank 0 draws the mask and broadcasts it
         self.broadcast = dist.enabled and getattr(sampler, "secure", False)
-        # the shared sampler stream (the same state on every rank; None in secure mode): what a resumed run
-        # redraws up to its checkpoint's epoch, and checks (checkpoint.Checkpointer.batches)
-        self.generator = None if self.broadcast else getattr(sampler, "generator", None)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The shared sampler stream (the same state on every rank; None in secure mode): what a resumed run
+        redraws up to its checkpoint's epoch. Absent (AttributeError) when the wrapped sampler has none."""
+        return None if self.broadcast else self.sampler.generator
 
     def __iter__(self):
         d = self.dist
@@ -317,8 +300,6 @@ def ddp(model: torch.nn.Module, dist: Dist, *, expected_batch_size: int) -> torc
     logical batch. The all-reduce sums (DDP's default averages over ranks), so the engine's ÷ L stays right.
     No buffer sync (no_buffer_sync): a buffer broadcast in every forward would be a collective per physical batch, and
     shards of different sizes can have different numbers of physical batches (BatchNorm is converted anyway)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     if expected_batch_size < dist.world_size:
         raise UserError(f"batch_size={expected_batch_size} must be >= the number of processes ({dist.world_size})")
     on_cuda = next(model.parameters()).device.type == "cuda"

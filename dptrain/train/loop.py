@@ -1,10 +1,12 @@
-"""train_one_epoch and evaluate: they take objects, never the config."""
+"""train_one_epoch and evaluate: they take objects, never the config; `Position`: where training stands."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +16,40 @@ from dptrain.errors import Diverged
 from dptrain.privacy.sampling import physical
 
 
+@dataclass
+class Position:
+    """Where training stands: the counters at the start of the epoch in progress, and that epoch's steps already
+    taken (`totals`: train_one_epoch's running sums). At an epoch boundary `totals` is empty. A checkpoint saves
+    it (`state_dict`) and a resumed run continues from it (`from_state_dict`)."""
+
+    epoch: int = 0  # epochs completed
+    done: int = 0  # optimizer steps before the epoch in progress
+    seen: int = 0  # examples trained on before it
+    times: list = field(default_factory=list)  # seconds of each of those steps
+    totals: dict = field(default_factory=dict)  # the epoch in progress: {"loss", "examples", "step_times"}
+    rows: list = field(default_factory=list)  # metrics.jsonl's lines so far
+    train_s: float = 0.0  # seconds of training so far (summary's samples/s)
+    wall_s: float = 0.0  # seconds of the run so far (summary's wall_s)
+
+    @property
+    def steps(self) -> int:
+        return self.done + len(self.totals.get("step_times", ()))
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Position:
+        return cls(**state)
+
+
 def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, device, num_workers=0,
                     augment_gen=None, augmult=1, views=1, ema=None, scheduler=None, memory_format=None, on_step=None,
                     totals=None, metrics=None) -> dict:
     """One pass over `logical_batches` (index tensors): each is split into physical batches, each physical
     batch goes through forward + engine.backward, then engine.step() once (noise-only if empty).
-    augmult K: each example enters as K independently augmented rows, clipped as one example.
-    views K (= augmult): the dataset stores K fixed views of each example, (B, K, ...): its K rows, no augmentation.
-    ema: an AveragedModel updated after every optimizer step (post-processing of the private iterates);
-    scheduler: a learning-rate scheduler stepped after every optimizer step.
+    augmult, views, augment_gen, memory_format: how a physical batch becomes the model's input (`_inputs`).
+    ema: an AveragedModel, scheduler: an lr scheduler, each updated after every optimizer step.
     Divergence guard: a non-finite loss (any physical batch) or non-finite weights (after every step) raise
     Diverged with the steps spent so far; the step in progress counts, as its loss was seen and an engine may
     already have applied it (Opacus steps inside backward).
@@ -37,6 +64,8 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
     # CUDA: pinned host batches, so the non_blocking copies below overlap the host's next work
     stream = batches(train_set, [c for cs in chunks for c in cs], num_workers=num_workers,
                      pin_memory=device.type == "cuda")
+    prepare = partial(_inputs, device=device, views=views, augmult=augmult, augment_gen=augment_gen,
+                      memory_format=memory_format)
     totals = totals if totals is not None else {}
     loss_sum, seen = totals.setdefault("loss", 0.0), totals.setdefault("examples", 0)
     correct = totals.setdefault("correct", 0.0)  # with metrics: loss_sum and correct are the released sums
@@ -48,24 +77,11 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
     for cs in chunks:
         t0 = time.perf_counter()
         for j, _ in enumerate(cs):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if views > 1:
-                x = x.flatten(0, 1)  # (B, K, ...) → (B·K, ...): an example's views are consecutive
-            elif augmult > 1:
-                x = x.repeat_interleave(augmult, dim=0)  # (B·K, ...): an example's copies are consecutive
-            if augment_gen is not None:
-                x = augment(x, augment_gen)
-            if memory_format is not None and x.dim() == 4:
-                x = x.contiguous(memory_format=memory_format)
-            last = j == len(cs) - 1
-            # precision=bf16/fp16: the forward only; backward and noise stay float32. sync: DDP (nonprivate on N
-            # processes) all-reduces only in the logical batch's last backward
-            with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
-                out = model(x)
+            x, y = prepare(*next(stream))
+            out = _forward(engine, model, x, last=j == len(cs) - 1)
             if metrics is not None:
                 metrics.add(out, y)
-            running += engine.backward(out, y, last=last)  # a 0-dim tensor (or a float): no host sync here
+            running += engine.backward(out, y, last=j == len(cs) - 1)  # a 0-dim tensor (or a float): no host sync
             seen += len(y)
         total = running.item()  # a non-finite loss of any physical batch makes the sum non-finite
         if not math.isfinite(total):  # before the step: the step in progress counts, its update is not made
@@ -76,28 +92,57 @@ def train_one_epoch(engine, train_set, logical_batches, *, physical_batch_size, 
         if metrics is not None:  # the step's sums as released (noise added even to an empty batch's)
             step_loss, step_correct = metrics.step()
             loss_sum, correct = loss_sum + step_loss, correct + step_correct
-        if ema is not None:
-            ema.update_parameters(model)
-        if scheduler is not None:
-            scheduler.step()
-        finite = all_finite(params)  # reads a flag: waits for the step's kernels, so the time below is the step's
-        times.append(time.perf_counter() - t0)
-        if not finite:
-            raise Diverged("non-finite weights after the update", steps=len(times))
+        _after_step(model, params, ema, scheduler, times, t0)
         totals["loss"], totals["examples"], totals["correct"] = loss_sum, seen, correct
-        count = metrics.count(len(times), seen) if metrics is not None else max(seen, 1)
         if on_step is not None:
-            on_step(loss_sum / count, seen, sum(times))
+            on_step(loss_sum / (metrics.count(len(times), seen) if metrics is not None else max(seen, 1)), seen,
+                    sum(times))
     count = metrics.count(len(times), seen) if metrics is not None else max(seen, 1)
     return {"loss": loss_sum / count, "acc": correct / count if metrics is not None else None, "examples": seen,
             "step_times": times, "loss_sum": loss_sum, "correct": correct}
 
 
+def _inputs(x, y, *, device, views, augmult, augment_gen, memory_format):
+    """A physical batch as the model's input. views K: the dataset stores K fixed views of each example,
+    (B, K, ...): its K rows, no augmentation. augmult K: each example enters as K independently augmented rows
+    (clipped as one example). augment_gen: random crops and flips from that generator."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if views > 1:
+        x = x.flatten(0, 1)  # (B, K, ...) → (B·K, ...): an example's views are consecutive
+    elif augmult > 1:
+        x = x.repeat_interleave(augmult, dim=0)  # (B·K, ...): an example's copies are consecutive
+    if augment_gen is not None:
+        x = augment(x, augment_gen)
+    if memory_format is not None and x.dim() == 4:
+        x = x.contiguous(memory_format=memory_format)
+    return x, y
+
+
+def _forward(engine, model, x, *, last: bool):
+    # precision=bf16/fp16: the forward only; backward and noise stay float32. sync: DDP (nonprivate on N
+    # processes) all-reduces only in the logical batch's last backward
+    with engine.autocast(), (engine.sync(last) if hasattr(engine, "sync") else contextlib.nullcontext()):
+        return model(x)
+
+
+def _after_step(model, params, ema, scheduler, times: list, t0: float) -> None:
+    """The EMA and the lr schedule after an optimizer step; the step's seconds appended to `times`; Diverged if a
+    weight is not finite."""
+    if ema is not None:
+        ema.update_parameters(model)
+    if scheduler is not None:
+        scheduler.step()
+    finite = all_finite(params)  # reads a flag: waits for the step's kernels, so the time below is the step's
+    times.append(time.perf_counter() - t0)
+    if not finite:
+        raise Diverged("non-finite weights after the update", steps=len(times))
+
+
 @torch.no_grad()
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """No nan or inf anywhere. The fused 2-norms first (ResNet-18's 11M weights: 2 ms on one CPU thread, <1% of
-    a step); only if one is not finite — nan, inf, or a finite |w| > ~1e19 whose square overflows — the max |w|
-    (16× slower, cannot overflow) decides."""
+    """No nan or inf anywhere. The fused 2-norms first (a small fraction of a step); only if one is not finite —
+    nan, inf, or a finite |w| > ~1e19 whose square overflows — the max |w| (much slower, cannot overflow)
+    decides."""
     if not tensors:
         return True
     if torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
@@ -31,8 +33,6 @@ def git_state() -> dict:
     """summary.json's provenance: the HEAD commit, whether the tracked files (or untracked, not ignored files in
     the package and conf/) differ from it, and the sha256 of `git diff HEAD` (the same hash: the same edits).
     None each outside a git checkout."""
-    import hashlib
-
     commit, dirty, digest = git_commit(), None, None
     if commit is not None:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,17 +88,32 @@ def _clean(v):
     return v
 
 
-def write_json(path: str, obj: dict) -> None:
+def atomic_write(path: str, write) -> None:
+    """write(binary file) into path.tmp, flushed to disk, then renamed over `path`: a reader, or a run killed at
+    any instant, sees the old file or the new one, never a part."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2, default=str)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj: dict) -> None:
+    text = json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2, default=str)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def wandb_sync_hint(run_dir: str) -> str | None:
     """The command that uploads the run's offline wandb runs (one per part of a resumed run), or None if none."""
-    import glob
-
     runs = sorted(glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*")))
     return f"wandb: offline run; upload it with: wandb sync {' '.join(runs)}" if runs else None
 
@@ -114,7 +129,7 @@ class Tracker:
         self.wandb = None
         check_name("logger", logger, LOGGERS)
         if logger == "wandb":
-            import wandb
+            import wandb  # optional: only with logger=wandb
 
             os.environ.setdefault("WANDB_MODE", mode)
             os.environ.setdefault("WANDB_SILENT", "true")
