@@ -31,7 +31,7 @@ from dptrain.errors import UserError, check_name
 from dptrain.privacy.accounting import default_delta
 from dptrain.train.run import run
 
-# audit.json's keys (a published format, like schema.py's: add keys, never rename one)
+# audit.json's keys (a published format, like keys.py's: add keys, never rename one)
 EPS_LOWER_BOUND = "audit/eps_lower_bound"
 EPS = "audit/eps"  # the ε the run claims: privacy/eps_spent, or the target `eps` for engine=nonprivate
 EPS_CLAIMED_BY = "audit/eps_claimed_by"  # "eps_spent" | "target (engine=nonprivate spends no budget)"

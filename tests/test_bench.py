@@ -64,9 +64,8 @@ def test_max_batch_prints_each_probe(monkeypatch, capsys):
 
 
 def test_rows_are_written_as_they_finish_after_a_plan_and_with_an_estimate(tmp_path, monkeypatch, capsys):
-    """Issue #30: `dptrain-bench` ran over 10 minutes, wrote nothing and gave no estimate, and left an empty
-    outputs/bench/<date>/. Now: the plan first (with the max-batch search's bound), then each config's rows
-    written as they finish, with an estimate of the rest; a bench stopped before its first row leaves no folder."""
+    """The plan first (with the max-batch search's bound), then each config's rows written as they finish, with an
+    estimate of the rest; a bench stopped before its first row leaves no folder."""
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(bench, "time_engines", lambda m, s, b, engines, *a, **k: {e: 0.01 for e in engines})

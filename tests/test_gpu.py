@@ -1,4 +1,4 @@
-"""Issue #18 item 3: the engine on CUDA — exactness (float64 and float32), passes=2's replay of the device's random
+"""The engine on CUDA — exactness (float64 and float32), passes=2's replay of the device's random
 state with dropout, bf16 and fp16 steps, a short end-to-end run. Marked `gpu` (not in `make test`); skipped
 without CUDA:
 
@@ -125,7 +125,7 @@ def test_short_end_to_end_run_on_device(quick, engine, precision):
         assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
 
 
-# --- issue #34 ----------------------------------------------------------------------------------------------------
+# --- the check's rows and device placement -------------------------------------------------------------------------
 
 
 @pytest.fixture

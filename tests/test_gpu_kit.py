@@ -1,4 +1,4 @@
-"""Issue #18 item 4: the GPU kit's flow without a GPU — the wheel folder covers what a bare GPU machine lacks, its
+"""The GPU kit's flow without a GPU — the wheel folder covers what a bare GPU machine lacks, its
 install (pip --no-index --no-deps --target) and its absence, the max-batch search, the time budget."""
 
 import glob
@@ -98,7 +98,7 @@ def test_sections_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     assert (tmp_path / "gc.md").exists() and not (tmp_path / "bench-cpu.csv").exists()
 
 
-# --- issue #34: one row's failure is that row's result; the clock inside the long sections; CPU pinning ----------
+# --- one row's failure is that row's result; the clock inside the long sections; CPU pinning ----------
 
 ALLOC = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 
@@ -211,7 +211,7 @@ def test_the_check_imports_nothing_from_tests():
 
 
 def test_tests_run_on_the_cpu_unless_marked_gpu():
-    """#34: `device: auto` is cpu in a test not marked gpu, on a GPU machine too — here and in the subprocesses a
+    """`device: auto` is cpu in a test not marked gpu, on a GPU machine too — here and in the subprocesses a
     test starts (the CLI; torchrun, whose workers then pick gloo)."""
     import torch
     from conftest import _selects_gpu_tests

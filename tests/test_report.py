@@ -154,7 +154,7 @@ def test_plot_has_plain_eps_ticks_and_memory_from_zero(tmp_path, monkeypatch):
 
 
 def test_report_goes_beside_the_runs_unless_out_names_a_folder(tmp_path, monkeypatch):
-    """Issue #30: dptrain-report wrote into the repository's tracked results/ by default."""
+    """The report goes beside the runs; the tracked results/ only when --out names it."""
     from dptrain.cli.report import main
 
     for i in range(2):

@@ -23,7 +23,7 @@ from dptrain.bench.memory import max_batch, peak_memory
 from dptrain.bench.steps import build, one_step, time_engines
 from dptrain.train.outputs import git_commit, machine
 
-DEFAULT = [  # (model, input size, batch): the goals
+DEFAULT = [  # (model, input size, batch): the default table's rows
     ("cnn", 32, 64), ("resnet18", 32, 32), ("vit_tiny", 32, 32), ("vit_small", 32, 32), ("vgg11", 32, 16),
 ]
 ENGINES = ["nonprivate", "mixed_ghost", "ghost", "opacus", "opacus_ghost"]  # + per_sample, <mode>_2pass on request
