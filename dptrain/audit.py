@@ -1,62 +1,37 @@
-"""`dptrain-audit`: an empirical lower bound on ε from ONE real training run (Steinke, Nasr & Jagielski,
-"Privacy auditing with one (1) training run", NeurIPS 2023).
+"""An empirical lower bound on ε from ONE real training run (Steinke, Nasr & Jagielski, "Privacy auditing with one
+(1) training run", NeurIPS 2023): dptrain-audit's work (cli/audit.py).
 
-    dptrain-audit eps=3 audit.canaries=1000 audit.canary=dirac     # white-box: gradient-space canaries
-    dptrain-audit eps=3 audit.canary=noise                          # black-box: out-of-distribution canaries
-
-The story (audit()): M canaries, each included independently with probability 1/2 (the secret bits S) →
-one training run through the normal runner and engine (run.run with `hooks`, the only seam) → a score per
-canary → guesses "in" for the k+ highest scores and "out" for the k- lowest, abstaining on the rest → from the
-number of correct guesses v out of r = k+ + k-, the largest ε for which (ε, δ)-DP is rejected at confidence
-1 - β (the paper's analysis and reference code, `p_value_DP_audit` / `get_eps_audit`: here `p_value`,
-`eps_lower_bound`). (k+, k-) is picked after seeing the scores from a fixed grid, so β is split over the grid
-(Bonferroni) and the bound stays a bound.
-
-Every canary has a slot in the training set whether or not it is included: the sampling rate q = L/n, the steps
-and σ are fixed before S matters, and an excluded canary's slot is dropped from each Poisson batch (hooks.sampler)
-— exactly "absent", since Poisson sampling decides each example alone. So the run is the mechanism that the
-accountant's ε is about, applied to (real data ∪ included canaries).
-
-Canaries (CANARIES):
-- dirac (white-box): canary j is an example whose gradient is s·e_j (s = audit.scale · R > R) in a block of M
-  scalar parameters added to the model (DiracCanaries), which no real example touches. The engine clips it to
-  R·e_j, the optimizer adds the same N(0, σ²R²) noise to those coordinates as to every other, the Poisson
-  sampler picks it at rate q like any example. The auditor sees what DP-SGD releases and its ε is about — the
-  noisy averaged gradient of every step (audit.observe=steps, the default), read in the canary coordinates right
-  before each optimizer step — and scores canary j by the log-likelihood ratio of "included" over its T values
-  x_t (in units of R): Σ_t log(1 - q + q·exp((2 x_t - 1)/(2σ²))), the Neyman–Pearson test of a Poisson-sampled
-  unit shift in N(0, σ²) (σ = 0, a non-private run: Σ_t x_t). audit.observe=final sees the final weights only
-  (the model-only threat model: score -w_j, how far the coordinate moved). What is real:
-  sampling, clipping bound, noise, averaging, optimizer, accounting — the engine's own code paths. What is
-  constructed: the canary's gradient itself (a real example's gradient is never a Dirac direction), so this
-  audits the mechanism around the gradients, not how the engine computes real examples' per-example norms —
-  that is the black-box audit's job (and the exactness tests').
-- noise (black-box): canary j is an image of i.i.d. N(0, 1) pixels (the data are normalised, so this is out of
-  distribution) with a uniformly random label; the score is the trained model's log-probability of that label.
+M canaries, each included with probability 1/2 (the secret bits S) → one training run through the normal runner and
+engine (run.run with `hooks`, the only seam) → a score per canary → guesses "in" for the k+ highest scores and "out"
+for the k- lowest → from v correct of r = k+ + k- guesses, the largest ε for which (ε, δ)-DP is rejected at
+confidence 1 - β (the paper's `p_value_DP_audit` / `get_eps_audit`: `p_value`, `eps_lower_bound`). (k+, k-) is
+picked after seeing the scores from a fixed grid, so β is split over the grid (Bonferroni) and the bound stays a
+bound. Canaries: dirac (white-box, gradient space: DiracCanaries) and noise (black-box images): CANARY_KINDS.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
 from scipy import special, stats
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from dptrain import keys as key
 from dptrain.config import TrainConfig
+from dptrain.config import register as register_train
 from dptrain.errors import UserError, check_name
+from dptrain.privacy.accounting import default_delta
+from dptrain.train.run import run
 
-log = logging.getLogger("dptrain")
-
-# audit.json's keys (a published format, like schema.py's: add keys, never rename one)
+# audit.json's keys (a published format, like keys.py's: add keys, never rename one)
 EPS_LOWER_BOUND = "audit/eps_lower_bound"
 EPS = "audit/eps"  # the ε the run claims: privacy/eps_spent, or the target `eps` for engine=nonprivate
 EPS_CLAIMED_BY = "audit/eps_claimed_by"  # "eps_spent" | "target (engine=nonprivate spends no budget)"
@@ -177,7 +152,12 @@ class DiracCanaries(nn.Module):
     o_j = w_j and d = s·(e_1 - e_0): their value is 0 (uniform softmax, so the loss never saturates) and the
     cross-entropy's gradient for label 0 is dL/dw_j = d·(softmax - e_0) = s at every step. The engine sees an
     ordinary Linear layer whose per-example gradient for canary j is s·e_j. Real rows are masked out of the
-    canary block in the same way (their gradient there is exactly 0)."""
+    canary block in the same way (their gradient there is exactly 0).
+
+    Real: sampling, clipping bound, noise, averaging, optimizer, accounting — the engine's own code paths.
+    Constructed: the canary's gradient (no real example's is a Dirac direction), so this audits the mechanism
+    around the gradients, not the engine's per-example norms of real examples: the black-box audit's job (and the
+    exactness tests')."""
 
     def __init__(self, model: nn.Module, m: int, *, scale: float, num_classes: int):
         super().__init__()
@@ -219,7 +199,12 @@ class _Without:
 
 class Canaries:
     """The run's hooks (run.run(..., hooks=)): M canary slots appended to the training set, the model wrapped
-    (dirac), excluded slots dropped from every batch; then `scores()` of the trained model."""
+    (dirac), excluded slots dropped from every batch; then `scores()` of the trained model.
+
+    Every canary has a slot whether or not it is included: q = L/n, the steps and σ are fixed before S matters, and
+    an excluded canary's slot is dropped from each Poisson batch (`sampler`) — exactly "absent", since Poisson
+    sampling decides each example alone. So the run is the mechanism the accountant's ε is about, applied to (real
+    data ∪ included canaries)."""
 
     def __init__(self, kind: str, m: int, *, seed: int, scale: float, max_grad_norm: float, observe: str = "final"):
         check_name("audit.canary", kind, CANARY_KINDS)
@@ -282,8 +267,6 @@ class Canaries:
                 g = w.grad
                 self.steps.append(torch.zeros(self.m) if g is None else g[0].detach().float().cpu().clone())
 
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         return register_optimizer_step_pre_hook(keep)
 
     @torch.no_grad()
@@ -328,6 +311,7 @@ def _dirac(c: Canaries, data):
 
 
 def _noise(c: Canaries, data):
+    """Images of i.i.d. N(0, 1) pixels (out of distribution: the data are normalised), uniformly random labels."""
     x = torch.from_numpy(c.rng.standard_normal((c.m, *data.train[0][0].shape), dtype=np.float32))
     return x, torch.from_numpy(c.rng.integers(data.num_classes, size=c.m)).long()
 
@@ -353,19 +337,13 @@ class AuditRunConfig(TrainConfig):
 
 
 def register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from dptrain.config import register as register_train
-
+    """The training schema and the audit's (`audit_schema`, conf/audit.yaml's base) in Hydra's ConfigStore."""
     register_train()
     ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)
 
 
 def audit(cfg, run_dir: str) -> dict:
     """One training run with canaries (run.run) → scores → the bound → audit.json in run_dir."""
-    from dptrain.privacy.accounting import default_delta
-    from dptrain.train.run import run
-
     a = cfg.audit
     if not 0 < a.confidence < 1:
         raise UserError(f"audit.confidence must be in (0, 1), got {a.confidence}")
@@ -407,43 +385,3 @@ def format_line(r: dict) -> str:
             f"eps lower bound "
             f"{r[EPS_LOWER_BOUND]:.3f} {verdict} eps {eps} (delta {r[DELTA]:.3g}); {r[CORRECT]}/{r[GUESSES]} guesses "
             f"correct (top {r[K_PLUS]} in, bottom {r[K_MINUS]} out)")
-
-
-def _main():
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from dptrain.cli import terminal
-    from dptrain.cli.train import CONF_DIR
-    from dptrain.config import check_paths, validate
-
-    register()
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")
-    def main(cfg) -> float:
-        from dptrain.privacy import CoverageError
-
-        try:
-            result = audit(cfg, HydraConfig.get().runtime.output_dir)
-        except (UserError, CoverageError) as e:
-            terminal.log_to_files(log, str(e))
-            terminal.fail("dptrain-audit", str(e))
-        print(format_line(result))
-        if not result[PASSED]:
-            sys.exit(1)  # the audit failed: the run leaks more than it claims
-        return result[EPS_LOWER_BOUND]
-
-    def precheck(cfg):
-        validate(terminal.without_hydra(cfg))
-        check_paths(cfg)
-
-    claim = terminal.start("dptrain-audit", CONF_DIR, "audit", precheck)
-    terminal.run(main, claim)
-
-
-def main() -> None:
-    _main()
-
-
-if __name__ == "__main__":
-    main()

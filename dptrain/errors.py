@@ -13,6 +13,11 @@ class UserError(Exception):
     pass
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters ("" for an empty message)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 class Diverged(UserError):
     """Training produced a non-finite loss or non-finite weights (loop.py's guard); `steps`: the optimizer steps
     that count as spent. run.py marks the run failed (failed.json, with the ε of those steps) and stops."""

@@ -1,10 +1,5 @@
-"""dptrain-report: run directories → <table>.csv (tidy), .md (pivot; mean ± std where a cell has several seeds),
-.png, beside the runs (in the folder that holds them all) unless --out names a folder (results/: the committed
-tables, only when asked).
-
-    dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep → that folder/acc_vs_eps.*
-    dptrain-report outputs/a outputs/b --table mine              # some runs → outputs/mine.*
-    dptrain-report multirun/acc_vs_eps/<date> --out results      # the committed results/acc_vs_eps.*
+"""Run directories → a table (.csv tidy, .md pivot with mean ± std over seeds, .png): dptrain-report's work
+(cli/report.py).
 
 Every directory below the given paths that holds a summary.json is a finished run; one that holds a
 failed.json (a run stopped by the divergence guard) is listed as failed, with the ε it spent; one whose
@@ -15,14 +10,15 @@ these is listed as failed or unfinished. None of them is fatal.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+
+import pandas as pd
 
 from dptrain import keys as key
 from dptrain.errors import UserError
 from dptrain.keys import COLUMNS
+from dptrain.sweep.search import TUNING_FILE
 
 
 def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -62,8 +58,6 @@ def _tuning(root: str, d: str, s: dict) -> dict:
     """How a run was chosen: the selected run of a private search (its tuning.json's eps_incl_tuning), a private run
     of a plain `-m` sweep (a multirun.yaml above it, no tuning.json: "tuning cost not accounted" — choosing among
     its runs is a release their ε does not cover), or a single run."""
-    from dptrain.sweep.search import TUNING_FILE
-
     here, stop = os.path.abspath(d), os.path.dirname(os.path.abspath(root))
     while here not in (stop, os.path.dirname(here)):  # the directories above the run, up to root's parent
         here = os.path.dirname(here)
@@ -103,8 +97,6 @@ def _unfinished(d: str) -> str:
 
 
 def pivot_md(df, value="test_acc") -> str:
-    import pandas as pd
-
     g = df.groupby(["model", "engine", "eps"], dropna=False)[value]
     cell = g.mean().map(lambda m: f"{m:.4f}").astype(str)
     std, n = g.std(), g.count()
@@ -115,7 +107,7 @@ def pivot_md(df, value="test_acc") -> str:
 
 
 def plot_runs(df, path: str) -> None:
-    import matplotlib
+    import matplotlib  # optional: plotting only, and its import is slow
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,35 +148,6 @@ def _title(df) -> str:
             f"{len(df)} run(s)")
 
 
-def plot_bench(df, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = df.assign(config=df.model + " " + df["size"].astype(str) + "px b" + df.batch.astype(str))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4))
-    for ax, col, label in ((axes[0], "time_vs_nonprivate", "step time / non-private"),
-                           (axes[1], "peak_vs_nonprivate", "peak memory / non-private"),
-                           (axes[2], "extra_vs_nonprivate", "extra memory / non-private")):
-        if col not in df:
-            continue
-        piv = df.pivot_table(index="config", columns="engine", values=col)
-        if piv.empty:
-            continue
-        # time ratios span 1-100x: log; memory ratios sit near 1, where a log axis from 0.98 made 1.7% look like a
-        # full-height difference: linear from 0
-        piv.plot.bar(ax=ax, logy=col.startswith("time"), rot=20)
-        if not col.startswith("time"):
-            ax.set_ylim(bottom=0)
-        ax.axhline(1.0, color="k", lw=0.5)
-        ax.set(ylabel=label, xlabel="")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def beside(paths: list[str]) -> str:
     """The folder that holds all `paths` (a sweep's own folder for one sweep): where a report goes by default."""
     common = os.path.commonpath([os.path.abspath(p) for p in paths])
@@ -192,8 +155,6 @@ def beside(paths: list[str]) -> str:
 
 
 def report(paths: list[str], *, table: str | None = None, out: str | None = None) -> dict:
-    import pandas as pd
-
     rows, failed = collect(paths)
     if not rows:
         raise UserError(f"no summary.json under {', '.join(paths)}"
@@ -244,30 +205,3 @@ def _labels(df) -> str:
 def lines(df) -> list[str]:
     """What dptrain-report prints about the ε of the runs, beside the files (the md's notes)."""
     return [line for line in _labels(df).split("\n\n") if line]
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="+", help="run or sweep directories")
-    ap.add_argument("--table", help="output name (default: the runs' `name`)")
-    ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
-    return ap
-
-
-def main(argv=None) -> None:
-    from dptrain.cli.terminal import fail
-
-    args = parser().parse_args(argv)
-    try:
-        r = report(args.paths, table=args.table, out=args.out)
-    except UserError as e:  # one line, exit 2, as dptrain's
-        fail("dptrain-report", str(e))
-    print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
-    for note in r["notes"]:
-        print(f"  {note}")
-    for f in r["failed"]:
-        print(f"  failed/unfinished: {f}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+sys.path.insert(0, os.path.dirname(__file__))  # the tests import each other (test_engine, conftest, dist_workers)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference import check, max_rel_err, reference_grads  # noqa: E402
 from test_engine import LAYERS, MODELS, MODES, Embed, Reuse, WithCustom, batches, seq_model  # noqa: E402
+
+from dptrain.testing import check, max_rel_err, reference_grads  # noqa: E402
 
 
 def cases():

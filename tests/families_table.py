@@ -11,11 +11,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference import check  # noqa: E402
 from test_engine import MODES, batches  # noqa: E402
 
 from dptrain.models.factory import create_model  # noqa: E402
 from dptrain.privacy import CoverageError  # noqa: E402
+from dptrain.testing import check  # noqa: E402
 
 V = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)  # a vision transformer's tiny size
 FAMILIES = {  # family: (timm name, kwargs, input size) — every model through create_model (BatchNorm → GroupNorm)

@@ -243,7 +243,7 @@ def test_engine_without_clipping_fails_white_box(compose_audit, tmp_path, monkey
 
 def test_cli_prints_one_line_and_exits_1_when_the_audit_fails(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, "-m", "dptrain.audit", *FAST, "engine=nonprivate", "eps=1"],
+    out = subprocess.run([sys.executable, "-m", "dptrain.cli.audit", *FAST, "engine=nonprivate", "eps=1"],
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 1, out.stderr
     line = [x for x in out.stdout.splitlines() if x.startswith("audit (")]

@@ -4,12 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
+from dptrain.bench import memory, steps
 from dptrain.bench import speed as bench
+from dptrain.cli.bench import main
 
 
 def test_time_engines_and_tables(tmp_path):
     engines = ["nonprivate", "mixed_ghost", "mixed_ghost_2pass"]
-    times = bench.time_engines("cnn", 8, 4, engines, torch.device("cpu"), steps=2, warmup=1)
+    times = steps.time_engines("cnn", 8, 4, engines, torch.device("cpu"), steps=2, warmup=1)
     assert set(times) == set(engines) and all(t > 0 for t in times.values())
     rows = [{"model": "cnn", "size": 8, "batch": 4, "engine": e, "step_ms": 1000 * times[e], "peak_mem_mb": None,
              "extra_mem_mb": None, "max_batch": None} for e in engines]
@@ -25,7 +27,7 @@ def test_time_engines_and_tables(tmp_path):
 
 
 def test_peak_memory_in_a_fresh_process():
-    mem = bench.peak_memory("cnn", 8, 4, "mixed_ghost_2pass", "cpu", steps=1)
+    mem = memory.peak_memory("cnn", 8, 4, "mixed_ghost_2pass", "cpu", steps=1)
     assert mem is not None and mem["peak_mb"] > mem["extra_mb"] >= 0
 
 
@@ -37,11 +39,11 @@ def test_without_out_the_committed_results_are_left_alone(tmp_path, monkeypatch)
     (tmp_path / "results" / "bench-cpu.csv").write_text("committed\n")
     argv = ["--models", "cnn", "--sizes", "8", "--batches", "2", "--engines", "nonprivate", "--steps", "1",
             "--no-memory", "--device", "cpu"]
-    bench.main(argv)
+    main(argv)
     assert (tmp_path / "results" / "bench-cpu.csv").read_text() == "committed\n"
     written = list((tmp_path / "outputs" / "bench").glob("*/bench-cpu.csv"))
     assert len(written) == 1 and list(pd.read_csv(written[0]).engine) == ["nonprivate"]
-    bench.main([*argv, "--out", "results"])  # a folder, as dptrain-report's --out
+    main([*argv, "--out", "results"])  # a folder, as dptrain-report's --out
     assert list(pd.read_csv(tmp_path / "results" / "bench-cpu.csv").engine) == ["nonprivate"]
 
 
@@ -53,8 +55,8 @@ def test_max_batch_prints_each_probe(monkeypatch, capsys):
         probes.append(batch)
         return {"peak_mb": 10.0 * batch, "extra_mb": 0.0}
 
-    monkeypatch.setattr(bench, "peak_memory", fake_peak)
-    assert bench.max_batch("cnn", 8, "mixed_ghost", "cpu", 1000) == 100
+    monkeypatch.setattr(memory, "peak_memory", fake_peak)
+    assert memory.max_batch("cnn", 8, "mixed_ghost", "cpu", 1000) == 100
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == len(probes) <= 11  # bounded: 1..MAX_BATCH_LIMIT (1024) in <= log2(1025) probes
     assert lines[0] == "   max batch mixed_ghost: probe 1 of <= 11, batch 512: peak 5120 MB, over 1000 MB (0 s)"
@@ -62,16 +64,15 @@ def test_max_batch_prints_each_probe(monkeypatch, capsys):
 
 
 def test_rows_are_written_as_they_finish_after_a_plan_and_with_an_estimate(tmp_path, monkeypatch, capsys):
-    """Issue #30: `dptrain-bench` ran over 10 minutes, wrote nothing and gave no estimate, and left an empty
-    outputs/bench/<date>/. Now: the plan first (with the max-batch search's bound), then each config's rows
-    written as they finish, with an estimate of the rest; a bench stopped before its first row leaves no folder."""
+    """The plan first (with the max-batch search's bound), then each config's rows written as they finish, with an
+    estimate of the rest; a bench stopped before its first row leaves no folder."""
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(bench, "time_engines", lambda m, s, b, engines, *a, **k: {e: 0.01 for e in engines})
     monkeypatch.setattr(bench, "max_batch", lambda *a, hi, **k: hi // 2)
     real_write = bench.write
     monkeypatch.setattr(bench, "write", lambda rows, out, **k: (calls.append(len(rows)), real_write(rows, out, **k)))
-    bench.main(["--models", "cnn", "vgg11", "--engines", "nonprivate", "mixed_ghost", "--no-memory",
+    main(["--models", "cnn", "vgg11", "--engines", "nonprivate", "mixed_ghost", "--no-memory",
                 "--memory-budget", "100", "--max-batch-limit", "64", "--device", "cpu", "--out", "here"])
     err = capsys.readouterr().err.splitlines()
     assert err[0] == ("dptrain-bench: 2 model config(s) x 2 engine(s): 10 interleaved steps each, then the max batch "
@@ -87,5 +88,5 @@ def test_rows_are_written_as_they_finish_after_a_plan_and_with_an_estimate(tmp_p
 
     monkeypatch.setattr(bench, "time_engines", stop)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--models", "cnn", "--device", "cpu"])
+        main(["--models", "cnn", "--device", "cpu"])
     assert not (tmp_path / "outputs").exists()

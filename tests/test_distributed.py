@@ -330,7 +330,7 @@ def test_torchrun_digits_default_matches_one_process(tmp_path, compose):
 
 
 def _sweep(tmp_path, launcher, *extra):
-    from dptrain.report import main as report
+    from dptrain.cli.report import main as report
 
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "dptrain", "-m", f"hydra/launcher={launcher}", "seed=0,1", *TINY,
@@ -368,7 +368,7 @@ def test_bench_processes(tmp_path):
     """`dptrain-bench --processes 1 2`: one row per process count, samples/s and the speed-up over 1 process."""
     import pandas as pd
 
-    from dptrain.bench.speed import main
+    from dptrain.cli.bench import main
 
     main(["--processes", "1", "2", "--models", "cnn", "--engines", "mixed_ghost", "--batches", "8", "--steps", "2",
           "--out", str(tmp_path / "b")])

@@ -7,9 +7,9 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import check
 
 from dptrain.privacy import CoverageError, PrivacyEngine
+from dptrain.testing import check, tiny_beit, tiny_convnext, tiny_resnet, tiny_swin, tiny_vgg, tiny_vit
 
 MODES = ["mixed_ghost", "ghost", "per_sample"]
 
@@ -203,37 +203,6 @@ def test_the_engine_labels_its_phases_for_the_profiler():
     engine.detach()
 
 
-def tiny_resnet():
-    from dptrain.models.factory import fix_batchnorm
-
-    return fix_batchnorm(timm.create_model("resnet18", num_classes=3, pretrained=False))[0]
-
-
-def tiny_vit():
-    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
-                             num_classes=3, init_values=0.1, reg_tokens=1)
-
-
-def tiny_beit():
-    return timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
-                             num_classes=3, init_values=0.1, drop_path_rate=0.0)
-
-
-def tiny_vgg():
-    """VGG-style: 3×3 conv + norm + ReLU(inplace) + max-pool stages, then an MLP classifier."""
-    from dptrain.models.factory import fix_batchnorm
-
-    layers, c = [], 3
-    for out in (4, "M", 8, "M", 8):
-        if out == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            c = out
-    layers += [nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)]
-    return fix_batchnorm(nn.Sequential(*layers))[0]
-
-
 MODELS = {
     "resnet18_gn": (tiny_resnet, (3, 16, 16)),
     "vit_tiny": (tiny_vit, (3, 8, 8)),
@@ -292,16 +261,6 @@ def test_beit_variants_match_reference_without_fallback(variant, mode, passes):
 def tiny_cait():
     return timm.create_model("cait_xxs24_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                              num_classes=3, depth_token_only=1, init_values=0.1)
-
-
-def tiny_convnext():
-    return timm.create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), ls_init_value=0.1)
-
-
-def tiny_swin():
-    """Two blocks per stage: the second runs on shifted windows with timm's attention mask."""
-    return timm.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, window_size=4, embed_dim=8,
-                             depths=(2, 2), num_heads=(2, 2), num_classes=3, drop_path_rate=0.0)
 
 
 @pytest.mark.parametrize(("mode", "passes"), [*((m, 1) for m in MODES), ("mixed_ghost", 2)])

@@ -4,11 +4,11 @@ path forced (tiny Gram and per-example budgets) against the float64 reference.""
 
 import pytest
 import torch
-from reference import check, reference_grads
 from test_engine import LAYERS, MODELS, MODES, Mean1, batches, seq_model
 from torch import nn
 
 from dptrain.privacy.rules import base, conv
+from dptrain.testing import check, reference_grads
 
 
 def median_R(model, data):

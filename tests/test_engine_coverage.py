@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opacus.layers import DPGRU, DPLSTM, DPRNN
-from reference import check
 from torch import nn
 
 from dptrain.privacy import CoverageError, PrivacyEngine
+from dptrain.testing import check
 
 MODES = ["mixed_ghost", "ghost", "per_sample"]
 

@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import check, engine_grads, max_rel_err, reference_grads
 from torch.utils.checkpoint import checkpoint
 
 from dptrain.privacy import CoverageError, DPOptimizer, PrivacyEngine
+from dptrain.testing import check, engine_grads, max_rel_err, reference_grads, tiny_beit, tiny_convnext, tiny_resnet
 
 MODES = ["mixed_ghost", "ghost", "per_sample"]
 MODES_PASSES = [*((m, 1) for m in MODES), ("mixed_ghost", 2)]
@@ -226,19 +226,14 @@ def test_checkpointed_segments_are_exact_and_clipped_once(reentrant, mode, passe
 
 
 def tiny(name):
-    kw = dict(num_classes=3)
-    if name == "vit":
+    if name == "vit":  # no register token, unlike dptrain.testing.tiny_vit
         return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2,
-                                 num_heads=2, init_values=0.1, **kw), (3, 8, 8)
+                                 num_heads=2, init_values=0.1, num_classes=3), (3, 8, 8)
     if name == "beit":
-        return timm.create_model("beit_base_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2,
-                                 num_heads=2, init_values=0.1, drop_path_rate=0.0, **kw), (3, 8, 8)
+        return tiny_beit(), (3, 8, 8)
     if name == "convnext":
-        return timm.create_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), ls_init_value=0.1,
-                                 **kw), (3, 32, 32)
-    from dptrain.models.factory import fix_batchnorm
-
-    return fix_batchnorm(timm.create_model("resnet18", **kw))[0], (3, 16, 16)
+        return tiny_convnext(), (3, 32, 32)
+    return tiny_resnet(), (3, 16, 16)
 
 
 @pytest.fixture(params=[False, True], ids=["non_reentrant", "reentrant"])

@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_engine import tiny_beit, tiny_vgg, tiny_vit
 
 from dptrain.privacy import PrivacyEngine
+from dptrain.testing import tiny_beit, tiny_vgg, tiny_vit
 
 MODES = ["mixed_ghost", "ghost", "per_sample"]
 

@@ -5,10 +5,10 @@ module's attribute and the probe do not both confirm stays refused."""
 
 import pytest
 import torch
-from reference import check, reference_grads, step
 from torch import nn
 
 from dptrain.privacy import CoverageError
+from dptrain.testing import check, reference_grads, step
 
 MODES = ["ghost", "per_sample", "mixed_ghost"]
 PASSES = [1, 2]

@@ -3,12 +3,12 @@ one-example-at-a-time reference; a dptrain model.pt fine-tunes with a new head; 
 
 import pytest
 import torch
-from reference import check
-from test_engine import batches, tiny_beit, tiny_resnet, tiny_vit
+from test_engine import batches
 
 from dptrain.config import LoraConfig
 from dptrain.errors import UserError
 from dptrain.models.finetune import TRAINABLE, check_adapters_run, classifier, merge_lora, set_trainable, zero_head
+from dptrain.testing import check, tiny_beit, tiny_resnet, tiny_vit
 
 MODELS = {  # name → (make, input shape, LoRA targets)
     "vit_tiny": (tiny_vit, (3, 8, 8), ["attn.proj", "mlp.fc1", "mlp.fc2"]),

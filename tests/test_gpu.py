@@ -1,4 +1,4 @@
-"""Issue #18 item 3: the engine on CUDA — exactness (float64 and float32), passes=2's replay of the device's random
+"""The engine on CUDA — exactness (float64 and float32), passes=2's replay of the device's random
 state with dropout, bf16 and fp16 steps, a short end-to-end run. Marked `gpu` (not in `make test`); skipped
 without CUDA:
 
@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import check, engine_grads, max_rel_err, reference_grads
-from test_engine import MODELS, MODES, Noisy, batches, tiny_vit
+from test_engine import MODELS, MODES, Noisy, batches
 
 from dptrain import keys as key
 from dptrain.privacy import PrivacyEngine
+from dptrain.testing import check, engine_grads, max_rel_err, reference_grads, tiny_vit
 
 DEVICE = torch.device(os.environ.get("DPTRAIN_TEST_DEVICE", "cuda"))
 pytestmark = [pytest.mark.gpu,
@@ -125,7 +125,7 @@ def test_short_end_to_end_run_on_device(quick, engine, precision):
         assert s[key.EPS_SPENT] == pytest.approx(s[key.EPS], abs=0.01)
 
 
-# --- issue #34 ----------------------------------------------------------------------------------------------------
+# --- the check's rows and device placement -------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -187,24 +187,23 @@ def test_ddp_path_on_the_device(tmp_path):
 def test_gpu_check_rows_on_the_device(monkeypatch):
     """gpu_check on the device: every engine keeps its bench row (its memory measured, or its error), and a cuBLAS
     allocation error in a step is that probe's "does not fit", not the section's end."""
-    import dptrain.bench.speed
-    from dptrain.bench import gpu_check
+    from dptrain.bench import gpu_memory, steps
 
     engines = ["nonprivate", "no_such_engine", "mixed_ghost"]
-    rows = gpu_check.bench_model("cnn", 16, 4, 1, DEVICE, gpu_check.Clock(None), engines)
+    rows = gpu_memory.bench_model("cnn", 16, 4, 1, DEVICE, gpu_memory.Clock(None), engines)
     by = {r["engine"]: r for r in rows}
     assert [r["engine"] for r in rows] == engines and by["no_such_engine"]["note"].startswith("cannot build")
     assert by["mixed_ghost"]["step_ms"] > 0
     if DEVICE.type == "cuda":
         assert by["nonprivate"]["peak_mem_mb"] > 0 and by["mixed_ghost"]["peak_mem_mb"] > 0
-        eng, _, _ = dptrain.bench.speed.build("cnn", 16, "mixed_ghost", 4, DEVICE)
+        eng, _, _ = steps.build("cnn", 16, "mixed_ghost", 4, DEVICE)
 
         def one_step(*_):
             raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-        monkeypatch.setattr(dptrain.bench.speed, "one_step", one_step)
+        monkeypatch.setattr(steps, "one_step", one_step)
         notes = {}
-        assert gpu_check._cuda_peak(eng, 8, 16, DEVICE, notes) == float("inf") and "ALLOC_FAILED" in notes[8]
+        assert gpu_memory._cuda_peak(eng, 8, 16, DEVICE, notes) == float("inf") and "ALLOC_FAILED" in notes[8]
 
 
 def test_a_cpu_checkpoint_is_not_resumed_on_the_device(monkeypatch, tmp_path):

@@ -4,11 +4,11 @@ intact (per-example gradients cast to float32 and unscaled before Opacus clips t
 import pytest
 import torch
 from conftest import assert_eps_spent
-from test_engine import tiny_vgg
 
 from dptrain import keys as key
 from dptrain.engines import FP16_LOSS_SCALE, create_engine
 from dptrain.errors import UserError
+from dptrain.testing import tiny_vgg
 
 
 def _opacus(model, R, precision, L=1):

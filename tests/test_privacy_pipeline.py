@@ -9,7 +9,7 @@ Two seams, neither of them a dptrain counter:
 
 With optimizer.lr=0 the weights never move, so model.pt is θ₀ and each step's noise is observable exactly:
 
-    N_t = L · g_t − Σ_{i ∈ B_t} min(1, R/‖∇ℓ_i(θ₀)‖) · ∇ℓ_i(θ₀)        (tests/reference.py, float64)
+    N_t = L · g_t − Σ_{i ∈ B_t} min(1, R/‖∇ℓ_i(θ₀)‖) · ∇ℓ_i(θ₀)        (dptrain/testing.py, float64)
 
 where B_t is the set of examples fed since the previous update. Then, per engine:
   * steps    — optimizer updates = round(epochs·n/L) = the steps summary.json reports, empty batches included
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import CONF
-from reference import reference_grads
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from dptrain.testing import reference_grads
 
 N, L, EPOCHS, R, SIGMA = 100, 2, 2, 1.0, 1.0  # q = 0.02, T = 100 steps, P(empty logical batch) = 0.98**100 ≈ 0.13
 # (σ given rather than calibrated from ε: the calibration's bisection took 6 s of each 2-core run)

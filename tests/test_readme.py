@@ -122,19 +122,19 @@ def test_readme_training_command_composes_validates_and_runs(make, tmp_path, too
 @pytest.mark.parametrize("tool,args", [c[:2] for c in COMMANDS if c[0] in ("dptrain-bench", "dptrain-report")],
                          ids=[" ".join([t, *a]) for t, a, _ in COMMANDS if t in ("dptrain-bench", "dptrain-report")])
 def test_readme_bench_and_report_commands_parse(tool, args):
-    from dptrain import report
-    from dptrain.bench import speed as bench
+    from dptrain.bench.steps import parse_engine
+    from dptrain.cli import bench, report
     from dptrain.engines import ENGINES
 
     parsed = (bench if tool == "dptrain-bench" else report).parser().parse_args(args)  # SystemExit(2) if not
     for label in getattr(parsed, "engines", None) or []:
-        assert bench.parse_engine(label)[0] in ENGINES, label
+        assert parse_engine(label)[0] in ENGINES, label
 
 
 def shrunk_bench(args: list[str], out: str) -> list[str]:
     """A README `dptrain-bench` line cut to seconds: 8×8 inputs, batch 2, one step, no memory processes (their
     subprocess path is test_bench.py's), the max-batch search over 1..4 — every flag it names kept."""
-    from dptrain.bench import speed as bench
+    from dptrain.cli import bench
 
     given = bench.parser().parse_args(args)
     cut = ["--sizes", "8", "--batches", "2", "--steps", "1", "--no-memory", "--max-batch-limit", "4", "--out", out]
@@ -146,11 +146,12 @@ def shrunk_bench(args: list[str], out: str) -> list[str]:
 def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
     """Each README `dptrain-bench` line runs (issue #30: two of them ran over 10 minutes and wrote nothing);
     `--processes` spawns gloo processes: test_bench.py / test_distributed.py run that path."""
-    from dptrain.bench import speed as bench
+    from dptrain.bench import memory
+    from dptrain.cli.bench import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench, "peak_memory", lambda *a, **k: {"peak_mb": 10.0 * a[2], "extra_mb": 1.0})
-    bench.main(shrunk_bench(args, str(tmp_path / "out")))
+    monkeypatch.setattr(memory, "peak_memory", lambda *a, **k: {"peak_mb": 10.0 * a[2], "extra_mb": 1.0})
+    main(shrunk_bench(args, str(tmp_path / "out")))
     err = capsys.readouterr().err
     if "--profile" in args:
         return
@@ -166,8 +167,9 @@ def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
 
     from conftest import TINY
 
-    from dptrain import report
+    from dptrain.cli import report
     from dptrain.cli.train import main
+    from dptrain.report import beside
 
     monkeypatch.chdir(tmp_path)
     paths = [a for a in report.parser().parse_args(args).paths]
@@ -177,5 +179,5 @@ def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
         shutil.copytree(tmp_path / "one", tmp_path / p / "0")
     report.main(args)
     out = capsys.readouterr().out.strip().splitlines()[-1]
-    where = report.parser().parse_args(args).out or report.beside(paths)
+    where = report.parser().parse_args(args).out or beside(paths)
     assert out.startswith("1 runs → ") and f"{where}/" in out

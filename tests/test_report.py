@@ -154,8 +154,8 @@ def test_plot_has_plain_eps_ticks_and_memory_from_zero(tmp_path, monkeypatch):
 
 
 def test_report_goes_beside_the_runs_unless_out_names_a_folder(tmp_path, monkeypatch):
-    """Issue #30: dptrain-report wrote into the repository's tracked results/ by default."""
-    from dptrain.report import main
+    """The report goes beside the runs; the tracked results/ only when --out names it."""
+    from dptrain.cli.report import main
 
     for i in range(2):
         write_run(tmp_path / "sweep" / str(i), **{key.MODEL: "cnn", key.ENGINE: "ghost", key.EPS: 1.0 + i,
@@ -175,7 +175,8 @@ def test_plot_axes_are_honest_and_titled(tmp_path, monkeypatch):
     points without a joining line, and the bench's memory ratios on a linear axis from 0."""
     from matplotlib.figure import Figure
 
-    from dptrain.report import plot_bench, plot_runs
+    from dptrain.bench.speed import plot_bench
+    from dptrain.report import plot_runs
 
     figs = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self))
@@ -197,7 +198,7 @@ def test_plot_axes_are_honest_and_titled(tmp_path, monkeypatch):
 
 
 def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
-    from dptrain.report import main
+    from dptrain.cli.report import main
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:

@@ -1,4 +1,4 @@
-"""dptrain-bench --processes 1 2 …: samples/s of one data-parallel DP step on 1 vs N processes.
+"""`dptrain-bench --processes 1 2 …`: samples/s of one data-parallel DP step on 1 vs N processes.
 
 A fixed GLOBAL batch B is split over N processes (B/N each, the way torchrun -m dptrain splits a logical
 batch); each process runs forward + engine.backward + engine.step() — the one all-reduce of the clipped sums,
@@ -15,11 +15,18 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 
+import pandas as pd
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 
+from dptrain.bench.speed import out_prefix
+from dptrain.bench.steps import build, one_step
 from dptrain.train.distributed import Dist
+from dptrain.train.outputs import git_commit, machine
 
 
 def _port() -> int:
@@ -30,10 +37,6 @@ def _port() -> int:
 
 def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
     model_name, size, batch, engine, device_name, steps, threads = args
-    import torch.distributed as tdist
-
-    from dptrain.bench.speed import build, one_step
-
     torch.set_num_threads(threads)
     dist, device = Dist(), torch.device(device_name)
     if world > 1:
@@ -77,10 +80,6 @@ def measure(model_name: str, size: int, batch: int, engine: str, device: str, pr
             threads: int | None = None) -> dict:
     """One configuration on `processes` processes (spawned: a fresh interpreter each), `threads` each (default:
     the cores split between them)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
     if device.startswith("cuda") and processes > torch.cuda.device_count():
         raise SystemExit(f"--processes {processes} on CUDA needs {processes} GPUs (one per process); "
@@ -95,12 +94,9 @@ def measure(model_name: str, size: int, batch: int, engine: str, device: str, pr
             "comm_ms": 1000 * r["comm_s"]}
 
 
-def main(args) -> None:
-    """`dptrain-bench --processes 1 2 [--models …] [--engines …] [--batches …]` → <out>.csv, .md."""
-    import pandas as pd
-
-    from dptrain.bench.speed import out_prefix
-    from dptrain.train.outputs import git_commit, machine
+def bench_processes(args) -> None:
+    """`dptrain-bench --processes 1 2 [--models …] [--engines …] [--batches …]` (cli/bench.py's parsed arguments)
+    → <out>.csv, .md."""
 
     models = args.models or ["cnn", "resnet18"]
     engines = [e for e in args.engines if e != "opacus_ghost"] if args.engines else ["nonprivate", "mixed_ghost"]

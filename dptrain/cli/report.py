@@ -1,0 +1,42 @@
+"""dptrain-report: run directories → <table>.csv (tidy), .md (pivot; mean ± std where a cell has several seeds),
+.png, beside the runs (in the folder that holds them all) unless --out names a folder (results/: the committed
+tables, only when asked).
+
+    dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep → that folder/acc_vs_eps.*
+    dptrain-report outputs/a outputs/b --table mine              # some runs → outputs/mine.*
+    dptrain-report multirun/acc_vs_eps/<date> --out results      # the committed results/acc_vs_eps.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dptrain.cli.terminal import fail
+from dptrain.errors import UserError
+from dptrain.report import report
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dptrain-report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="run or sweep directories")
+    ap.add_argument("--table", help="output name (default: the runs' `name`)")
+    ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        r = report(args.paths, table=args.table, out=args.out)
+    except UserError as e:
+        fail("dptrain-report", str(e))
+    print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")
+    for note in r["notes"]:
+        print(f"  {note}")
+    for f in r["failed"]:
+        print(f"  failed/unfinished: {f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
