@@ -372,9 +372,9 @@ def test_bench_processes(tmp_path):
 
     main(["--processes", "1", "2", "--models", "cnn", "--engines", "mixed_ghost", "--batches", "8", "--steps", "2",
           "--out", str(tmp_path / "b")])
-    df = pd.read_csv(tmp_path / "b.csv")
+    df = pd.read_csv(tmp_path / "b" / "bench-dist-cpu.csv")
     assert list(df.processes) == [1, 2] and (df.samples_s > 0).all() and df.speedup.iloc[0] == 1.0
-    assert df.comm_ms.iloc[1] > 0 and "speedup" in (tmp_path / "b.md").read_text()
+    assert df.comm_ms.iloc[1] > 0 and "speedup" in (tmp_path / "b" / "bench-dist-cpu.md").read_text()
 
 
 def test_mid_epoch_checkpoints_follow_rank_0s_clock_at_a_few_broadcasts(tmp_path, monkeypatch):
