@@ -46,7 +46,7 @@ test-torch-min: $(MIN_STAMP) ## the fast suite on the oldest supported torch (2.
 	$(MIN_VENV)/bin/python -m pytest
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check dptrain tests
+	$(BIN)/ruff check dptrain tests scripts hydra_plugins
 
 bench: $(STAMP) ## CPU speed/memory benchmark → results/bench-cpu.{csv,md,png}
 	$(BIN)/dptrain-bench --out results
@@ -64,7 +64,7 @@ MUTANT_JOBS ?= 1
 mutants: $(STAMP) ## mutation testing of the privacy code (not in `make test`) → counts + every surviving mutant
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
-	$(BIN)/python tests/mutants_summary.py $(MUTANTS)
+	$(BIN)/python scripts/mutants_summary.py $(MUTANTS)
 
 # A lent GPU machine is bare and offline (python 3.12, torch 2.11, timm, numpy, pytest, pandas, matplotlib): nothing
 # here installs torch or reaches the network there. dptrain.bench.gpu_check first installs what the machine lacks from

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # the tests import each other (test_engine, conftest, dist_workers)
+sys.path.insert(0, os.path.dirname(__file__))  # conftest and tests/helpers/ import as top-level modules
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -2,27 +2,26 @@
 resumed ends with the weights (bit for bit), metrics and ε of the same run left alone; resume refuses
 overrides that would change the run; dptrain-report lists killed runs as unfinished."""
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF
+from helpers.runs import (
+    DATA,
+    EVERY_STEP,
+    RUN,
+    Killed,
+    assert_same_run,
+    compose,
+    crash,
+    dies_at,
+    interrupt,
+    status,
+)
 
 from dptrain import keys as key
 from dptrain.errors import UserError
-
-CRASH = str(Path(__file__).with_name("crash.py"))
-# 64 fake 8×8 images, L = 16: two epochs of 4 steps, on the CPU (where bit-identity is promised). σ given and the
-# gdp accountant: no 6 s calibration, and an ε in 2 ms for each of the per-step checkpoints below (rdp: 0.5 s).
-DATA = ["progress=false", "device=cpu", "dataset=fake", "dataset.size=64", "dataset.image_size=8", "epochs=2",
-        "batch_size=16", "physical_batch_size=8", "eps=null", "privacy.noise_multiplier=1.0", "privacy.accountant=gdp"]
-RUN = [*DATA, "model.kwargs.channels=[4]", "model.kwargs.hidden=4"]
-EVERY_STEP = "checkpoint.every_s=1e-9"  # a checkpoint after every step (the time since the last write is > 0)
 
 
 @pytest.fixture(autouse=True)
@@ -35,31 +34,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def crash(kill, *args, cwd):
-    """`dptrain <args>` as a subprocess that SIGKILLs itself at `kill` (tests/crash.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    r = subprocess.run([sys.executable, CRASH, kill, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                       env=env)
-    assert r.returncode == -9, (kill, r.returncode, r.stderr[-2000:])  # killed, not finished or failed
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """The two run directories hold bit-identical weights, identical metrics.jsonl and summaries that agree on
-    everything but time, memory and the resume record."""
-    wa, wb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
-    differ = {k for k in key.SUMMARY if sa[k] != sb[k]}
-    assert differ <= {key.SAMPLES_PER_S, key.PEAK_MEM_MB, key.STEP_MS, key.WALL_S, key.RESUMED, key.CONFIG}, differ
-    assert sa[key.TEST_ACC] == sb[key.TEST_ACC] and sa[key.EPS_SPENT] == sb[key.EPS_SPENT]
-    assert sa[key.STEPS] == sb[key.STEPS] and sa[key.EPOCHS] == sb[key.EPOCHS]
-
-
-def status(d: Path) -> dict:
-    return json.loads((d / "status.json").read_text())
-
-
 def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
     """A real `dptrain` process, checkpointing after every step, is SIGKILLed after step 6 (inside epoch 2); the
     process resuming it (`dptrain resume=<dir>`) is SIGKILLed inside its 2nd checkpoint write (half a
@@ -69,7 +43,7 @@ def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
     from dptrain.train.run import run
 
     ref, d = tmp_path / "ref", tmp_path / "run"
-    run(_compose(*RUN), str(ref))
+    run(compose(*RUN), str(ref))
 
     crash("step:6", *RUN, EVERY_STEP, f"hydra.run.dir={d}", cwd=tmp_path)
     st = status(d)
@@ -81,7 +55,7 @@ def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
     assert (d / ".hydra" / "overrides.yaml").read_text().count("privacy.noise_multiplier=1.0")  # the first command
     assert len(list((d / ".hydra").glob("resume-*"))) == 1  # the resume's own Hydra files beside it
 
-    run(resume_config(_compose(f"resume={d}"), [f"resume={d}"]), str(d))  # as `dptrain resume=<dir>` does
+    run(resume_config(compose(f"resume={d}"), [f"resume={d}"]), str(d))  # as `dptrain resume=<dir>` does
     assert_same_run(ref, d)
     st = status(d)
     assert st[key.STATUS] == "finished" and [x[key.STEP] for x in st["resumed"]] == [5, 6]
@@ -111,76 +85,20 @@ def test_killed_before_the_rename_keeps_the_previous_checkpoint(monkeypatch, tmp
     assert status(d)["resumed"][0][key.STEP] == 3
 
 
-def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from dptrain.config import register
-
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
-
-
-class Killed(BaseException):
-    """In-process stand-in for SIGKILL: not an Exception, so nothing in dptrain handles it."""
-
-
-@contextlib.contextmanager
-def dies_at(step: int):
-    """Inside: a run dies (Killed) once its `step`-th step is taken, before anything after it is saved or logged;
-    dptrain.train.loop is restored on the way out. Callers without pytest's monkeypatch (a module fixture, a worker)."""
-    import dptrain.train.loop
-
-    real, count = dptrain.train.loop.all_finite, [0]
-
-    def all_finite(tensors):
-        count[0] += 1
-        if count[0] == step:
-            raise Killed
-        return real(tensors)
-
-    dptrain.train.loop.all_finite = all_finite
-    try:
-        yield
-    finally:
-        dptrain.train.loop.all_finite = real
-
-
-def interrupt(monkeypatch, at_step: int) -> None:
-    """The next run dies once its `at_step`-th step is taken, before anything after it is saved or logged."""
-    import dptrain.train.loop
-
-    real, count = dptrain.train.loop.all_finite, [0]
-
-    def all_finite(tensors):
-        count[0] += 1
-        if count[0] == at_step:
-            monkeypatch.setattr(dptrain.train.loop, "all_finite", real)
-            raise Killed
-        return real(tensors)
-
-    monkeypatch.setattr(dptrain.train.loop, "all_finite", all_finite)
-
-
 def killed_and_resumed(monkeypatch, tmp_path, *overrides, at_step=6, every=EVERY_STEP, base=RUN, meanwhile=None):
     """(uninterrupted run dir, killed-at-step-`at_step`-then-resumed run dir), in-process. at_step: a step, or a
     function that arms another kill; `meanwhile(run dir)` runs between the kill and the resume."""
     from dptrain.train.run import run
 
     ref, d = tmp_path / "ref", tmp_path / "run"
-    run(_compose(*base, *overrides), str(ref))
+    run(compose(*base, *overrides), str(ref))
     interrupt(monkeypatch, at_step) if isinstance(at_step, int) else at_step()
     with pytest.raises(Killed):
-        run(_compose(*base, *overrides, every), str(d))
+        run(compose(*base, *overrides, every), str(d))
     assert not (d / "summary.json").exists() and status(d)[key.STATUS] == "running"
     if meanwhile is not None:
         meanwhile(d)
-    run(_compose(*base, *overrides, every, f"resume={d}"), str(d))
+    run(compose(*base, *overrides, every, f"resume={d}"), str(d))
     return ref, d
 
 
@@ -237,7 +155,7 @@ def killed(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("killed") / "run"
     with dies_at(3), pytest.raises(Killed):
-        run(_compose(*RUN, EVERY_STEP), str(d))
+        run(compose(*RUN, EVERY_STEP), str(d))
     return d
 
 
@@ -254,7 +172,7 @@ def killed(tmp_path_factory):
 def test_resume_refuses_overrides_that_change_the_run(killed, override, message):
     from dptrain.train.checkpoint import resume_config
 
-    cfg = _compose(f"resume={killed}", override)  # as `dptrain resume=<dir> <override>` composes it
+    cfg = compose(f"resume={killed}", override)  # as `dptrain resume=<dir> <override>` composes it
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         resume_config(cfg, [f"resume={killed}", override])
     assert "\n" not in str(err.value) and "allowed: progress, logger" in str(err.value)
@@ -266,7 +184,7 @@ def test_resume_takes_the_saved_config_and_harmless_overrides(killed):
     from dptrain.train.checkpoint import resume_config
 
     given = ["progress=true", "logger=wandb", "checkpoint.every_s=60", "batch_size=16", "dataset.name=fake"]
-    cfg = resume_config(_compose(f"resume={killed}", *given), [f"resume={killed}", *given])
+    cfg = resume_config(compose(f"resume={killed}", *given), [f"resume={killed}", *given])
     assert (cfg.dataset.name, cfg.dataset.size, cfg.epochs, cfg.privacy.noise_multiplier) == ("fake", 64, 2, 1.0)
     assert cfg.progress is True and cfg.logger.name == "wandb" and cfg.checkpoint.every_s == 60
     assert cfg.resume == str(killed)
@@ -276,7 +194,7 @@ def test_in_process_resume_with_another_config_is_refused(killed, tmp_path):
     from dptrain.train.run import run
 
     with pytest.raises(UserError, match="max_grad_norm=2.0 differs from the run's saved max_grad_norm=1.0"):
-        run(_compose(*RUN, EVERY_STEP, "max_grad_norm=2", f"resume={killed}"), str(killed))
+        run(compose(*RUN, EVERY_STEP, "max_grad_norm=2", f"resume={killed}"), str(killed))
 
 
 def test_resume_refuses_finished_failed_and_checkpointless_runs(tmp_path):
@@ -284,18 +202,18 @@ def test_resume_refuses_finished_failed_and_checkpointless_runs(tmp_path):
     from dptrain.train.run import run
 
     d = tmp_path / "done"
-    run(_compose(*RUN, "epochs=0.25"), str(d))
+    run(compose(*RUN, "epochs=0.25"), str(d))
     assert status(d)[key.STATUS] == "finished" and not (d / "checkpoint.pt").exists()
     with pytest.raises(UserError, match="that run finished"):
-        load(_compose(*RUN, f"resume={d}"))
+        load(compose(*RUN, f"resume={d}"))
     (d / "summary.json").rename(d / "failed.json")
     with pytest.raises(UserError, match="that run failed"):
-        load(_compose(*RUN, f"resume={d}"))
+        load(compose(*RUN, f"resume={d}"))
     (d / "failed.json").unlink()
     with pytest.raises(UserError, match="no checkpoint.pt there"):
-        load(_compose(*RUN, f"resume={d}"))
+        load(compose(*RUN, f"resume={d}"))
     with pytest.raises(UserError, match="not a directory"):
-        load(_compose(*RUN, f"resume={tmp_path}/nope"))
+        load(compose(*RUN, f"resume={tmp_path}/nope"))
 
 
 def test_every_s_0_writes_no_checkpoint(tmp_path, monkeypatch):
@@ -304,7 +222,7 @@ def test_every_s_0_writes_no_checkpoint(tmp_path, monkeypatch):
     interrupt(monkeypatch, 6)
     d = tmp_path / "r"
     with pytest.raises(Killed):
-        run(_compose(*RUN, "checkpoint.every_s=0"), str(d))
+        run(compose(*RUN, "checkpoint.every_s=0"), str(d))
     assert not (d / "checkpoint.pt").exists()
     assert status(d) | {"pid": 0, "updated": 0, "host": 0, key.COMMIT: 0} == {
         key.STATUS: "running", key.STEP: 0, key.STEPS: 8, key.EPS_SPENT: None, "checkpoint": None, "resumed": [],
@@ -348,7 +266,7 @@ def test_a_checkpoint_resumes_on_the_device_type_that_wrote_it(killed, tmp_path)
             del state["device"]
         torch.save(state, d / "checkpoint.pt")
         with pytest.raises(UserError, match="its checkpoint was written on cuda, this run is on cpu") as err:
-            run(_compose(*RUN, EVERY_STEP, f"resume={d}"), str(d))
+            run(compose(*RUN, EVERY_STEP, f"resume={d}"), str(d))
         assert "\n" not in str(err.value) and "on a machine with CUDA" in str(err.value)
     opt = DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1), noise_multiplier=1.0,
                       max_grad_norm=1.0, expected_batch_size=4)

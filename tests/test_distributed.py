@@ -1,6 +1,6 @@
 """Data-parallel DP training (distributed.py) on CPU: 2 gloo processes against 1 process.
 
-One spawn of 2 processes runs every scenario of dist_workers.py (the clipped sum, empty local batches, the
+One spawn of 2 processes runs every scenario of helpers/dist_workers.py (the clipped sum, empty local batches, the
 noise's std, Opacus, nonprivate DDP, secure sampling); torchrun runs the CLI end to end; Hydra's submitit and
 joblib launchers run sweeps.
 """
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import TINY
-from dist_workers import SCENARIOS, reference, worker
+from helpers.dist_workers import SCENARIOS, reference, worker
 
 from dptrain import keys as key
 from dptrain.train.distributed import SINGLE, Dist, worker_overrides
@@ -176,8 +176,8 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
     and ε equal the uninterrupted 2-process run's. The checkpoint holds each rank's own state; a 1-process resume
     of it is refused in one line."""
     import torch.multiprocessing as mp
-    from dist_workers import resume_worker
-    from test_checkpoint import RUN, assert_same_run, status
+    from helpers.dist_workers import resume_worker
+    from helpers.runs import RUN, assert_same_run, status
 
     mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *RESUMED]), nprocs=2,
                        start_method="spawn")
@@ -195,14 +195,14 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
     assert r0["totals"]["loss"] != r1["totals"]["loss"]  # epoch 2's running sums: over each rank's own shards
     assert state["position"]["totals"] == r0["totals"]
 
-    from test_checkpoint import EVERY_STEP, _compose
+    from helpers.runs import EVERY_STEP, compose
 
     from dptrain.errors import UserError
     from dptrain.train.checkpoint import load
 
     with pytest.raises(UserError, match=r"written by 2 process\(es\), this run has 1; .* continue it on as many: "
                                         r"torchrun with 2 processes") as err:
-        load(_compose(*RUN, *RESUMED, EVERY_STEP, f"resume={tmp_path / 'killed'}"), world_size=1)
+        load(compose(*RUN, *RESUMED, EVERY_STEP, f"resume={tmp_path / 'killed'}"), world_size=1)
     assert "\n" not in str(err.value)
 
 
@@ -213,8 +213,8 @@ def test_two_ranks_killed_and_resumed_every_engine(tmp_path, engine):
     """The other engines on 2 processes (~50 s each here): Opacus' distributed optimizer (its noise generator on
     rank 0), DDP for nonprivate (shuffled batches), the built-in engine's 2-pass mode."""
     import torch.multiprocessing as mp
-    from dist_workers import resume_worker
-    from test_checkpoint import RUN, assert_same_run
+    from helpers.dist_workers import resume_worker
+    from helpers.runs import RUN, assert_same_run
 
     mp.start_processes(resume_worker, args=(2, _free_port(), str(tmp_path), [*RUN, *engine]), nprocs=2,
                        start_method="spawn")
@@ -223,7 +223,7 @@ def test_two_ranks_killed_and_resumed_every_engine(tmp_path, engine):
 
 def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
     """The other way round: a checkpoint of one process, resumed by 2 (what rank 0 checks before sending it)."""
-    from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
+    from helpers.runs import EVERY_STEP, RUN, Killed, compose, interrupt
 
     from dptrain.errors import UserError
     from dptrain.train.checkpoint import check_world_size, load
@@ -232,8 +232,8 @@ def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
     d = tmp_path / "one"
     interrupt(monkeypatch, 2)
     with pytest.raises(Killed):
-        run(_compose(*RUN, EVERY_STEP), str(d))
-    cfg = _compose(*RUN, EVERY_STEP, f"resume={d}")
+        run(compose(*RUN, EVERY_STEP), str(d))
+    cfg = compose(*RUN, EVERY_STEP, f"resume={d}")
     assert load(cfg)["world_size"] == 1
     with pytest.raises(UserError, match=r"written by 1 process\(es\), this run has 2; .*: dptrain resume="):
         load(cfg, world_size=2)
@@ -245,10 +245,10 @@ def test_a_one_process_checkpoint_is_not_resumed_on_two(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_torchrun_sigkilled_and_resumed_is_bit_identical(tmp_path):
     """The CLI end to end (52-93 s on the shared 2-core VM): `torchrun --nproc_per_node=2 -m dptrain`, once left alone
-    and once SIGKILLed (both ranks, tests/crash.py) after its 6th step with a checkpoint after every step, then
+    and once SIGKILLed (both ranks, helpers/crash.py) after its 6th step with a checkpoint after every step, then
     `torchrun --nproc_per_node=2 -m dptrain resume=<dir>`: bit-identical weights, the same metrics, ε, steps and
     accuracy."""
-    from test_checkpoint import CRASH, EVERY_STEP, RUN, assert_same_run, status
+    from helpers.runs import CRASH, EVERY_STEP, RUN, assert_same_run, status
 
     ref, d = tmp_path / "ref", tmp_path / "run"
     _torchrun(*RUN, *RESUMED, f"hydra.run.dir={ref}", cwd=tmp_path)

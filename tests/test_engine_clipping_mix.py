@@ -4,7 +4,7 @@ path forced (tiny Gram and per-example budgets) against the float64 reference.""
 
 import pytest
 import torch
-from test_engine import LAYERS, MODELS, MODES, Mean1, batches, seq_model
+from helpers.engine_cases import LAYERS, MODELS, MODES, Mean1, batches, seq_model
 from torch import nn
 
 from dptrain.privacy.rules import base, conv

@@ -3,7 +3,7 @@ one-example-at-a-time reference; a dptrain model.pt fine-tunes with a new head; 
 
 import pytest
 import torch
-from test_engine import batches
+from helpers.engine_cases import batches
 
 from dptrain.config import LoraConfig
 from dptrain.errors import UserError

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import MODELS, MODES, Noisy, batches
+from helpers.engine_cases import MODELS, MODES, Noisy, batches
 
 from dptrain import keys as key
 from dptrain.privacy import PrivacyEngine
@@ -209,7 +209,7 @@ def test_gpu_check_rows_on_the_device(monkeypatch):
 def test_a_cpu_checkpoint_is_not_resumed_on_the_device(monkeypatch, tmp_path):
     """A run checkpointed on the CPU (device=auto, CUDA hidden), resumed with device=auto where CUDA is: refused in
     one line (its noise generators are CPU generators; on CUDA it would draw fresh streams)."""
-    from test_checkpoint import EVERY_STEP, RUN, Killed, _compose, interrupt
+    from helpers.runs import EVERY_STEP, RUN, Killed, compose, interrupt
 
     from dptrain.errors import UserError
     from dptrain.train.run import run
@@ -222,7 +222,7 @@ def test_a_cpu_checkpoint_is_not_resumed_on_the_device(monkeypatch, tmp_path):
         m.setattr(torch.cuda, "is_available", lambda: False)
         interrupt(m, 3)
         with pytest.raises(Killed):
-            run(_compose(*base), str(d))
+            run(compose(*base), str(d))
     with pytest.raises(UserError, match="written on cpu, this run is on cuda") as err:
-        run(_compose(*base, f"resume={d}"), str(d))
+        run(compose(*base, f"resume={d}"), str(d))
     assert "\n" not in str(err.value) and "CUDA_VISIBLE_DEVICES=" in str(err.value)

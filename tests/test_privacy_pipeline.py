@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import CONF
+from helpers.runs import compose
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dptrain.testing import reference_grads
@@ -57,20 +57,6 @@ class Observed:
     noise: torch.Tensor  # (T, d) float64: N_t / (σR)
 
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from dptrain.config import register
-
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return hydra_compose("train", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def observe(overrides, run_dir) -> Observed:

@@ -1,7 +1,7 @@
 """The timm families at tiny configs × the three modes: the max relative error against the float64
 one-example-at-a-time reference, or the one-line refusal. Issue #15's table.
 
-    .venv/bin/python tests/families_table.py > results/families.md
+    .venv/bin/python scripts/families_table.py > results/families.md
 """
 
 import os
@@ -10,8 +10,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_engine import MODES, batches  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # helpers
+from helpers.engine_cases import MODES, batches  # noqa: E402
 
 from dptrain.models.factory import create_model  # noqa: E402
 from dptrain.privacy import CoverageError  # noqa: E402

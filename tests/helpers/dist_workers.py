@@ -108,9 +108,9 @@ def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: lis
     import shutil
 
     import torch.distributed as tdist
-    from test_checkpoint import EVERY_STEP, Killed, _compose, dies_at
 
     from dptrain.train.run import run
+    from helpers.runs import EVERY_STEP, Killed, compose, dies_at
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -118,12 +118,12 @@ def resume_worker(rank: int, world: int, port: int, out_dir: str, overrides: lis
     dist = Dist(rank=rank, world_size=world, local_rank=rank, backend="gloo")
     d = f"{out_dir}/run"
     try:
-        run(_compose(*overrides), f"{out_dir}/ref", dist=dist)
+        run(compose(*overrides), f"{out_dir}/ref", dist=dist)
         with contextlib.suppress(Killed), dies_at(6):  # after step 6, before anything of it is saved
-            run(_compose(*overrides, EVERY_STEP), d, dist=dist)
+            run(compose(*overrides, EVERY_STEP), d, dist=dist)
         tdist.barrier()
         if dist.is_main:
             shutil.copytree(d, f"{out_dir}/killed")
-        run(_compose(*overrides, EVERY_STEP, f"resume={d}"), d, dist=dist)
+        run(compose(*overrides, EVERY_STEP, f"resume={d}"), d, dist=dist)
     finally:
         tdist.destroy_process_group()

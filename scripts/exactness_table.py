@@ -1,9 +1,9 @@
 """Print the max relative error (vs the float64 one-example-at-a-time reference) per model × mode, and for
 mixed_ghost with passes=2 (norm pass, recomputed forward, clipped pass).
 
-    .venv/bin/python tests/exactness_table.py                       # float64: the table in results/exactness.md
-    .venv/bin/python tests/exactness_table.py --precision           # float32 params, fp32 / bf16 / fp16 autocast
-    .venv/bin/python tests/exactness_table.py --two-pass-bf16       # mixed_ghost bf16: passes=2 against passes=1
+    .venv/bin/python scripts/exactness_table.py                       # float64: the table in results/exactness.md
+    .venv/bin/python scripts/exactness_table.py --precision           # float32 params, fp32 / bf16 / fp16 autocast
+    .venv/bin/python scripts/exactness_table.py --two-pass-bf16       # mixed_ghost bf16: passes=2 against passes=1
 
 --precision (issue #18 item 2): the model in float32, its forward under torch.autocast(cpu, bf16 | fp16) as
 precision=bf16|fp16 runs it (fp16 with the runner's static loss scale, FP16_LOSS_SCALE), passes=1, against the
@@ -20,8 +20,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_engine import LAYERS, MODELS, MODES, Embed, Reuse, WithCustom, batches, seq_model  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # helpers
+from helpers.engine_cases import LAYERS, MODELS, MODES, Embed, Reuse, WithCustom, batches, seq_model  # noqa: E402
 
 from dptrain.testing import check, max_rel_err, reference_grads  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Run dptrain.bench.gpu_check as on a bare GPU machine (torch, timm, numpy only): hydra, omegaconf, opacus, wandb,
 kymatio, pytest, antlr4 and submitit unimportable. A CPU dry run of the flow (results/gpu-check-cpu-dryrun.md):
 
-    PYTHONPATH=. python tests/gpu_check_bare.py --device cpu --bench-models resnet18 --out /tmp/gpu-check
+    PYTHONPATH=. python scripts/gpu_check_bare.py --device cpu --bench-models resnet18 --out /tmp/gpu-check
 """
 
 import importlib.abc

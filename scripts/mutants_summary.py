@@ -1,6 +1,6 @@
 """Counts of a `mutmut run` restricted to mutant-name globs, and every mutant not killed (`make mutants`).
 
-    .venv/bin/python tests/mutants_summary.py 'dptrain.train.budget.*' 'dptrain.privacy.engine.x*_clip_factors__*' …
+    .venv/bin/python scripts/mutants_summary.py 'dptrain.train.budget.*' 'dptrain.privacy.engine.x*_clip_factors__*' …
 
 Reads mutants/**/*.meta (mutmut 3's results); `mutmut results` would also list, as "not checked", the mutants of
 engine.py outside the globs.

@@ -1,0 +1,1 @@
+"""Shared test code: the engine's test cases, tiny runs killed and resumed, the distributed workers."""
