@@ -11,6 +11,15 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: <repo>/dptrain/config.py
+CONF_DIR = os.path.join(ROOT, "conf")
+
+
+def conf_options(group: str, conf_dir: str = CONF_DIR) -> list[str]:
+    """The options of a conf group (conf/<group>/*.yaml), sorted: the one list of its names."""
+    d = os.path.join(conf_dir, group)
+    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml")) if os.path.isdir(d) else []
+
 
 def _open_dict():
     """An empty dict node that stays open to new keys after Hydra sets the config struct (Hydra closes every dict,

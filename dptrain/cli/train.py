@@ -10,10 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from dptrain import keys as key
-from dptrain.config import register
+from dptrain.config import CONF_DIR, ROOT, register
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo/dptrain/<role>/x.py
-CONF_DIR = os.path.join(ROOT, "conf")
 register()
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 log = logging.getLogger("dptrain.data")
+CACHE_MAX_SIZE = 64  # image datasets are decoded into memory up to this image size (datasets.py)
 
 
 class NpyRows:

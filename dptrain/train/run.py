@@ -220,12 +220,8 @@ def _data(cfg, streams) -> Data:
         raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
                         f"example (the image and its mirror image): set privacy.augmult=2 (got "
                         f"{cfg.privacy.augmult}), or dataset.augment=false")
-    data = create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
-                          mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
-                          val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
-                          channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
-                          normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
-                          augment=ds.augment and ds.features != "none", tta=ds.tta, streams=streams)
+    data = create_dataset(ds, image_size=ds.image_size or want.get("image_size"), seed=cfg.seed,
+                          data_dir=cfg.data_dir, mean=want.get("mean"), std=want.get("std"), streams=streams)
     if data.num_classes < 2:  # one class: every prediction is right, and the reported accuracy says nothing
         raise UserError(f"dataset '{data.name}' has {data.num_classes} class; classification needs at least 2 (a "
                         "folder dataset: one subfolder per class under train/ and test/)")
