@@ -469,7 +469,7 @@ def test_summary_epochs_are_the_epochs_requested(quick):
     16 steps in 3 epochs of 5, 6 and 5 steps (with round(n / L) = 5 steps each they were 4 epochs, the last of one
     step), and summary.json says 3; on the digits default (q = 256/1437) 15 epochs, not 14."""
     from dptrain.privacy.accounting import steps_for
-    from dptrain.train.run import _epoch_end, _epochs_done
+    from dptrain.train.epochs import _epoch_end, _epochs_done
 
     s, run_dir = quick("batch_size=12", "epochs=3")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -504,7 +504,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
         def close(self):
             pass
 
-    monkeypatch.setattr("dptrain.train.run.tqdm", Bar)
+    monkeypatch.setattr("dptrain.train.epochs.tqdm", Bar)
     s, _ = quick(f"engine={engine}", "batch_size=12", "epochs=2")
     assert made[0]["leave"] is True
     if engine == "nonprivate":

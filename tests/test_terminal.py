@@ -252,13 +252,13 @@ def test_the_rule_table_and_checkpoint_lines_are_debug_when_nothing_is_on_the_fa
 
 
 def test_the_bar_eps_is_recomputed_within_an_epoch_at_a_bounded_cost():
-    """Before #30 the bar showed the epoch start's ε (0 for all of epoch 1)."""
+    """The bar's ε follows the steps within an epoch, not only the epoch start's."""
     import time
 
-    from dptrain.train.run import LiveEps
+    from dptrain.train.epochs import LiveEps
 
     class Budget:
-        noise_multiplier, calls = 1.0, []
+        private, calls = True, []
 
         def eps_spent(self, steps):
             self.calls.append(steps)
@@ -281,7 +281,7 @@ def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from dptrain.train.distributed import SINGLE
-    from dptrain.train.run import _bar_logging
+    from dptrain.train.epochs import _bar_logging
 
     cfg = OmegaConf.create({"progress": True})
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)

@@ -15,13 +15,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from dptrain.config import DatasetConfig
 from dptrain.data.features import FEATURES
 from dptrain.data.store import CACHE_MAX_SIZE, Features
 from dptrain.errors import UserError, check_name, lookup
-from dptrain.privacy.streams import Streams
+from dptrain.privacy.streams import Streams, os_normal
 
 log = logging.getLogger("dptrain.data")
 
@@ -95,8 +95,6 @@ def _settings(ds) -> DatasetConfig:
 
 def _normals(streams: Streams):
     """n → n draws of N(0, 1), float64: the "norm" stream, or the OS's CSPRNG in secure mode."""
-    from dptrain.privacy.streams import os_normal
-
     if streams.secure:
         return os_normal
     g = streams.generator("norm")
@@ -168,6 +166,7 @@ NORMALIZE = ("none", "dp")
 
 
 def _digits(*, image_size: int | None, **_) -> Data:
+    # scikit-learn and torchvision (below): loaded only for the dataset that needs them
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -216,8 +215,6 @@ def _images(name: str, splits, *, root, image_size, mean, std, download, cache, 
 
 
 def _materialise(ds: Dataset) -> TensorDataset:
-    from torch.utils.data import DataLoader
-
     xs, ys = [], []
     for x, y in DataLoader(ds, batch_size=512, num_workers=min(4, os.cpu_count() or 1)):
         xs.append(x)
@@ -336,8 +333,6 @@ def _subset(ds: Dataset, idx: list[int]) -> Dataset:
         return ds.subset(idx)  # an index into the stored rows, not a copy
     if isinstance(ds, TensorDataset):
         return TensorDataset(*(t[idx] for t in ds.tensors))
-    from torch.utils.data import Subset
-
     return Subset(ds, idx)
 
 
@@ -350,8 +345,6 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0, pin_memory: boo
             batch = ds[idx]  # (x[idx], y[idx]): one gather, no per-example calls
             yield tuple(t.pin_memory() if pin_memory and t.device.type == "cpu" else t for t in batch)
         return
-    from torch.utils.data import DataLoader
-
     # generator: the loader draws its workers' base seed when it starts; from torch's global generator (dropout's)
     # that draw would shift dropout after a mid-epoch resume (checkpoint.py). The transforms are deterministic.
     loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,
