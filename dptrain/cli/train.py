@@ -66,7 +66,8 @@ def precheck(cfg) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg) -> float:
-    from dptrain.privacy import CoverageError  # torch, timm: loaded for the run only (--help is instant)
+    # torch and timm load for the run only: --help and a refused command line answer without them
+    from dptrain.privacy import CoverageError
     from dptrain.train.checkpoint import resume_config
     from dptrain.train.distributed import init
     from dptrain.train.outputs import wandb_sync_hint

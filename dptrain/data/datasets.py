@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -195,7 +196,7 @@ def _fake(*, size: int | None, num_classes: int | None, channels: int | None, im
 
 
 def _transform(image_size: int | None, mean, std):
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # torchvision: loaded for image datasets only
 
     steps = [T.Resize(image_size), T.CenterCrop(image_size)] if image_size else []
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
@@ -235,7 +236,7 @@ class BadImage(UserError):
 def _load_image(path: str):
     """ImageFolder's loader (PIL, RGB), with a file that does not decode (truncated, corrupt, not an image) as a
     one-line error naming it instead of PIL's traceback from inside a DataLoader worker."""
-    from torchvision.datasets.folder import default_loader
+    from torchvision.datasets.folder import default_loader  # torchvision: loaded for image datasets only
 
     try:
         return default_loader(path)
@@ -246,7 +247,7 @@ def _load_image(path: str):
 
 
 def _folder(root: str, tf, **_):
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder  # torchvision: loaded for image datasets only
 
     dirs = [os.path.join(root, s) for s in ("train", "test")]
     for d in dirs:
@@ -263,7 +264,7 @@ def _folder(root: str, tf, **_):
 
 
 def _cifar_splits(torchvision_class: str, root: str, tf, *, name: str, download: bool):
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision: loaded for image datasets only
 
     base = getattr(datasets, torchvision_class)
     return tuple(_cifar(base, name, root, train, tf, download) for train in (True, False))
@@ -280,8 +281,6 @@ def _cifar(base, name: str, root: str, train: bool, tf, download: bool):
             return all(os.path.isfile(os.path.join(folder, f)) for f in files)
 
         def _load_meta(self) -> None:
-            import pickle
-
             with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
