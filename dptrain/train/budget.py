@@ -79,7 +79,8 @@ def create_budget(cfg, n: int, *, secure: bool = False, prior: tuple = (), num_c
     checks that need n. prior: mechanisms (σ, q, steps) already run on these examples (data.Data.prior); σ is
     calibrated so that training composed with them and with the metric releases (ledger.py; their loss clip from
     num_classes) spends eps."""
-    _check_training_inputs(cfg, n)
+    if not 1 <= cfg.batch_size <= n:
+        raise UserError(f"batch_size={cfg.batch_size} must be between 1 and the training set size n={n}")
     q = cfg.batch_size / n
     steps = steps_for(cfg.epochs, q)
     if not private(cfg):
@@ -88,8 +89,6 @@ def create_budget(cfg, n: int, *, secure: bool = False, prior: tuple = (), num_c
     delta = cfg.delta if cfg.delta is not None else default_delta(n)
     if not 0 < delta < 1 / n:
         raise UserError(f"delta={delta} must be in (0, 1/n) = (0, {1 / n:.3g}) for n={n} training examples")
-    if cfg.eps is None and p.noise_multiplier is None:
-        raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
     lg, val = cfg.log, cfg.dataset.val_fraction > 0  # val: the evaluation split is held out of the private set
     evaluated = evaluations(q, steps, cfg.eval_every) if val and lg.val_metrics == "dp" else ()
     try:
@@ -111,11 +110,3 @@ def create_budget(cfg, n: int, *, secure: bool = False, prior: tuple = (), num_c
                   metrics_noise=plan.metrics_noise, val_noise=plan.val_noise, evaluated=evaluated,
                   loss_clip=loss_clip(num_classes, lg.loss_clip_factor), excludes=excludes)
 
-
-def _check_training_inputs(cfg, n: int) -> None:
-    L = cfg.batch_size
-    if not 1 <= L <= n:
-        raise UserError(f"batch_size={L} must be between 1 and the training set size n={n}")
-    if cfg.privacy.augmult > 1 and not cfg.dataset.augment:
-        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs dataset.augment=true (identical copies add "
-                        "nothing)")

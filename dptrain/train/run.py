@@ -182,12 +182,6 @@ def _data(cfg, streams) -> Data:
     check_paths(cfg)  # dataset.root exists: a download would create it
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
-    # features are computed once, before training: the only augmentation is a second fixed view per example (the
-    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
-    if ds.features != "none" and ds.augment and cfg.privacy.augmult != 2:
-        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
-                        f"example (the image and its mirror image): set privacy.augmult=2 (got "
-                        f"{cfg.privacy.augmult}), or dataset.augment=false")
     data = create_dataset(ds, image_size=ds.image_size or want.get("image_size"), seed=cfg.seed,
                           data_dir=cfg.data_dir, mean=want.get("mean"), std=want.get("std"), streams=streams)
     if data.num_classes < 2:  # one class: every prediction is right, and the reported accuracy says nothing
