@@ -187,7 +187,7 @@ class LiveEps:
         return self.value
 
 
-def _bar_logging(cfg, dist: Dist):
+def bar_logging(cfg, dist: Dist):
     """While the progress bar shows (a terminal, rank 0), log lines go through tqdm.write: printed above the bar,
     not glued onto it with a stale copy of the bar left behind."""
     shows = cfg.progress and dist.is_main and sys.stderr.isatty()

@@ -25,7 +25,7 @@ from dptrain.train import checkpoint as ckpt
 from dptrain.train.allocator import keep_freed_memory
 from dptrain.train.budget import Budget, create_budget
 from dptrain.train.distributed import SINGLE, Dist
-from dptrain.train.epochs import Trained, _bar_logging, train_epochs
+from dptrain.train.epochs import Trained, bar_logging, train_epochs
 from dptrain.train.ledger import MetricNoise, TrainMetrics
 from dptrain.train.optim import create_optimizer, create_schedule
 from dptrain.train.outputs import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
@@ -77,7 +77,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
-        with _bar_logging(cfg, dist):
+        with bar_logging(cfg, dist):
             trained = train_epochs(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
                                    tracker=tracker, augment=augment, device=device, memory_format=_memory_format(cfg),
                                    saver=saver, dist=dist, metrics=_train_metrics(cfg, budget, streams, dist),
