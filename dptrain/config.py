@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from dptrain.errors import UserError, check_name, check_range
+from dptrain.errors import UserError, check_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: <repo>/dptrain/config.py
 CONF_DIR = os.path.join(ROOT, "conf")
@@ -218,43 +218,6 @@ def validate(cfg) -> None:
 def private(cfg) -> bool:
     """Whether the run trains privately: every engine but engine=nonprivate clips and adds noise."""
     return cfg.engine.name != "nonprivate"
-
-
-def check_config(cfg) -> None:
-    """Every check that needs no data, made once on the path every run takes (train.run.run): keys and numbers
-    (`validate`) and the names; what needs the training set's size is budget.py's, the dataset's names data's."""
-    # the name lists live with their code, which loads torch: imported here, so the CLI's `validate` stays light
-    from dptrain.engines import ENGINES, PRECISIONS
-    from dptrain.privacy import CLIPPING
-    from dptrain.privacy.accounting import ACCOUNTANTS
-    from dptrain.train.budget import SAMPLING
-    from dptrain.train.ledger import METRIC_MODES
-
-    validate(cfg)
-    check_name("engine", cfg.engine.name, ENGINES)
-    check_name("precision", cfg.precision, PRECISIONS)
-    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
-    _check_views(cfg)
-    if private(cfg):  # a non-private run has no accountant, sampling rule or metric noise to name
-        check_name("accountant", cfg.privacy.accountant, ACCOUNTANTS)
-        check_name("privacy.sampling", cfg.privacy.sampling, SAMPLING)
-        check_name("log.train_metrics", cfg.log.train_metrics, METRIC_MODES)
-        check_name("log.val_metrics", cfg.log.val_metrics, METRIC_MODES)
-        if cfg.eps is None and cfg.privacy.noise_multiplier is None:
-            raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
-
-
-def _check_views(cfg) -> None:
-    """Augmentation multiplicity and the views it needs: fresh augmentations, or features' two fixed views."""
-    ds, augmult = cfg.dataset, cfg.privacy.augmult
-    if augmult > 1 and not ds.augment:
-        raise UserError(f"privacy.augmult={augmult} needs dataset.augment=true (identical copies add nothing)")
-    # features are computed once, before training: the only augmentation is a second fixed view per example (the
-    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
-    if ds.features != "none" and ds.augment and augmult != 2:
-        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
-                        f"example (the image and its mirror image): set privacy.augmult=2 (got {augmult}), or "
-                        "dataset.augment=false")
 
 
 def check_paths(cfg) -> None:

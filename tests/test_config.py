@@ -1,4 +1,4 @@
-"""The conf tree composes, is typed, and every group option is valid; config.check_config refuses what it must."""
+"""The conf tree composes, is typed, and every group option is valid; run.check_config refuses what it must."""
 
 import os
 
@@ -6,8 +6,9 @@ import pytest
 from conftest import CONF
 from hydra.errors import ConfigCompositionException
 
-from dptrain.config import check_config, validate
+from dptrain.config import validate
 from dptrain.errors import UserError, check_range
+from dptrain.train.run import check_config
 
 
 def test_default_config(compose):
@@ -176,7 +177,7 @@ def test_bad_numbers_and_unknown_keys_are_refused_before_torch_loads(tmp_path):
     ("privacy.augmult=2", r"^privacy.augmult=2 needs dataset.augment=true \(identical copies add nothing\)$"),
 ])
 def test_bad_privacy_input_is_refused_by_the_one_check(compose, override, message):
-    """config.check_config, before the data loads; the budget (budget.py) then checks only what needs n."""
+    """run.check_config, before the data loads; the budget (budget.py) then checks only what needs n."""
     with pytest.raises(UserError, match=message):
         check_config(compose(override))
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import transforms as T
 
 from dptrain.config import DatasetConfig
 from dptrain.data.features import FEATURES
@@ -196,8 +197,6 @@ def _fake(*, size: int | None, num_classes: int | None, channels: int | None, im
 
 
 def _transform(image_size: int | None, mean, std):
-    from torchvision import transforms as T  # torchvision: loaded for image datasets only
-
     steps = [T.Resize(image_size), T.CenterCrop(image_size)] if image_size else []
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
@@ -264,9 +263,9 @@ def _folder(root: str, tf, **_):
 
 
 def _cifar_splits(torchvision_class: str, root: str, tf, *, name: str, download: bool):
-    from torchvision import datasets  # torchvision: loaded for image datasets only
+    import torchvision.datasets  # torchvision's datasets: loaded for image datasets only
 
-    base = getattr(datasets, torchvision_class)
+    base = getattr(torchvision.datasets, torchvision_class)
     return tuple(_cifar(base, name, root, train, tf, download) for train in (True, False))
 
 

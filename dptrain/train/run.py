@@ -14,19 +14,21 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dptrain import keys as key
 from dptrain.cli.terminal import model_name
-from dptrain.config import check_config, check_paths
+from dptrain.config import check_paths, private, validate
 from dptrain.data.datasets import Data, create_dataset
-from dptrain.engines import Engine, create_engine
-from dptrain.errors import Diverged, UserError
+from dptrain.engines import ENGINES, PRECISIONS, Engine, create_engine
+from dptrain.errors import Diverged, UserError, check_name
 from dptrain.models.factory import checkpoint_provenance, create_model, data_config, grad_checkpointing
 from dptrain.models.finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
+from dptrain.privacy import CLIPPING
+from dptrain.privacy.accounting import ACCOUNTANTS
 from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler
 from dptrain.train import checkpoint as ckpt
 from dptrain.train.allocator import keep_freed_memory
-from dptrain.train.budget import Budget, create_budget
+from dptrain.train.budget import SAMPLING, Budget, create_budget
 from dptrain.train.distributed import SINGLE, Dist
 from dptrain.train.epochs import Trained, bar_logging, train_epochs
-from dptrain.train.ledger import MetricNoise, TrainMetrics
+from dptrain.train.ledger import METRIC_MODES, MetricNoise, TrainMetrics
 from dptrain.train.optim import create_optimizer, create_schedule
 from dptrain.train.outputs import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
 from dptrain.train.seeding import create_streams
@@ -163,6 +165,37 @@ def _finish(cfg, data: Data, budget: Budget, trained, *, streams, checkpoint, we
     tracker.finish(summary)
     saver.finished()
     return summary
+
+
+def check_config(cfg) -> None:
+    """Every check of the config that needs no data, made once, first, by every run (`run`): keys and numbers
+    (config.validate, also the CLI's check before torch loads), names, and what the settings need of each other.
+    What needs the training set's size is budget.py's; the dataset's own names, data's."""
+    validate(cfg)
+    check_name("engine", cfg.engine.name, ENGINES)
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    _check_views(cfg)
+    if private(cfg):  # a non-private run has no accountant, sampling rule or metric noise to name
+        check_name("accountant", cfg.privacy.accountant, ACCOUNTANTS)
+        check_name("privacy.sampling", cfg.privacy.sampling, SAMPLING)
+        check_name("log.train_metrics", cfg.log.train_metrics, METRIC_MODES)
+        check_name("log.val_metrics", cfg.log.val_metrics, METRIC_MODES)
+        if cfg.eps is None and cfg.privacy.noise_multiplier is None:
+            raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
+
+
+def _check_views(cfg) -> None:
+    """Augmentation multiplicity and the views it needs: fresh augmentations, or features' two fixed views."""
+    ds, augmult = cfg.dataset, cfg.privacy.augmult
+    if augmult > 1 and not ds.augment:
+        raise UserError(f"privacy.augmult={augmult} needs dataset.augment=true (identical copies add nothing)")
+    # features are computed once, before training: the only augmentation is a second fixed view per example (the
+    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
+    if ds.features != "none" and ds.augment and augmult != 2:
+        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
+                        f"example (the image and its mirror image): set privacy.augmult=2 (got {augmult}), or "
+                        "dataset.augment=false")
 
 
 def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
