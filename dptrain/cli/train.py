@@ -55,7 +55,7 @@ def main():
 def precheck(cfg) -> None:
     """What the command line alone can show wrong: numbers and keys (config.validate), or a path that must exist
     and does not — resume=, dataset.root= (each would be created). The run checks everything else once torch has
-    loaded (config.check_config)."""
+    loaded (run.check_config)."""
     if cfg.resume:
         if not os.path.isdir(str(cfg.resume)):
             raise UserError(f"resume={cfg.resume}: not a directory")
