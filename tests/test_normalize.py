@@ -83,7 +83,7 @@ def test_secure_mode_draws_the_statistics_noise_from_the_os(monkeypatch):
     from dptrain.privacy.streams import Streams
 
     calls = []
-    monkeypatch.setattr("dptrain.privacy.streams.os_normal", lambda k: calls.append(k) or torch.zeros(k,
+    monkeypatch.setattr("dptrain.data.datasets.os_normal", lambda k: calls.append(k) or torch.zeros(k,
                                                                                                     dtype=torch.float64))
     create_dataset("fake", size=16, image_size=4, normalize="dp", streams=Streams(0, secure=True))
     assert calls == [3, 3]  # mean and mean-square queries, one draw per channel each
