@@ -3,6 +3,8 @@ YAML files under conf/ only fill in values."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -10,13 +12,23 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from dptrain.errors import UserError, check_range
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: <repo>/dptrain/config.py
+CONF_DIR = os.path.join(ROOT, "conf")
+
+
+def conf_options(group: str, conf_dir: str = CONF_DIR) -> list[str]:
+    """The options of a conf group (conf/<group>/*.yaml), sorted: the one list of its names."""
+    d = os.path.join(conf_dir, group)
+    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml")) if os.path.isdir(d) else []
 
 
 def _open_dict():
     """An empty dict node that stays open to new keys after Hydra sets the config struct (Hydra closes every dict,
     which made `model.kwargs.patch_size=4` fail with "Key 'patch_size' is not in struct" unless written with +)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.create({}, flags={"struct": False})
 
 
@@ -195,10 +207,6 @@ def numeric_fields(cls=None, prefix: str = "") -> dict[str, bool]:
 def validate(cfg) -> None:
     """Raise a UserError (one line) for a key the schema does not know (`+epoch=1`, Hydra's own suggestion for a
     misspelled key, would otherwise be accepted and ignored) or the first numeric knob outside its RANGES entry."""
-    from omegaconf import OmegaConf
-
-    from dptrain.errors import UserError, check_range
-
     schema = OmegaConf.get_type(cfg) if OmegaConf.is_config(cfg) else None  # TrainConfig, or a subclass (audit)
     schema = schema if isinstance(schema, type) and issubclass(schema, TrainConfig) else TrainConfig
     _check_known(OmegaConf.to_container(cfg, resolve=False), schema(), "", UserError)
@@ -207,14 +215,15 @@ def validate(cfg) -> None:
         check_range(path, OmegaConf.select(cfg, path), interval, optional=nullable[path])
 
 
+def private(cfg) -> bool:
+    """Whether the run trains privately: every engine but engine=nonprivate clips and adds noise."""
+    return cfg.engine.name != "nonprivate"
+
+
 def check_paths(cfg) -> None:
     """A path the user gave that must exist does (torchvision's download would otherwise create dataset.root, at
     the filesystem root for `dataset.root=/nonexistent`). Separate from `validate`: it is about this machine,
     not the command line (tests/test_readme.py validates the README's commands, whose folders are placeholders)."""
-    from omegaconf import OmegaConf
-
-    from dptrain.errors import UserError
-
     root = OmegaConf.select(cfg, "dataset.root")
     if root and not os.path.isdir(os.path.expanduser(str(root))):
         raise UserError(f"dataset.root={root}: directory not found (dptrain reads it, never creates it; for a "
@@ -222,9 +231,6 @@ def check_paths(cfg) -> None:
 
 
 def _check_known(node: dict, schema, prefix: str, error) -> None:
-    import dataclasses
-    import difflib
-
     if not dataclasses.is_dataclass(schema):
         return  # free-form dicts (model.kwargs) take any key
     fields = {f.name: getattr(schema, f.name) for f in dataclasses.fields(schema)}
@@ -238,8 +244,6 @@ def _check_known(node: dict, schema, prefix: str, error) -> None:
 
 
 def register() -> None:
-    from omegaconf import OmegaConf
-
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     # conf/train.yaml's hydra.run.dir and output_subdir: `resume=<run dir>` runs in that run's directory, and keeps

@@ -1,10 +1,14 @@
-"""The conf tree composes, is typed, and every group option is valid."""
+"""The conf tree composes, is typed, and every group option is valid; run.check_config refuses what it must."""
 
 import os
 
 import pytest
 from conftest import CONF
 from hydra.errors import ConfigCompositionException
+
+from dptrain.config import validate
+from dptrain.errors import UserError, check_range
+from dptrain.train.run import check_config
 
 
 def test_default_config(compose):
@@ -87,8 +91,6 @@ def test_every_numeric_knob_has_a_range():
     (True, "[0, 2)", False),
 ])
 def test_check_range(value, interval, ok):
-    from dptrain.errors import UserError, check_range
-
     if ok:
         check_range("x", value, interval)
     else:
@@ -110,9 +112,6 @@ def test_validate_passes_the_shipped_configs(compose):
 
 def test_unknown_keys_are_refused_with_the_nearest_name(compose):
     """Hydra suggests `+epoch=1` for a misspelled key; the schema cannot refuse an added key, validate() does."""
-    from dptrain.config import validate
-    from dptrain.errors import UserError
-
     with pytest.raises(UserError, match="unknown config key 'epoch'; did you mean 'epochs'"):
         validate(compose("+epoch=1"))
     with pytest.raises(UserError, match="unknown config key 'privacy.foo'; valid: accountant"):
@@ -163,3 +162,27 @@ def test_bad_numbers_and_unknown_keys_are_refused_before_torch_loads(tmp_path):
         assert p.stdout.split()[-2:] == ["2", "False"], p.stdout + p.stderr
         errors = [line for line in p.stderr.splitlines() if line.startswith("dptrain: error:")]
         assert len(errors) == 1 and message in errors[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("privacy.accountant=moments", "unknown accountant 'moments'; valid: prv, rdp, gdp"),
+    ("privacy.sampling=fixed", "unknown privacy.sampling 'fixed'; valid: poisson, shuffle"),
+    ("privacy.noise_multiplier=-1", "privacy.noise_multiplier must be > 0"),
+    ("max_grad_norm=0", "max_grad_norm must be > 0"),
+    ("privacy.noise_multiplier=nan", "privacy.noise_multiplier must be > 0 and finite, got nan"),
+    ("eps=inf", "eps must be > 0 and finite, got inf"),
+    ("delta=nan", r"delta must be in \(0, 1\), got nan"),
+    ("epochs=nan", "epochs must be > 0 and finite, got nan"),
+    ("eps=null", r"^eps must be > 0 \(got None\), or give privacy.noise_multiplier$"),
+    ("privacy.augmult=2", r"^privacy.augmult=2 needs dataset.augment=true \(identical copies add nothing\)$"),
+])
+def test_bad_privacy_input_is_refused_by_the_one_check(compose, override, message):
+    """run.check_config, before the data loads; the budget (budget.py) then checks only what needs n."""
+    with pytest.raises(UserError, match=message):
+        check_config(compose(override))
+
+
+def test_features_with_augmentation_need_augmult_2(compose):
+    with pytest.raises(UserError, match="dataset.features=scattering with dataset.augment=true stores two fixed views"):
+        check_config(compose("dataset.features=scattering", "dataset.augment=true"))
+    check_config(compose("dataset.features=scattering", "dataset.augment=true", "privacy.augmult=2"))

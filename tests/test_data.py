@@ -83,6 +83,21 @@ def test_folder_missing_split(tmp_path):
         create_dataset("folder", root=str(tmp_path))
 
 
+def test_the_settings_are_the_dataset_config(compose):
+    """create_dataset takes cfg.dataset (or a DatasetConfig, or a name and its fields); keywords replace fields, as a
+    run does with the model's input size."""
+    from dptrain.config import DatasetConfig
+
+    cfg = compose("dataset=fake", "dataset.size=16", "dataset.image_size=4")
+    node, by_name = create_dataset(cfg.dataset, seed=3), create_dataset("fake", size=16, image_size=4, seed=3)
+    typed = create_dataset(DatasetConfig(name="fake", size=16, image_size=4), seed=3)
+    assert torch.equal(node.train.tensors[0], by_name.train.tensors[0])
+    assert torch.equal(node.train.tensors[0], typed.train.tensors[0])
+    assert create_dataset(cfg.dataset, image_size=8).image_size == 8 and cfg.dataset.image_size == 4
+    with pytest.raises(TypeError):
+        create_dataset("fake", sizes=16)  # not a DatasetConfig field
+
+
 def test_validation_split_holds_out_training_data():
     data = create_dataset("digits", val_fraction=0.2)
     assert len(data.train) + len(data.test) == 1437 and len(data.test) == 287

@@ -1,4 +1,4 @@
-"""Fine-tuning (issue #28 item 5, issue #33): model.trainable's subsets are exact against the float64
+"""Fine-tuning: model.trainable's subsets are exact against the float64
 one-example-at-a-time reference; a dptrain model.pt fine-tunes with a new head; adapters that never run are refused."""
 
 import pytest

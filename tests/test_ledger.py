@@ -68,34 +68,32 @@ def test_ledger_rows_and_their_costs():
 def test_default_metrics_cost_two_percent_of_eps(compose):
     """eps=3: the model (with no prior) alone spends 98% of ε, the training metrics the rest; with a private held-out
     split, 96%, 98% with the training metrics, 100% with the validation reads."""
-    b = create_budget(compose("eps=3", "batch_size=100", "epochs=3"), 1000, private=True)
+    b = create_budget(compose("eps=3", "batch_size=100", "epochs=3"), 1000)
     model = epsilon_of([(b.noise_multiplier, 0.1, 30)], delta=1e-5, accountant="prv")
     assert 0.98 * 3 * (1 - 0.005) <= model <= 0.98 * 3
     assert 3 * (1 - 0.005) <= b.eps_spent(30) <= 3
     v = create_budget(compose("eps=3", "batch_size=100", "epochs=3", "dataset.val_fraction=0.1", "eval_every=1"),
-                      1000, private=True)
+                      1000)
     assert v.evaluated == (10, 20, 30) and v.val_noise is not None
     steps = [(v.noise_multiplier, 0.1, 30)]
     assert 0.96 * 3 * 0.995 <= epsilon_of(steps, delta=1e-5) <= 0.96 * 3
     assert 3 * (1 - 0.005) <= v.eps_spent(30) <= 3
-    none = create_budget(compose("eps=3", "batch_size=100", "epochs=3", "log.train_metrics=nonprivate"), 1000,
-                         private=True)
+    none = create_budget(compose("eps=3", "batch_size=100", "epochs=3", "log.train_metrics=nonprivate"), 1000)
     assert none.metrics_noise is None and none.excludes == ("training metrics",)
 
 
 def test_gdp_refuses_what_it_cannot_compose(compose):
     from dptrain.errors import UserError
 
-    assert create_budget(compose("privacy.accountant=gdp", "batch_size=100"), 1000, private=True).noise_multiplier
+    assert create_budget(compose("privacy.accountant=gdp", "batch_size=100"), 1000).noise_multiplier
     with pytest.raises(UserError, match="accountant=gdp composes only one"):
-        create_budget(compose("privacy.accountant=gdp", "batch_size=100", "dataset.val_fraction=0.1"), 1000,
-                      private=True)
+        create_budget(compose("privacy.accountant=gdp", "batch_size=100", "dataset.val_fraction=0.1"), 1000)
 
 
 @pytest.mark.parametrize("q,steps,every", [(0.178, 84, 1), (0.178, 84, 4), (0.3, 7, 0), (1.0, 3, 2), (0.07, 100, 3)])
 def test_evaluations_are_the_loops(q, steps, every):
     """evaluations() against run._train's schedule: epoch k ends at run._epoch_end(k), evaluated if due."""
-    from dptrain.train.run import _epoch_end
+    from dptrain.train.epochs import _epoch_end
 
     want, done, epoch = [], 0, 0
     while done < steps:

@@ -60,7 +60,7 @@ def test_run_composes_the_statistics_into_the_budget(quick, compose):
     s, run_dir = quick("dataset.normalize=dp", "eps=2")
     assert s[key.PRIOR] == [[8.0, 1.0, 2]]
     assert_eps_spent(s, target=2.0)  # Opacus' accountant over prior + training (conftest.accountant_eps)
-    alone = create_budget(compose("dataset=fake", "epochs=1", "batch_size=16", "eps=2"), 64, private=True)
+    alone = create_budget(compose("dataset=fake", "epochs=1", "batch_size=16", "eps=2"), 64)
     assert s[key.NOISE_MULTIPLIER] > alone.noise_multiplier  # training got less of ε
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert metrics[-1][key.EPS_SPENT] == pytest.approx(s[key.EPS_SPENT])
@@ -83,7 +83,7 @@ def test_secure_mode_draws_the_statistics_noise_from_the_os(monkeypatch):
     from dptrain.privacy.streams import Streams
 
     calls = []
-    monkeypatch.setattr("dptrain.privacy.streams.os_normal", lambda k: calls.append(k) or torch.zeros(k,
+    monkeypatch.setattr("dptrain.data.datasets.os_normal", lambda k: calls.append(k) or torch.zeros(k,
                                                                                                     dtype=torch.float64))
     create_dataset("fake", size=16, image_size=4, normalize="dp", streams=Streams(0, secure=True))
     assert calls == [3, 3]  # mean and mean-square queries, one draw per channel each
@@ -129,7 +129,7 @@ def test_scattering_features_are_cached_under_data_dir(tmp_path):
 
 
 def test_eval_every_zero_reads_the_test_split_once(quick, monkeypatch):
-    import dptrain.train.run as run_mod
+    import dptrain.train.epochs as run_mod
 
     calls = []
     real = run_mod.evaluate

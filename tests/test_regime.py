@@ -1,4 +1,4 @@
-"""The headline command does what users mean (issue #33): `dptrain model=beit dataset=cifar100 eps=1` fine-tunes
+"""The headline command does what users mean: `dptrain model=beit dataset=cifar100 eps=1` fine-tunes
 pretrained weights with the seed's recipe (regime=finetune, chosen by the model conf), any override wins, and the
 weights come from timm's loader — here from a Hugging Face cache the test writes, offline."""
 

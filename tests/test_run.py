@@ -104,7 +104,7 @@ def test_digits_learns(quick, compose, tmp_path):
     ("eps=-1", "eps must be > 0"),
     ("delta=0.5", "delta=0.5 must be in"),
     ("batch_size=100000", "batch_size=100000 must be between"),
-    ("model.name=resnet_does_not_exist", "unknown model 'resnet_does_not_exist'; conf names: cnn"),
+    ("model.name=resnet_does_not_exist", "unknown model 'resnet_does_not_exist'; conf names: beit, .*cnn"),
     ("dataset.name=imagenet", "unknown dataset 'imagenet'; valid: digits"),
     ("engine.name=fast", "unknown engine 'fast'; valid: mixed_ghost"),
     ("optimizer.name=lamb", "unknown optimizer 'lamb'"),
@@ -254,7 +254,7 @@ def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("eps=nan", "eps must be > 0 and finite, got nan"),  # issue #14: eps=inf trained at sigma = 10
+    ("eps=nan", "eps must be > 0 and finite, got nan"),
     ("eps=inf", "eps must be > 0 and finite, got inf"),
     ("delta=nan", "delta must be in (0, 1), got nan"),
     ("privacy.noise_multiplier=nan", "privacy.noise_multiplier must be > 0 and finite, got nan"),  # hung
@@ -444,7 +444,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsy
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the RSS high-water mark (Linux)")
 def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
     """A multirun sweep runs its jobs in one process: a job after a bigger one reports its own peak, not the
-    process's lifetime peak (issue #15: every later engine reported the earlier one's)."""
+    process's lifetime peak (else every later engine would report the earlier one's)."""
     import torch
 
     from dptrain.train import run as R
@@ -469,7 +469,7 @@ def test_summary_epochs_are_the_epochs_requested(quick):
     16 steps in 3 epochs of 5, 6 and 5 steps (with round(n / L) = 5 steps each they were 4 epochs, the last of one
     step), and summary.json says 3; on the digits default (q = 256/1437) 15 epochs, not 14."""
     from dptrain.privacy.accounting import steps_for
-    from dptrain.train.run import _epoch_end, _epochs_done
+    from dptrain.train.epochs import _epoch_end, _epochs_done
 
     s, run_dir = quick("batch_size=12", "epochs=3")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -485,8 +485,8 @@ def test_summary_epochs_are_the_epochs_requested(quick):
 
 @pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
 def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, engine):
-    """The bar shows ε spent from the first step — recomputed within the epoch (issue #30: it showed 0 for all of
-    epoch 1), not None —, none for a non-private run, and is kept on screen at the end."""
+    """The bar shows ε spent from the first step — recomputed within the epoch, not only at its start, and not
+    None —, none for a non-private run, and is kept on screen at the end."""
     made, postfixes = [], []
 
     class Bar:
@@ -504,7 +504,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
         def close(self):
             pass
 
-    monkeypatch.setattr("dptrain.train.run.tqdm", Bar)
+    monkeypatch.setattr("dptrain.train.epochs.tqdm", Bar)
     s, _ = quick(f"engine={engine}", "batch_size=12", "epochs=2")
     assert made[0]["leave"] is True
     if engine == "nonprivate":

@@ -1,4 +1,4 @@
-"""The terminal contract (issue #30): every bad command line is one line `<prog>: error: ...` on stderr, exit 2,
+"""The terminal contract: every bad command line is one line `<prog>: error: ...` on stderr, exit 2,
 nothing on stdout and nothing on disk; a run directory belongs to one live process."""
 
 import os
@@ -27,7 +27,7 @@ def _main(prog, argv, monkeypatch, capsys, cwd):
     return code, out, err
 
 
-BAD = [  # (override, what the one line says); measured before #30: Hydra's 6-25 lines and exit 1
+BAD = [  # (override, what the one line says); Hydra alone says 6-25 lines and exits 1
     ("model=nosuchmodel", "unknown model 'nosuchmodel'; valid: beit, beit_base, beit_large, cnn,"),
     ("engine=opacuss", "unknown engine 'opacuss'; valid: ghost, mixed_ghost, nonprivate, opacus, opacus_ghost"),
     ("foo=1", "unknown config key 'foo'"),
@@ -99,7 +99,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(monkeypatch, capsys, tmp_path
 
 def test_a_run_directory_belongs_to_one_process(monkeypatch, capsys, tmp_path):
     """Another live process holds the directory (here: a Claim in this process, a separate flock): the second run
-    is refused in one line and writes nothing there. Before #30 both ran, their metrics.jsonl interleaved."""
+    is refused in one line and writes nothing there. Both running would interleave their metrics.jsonl."""
     held = Claim(str(tmp_path / "r"))
     try:
         before = sorted(os.listdir(tmp_path / "r"))
@@ -116,7 +116,7 @@ def test_a_run_directory_belongs_to_one_process(monkeypatch, capsys, tmp_path):
 
 def test_an_error_is_printed_once_and_logged_in_the_run(monkeypatch, capsys, tmp_path):
     """A refusal after the run began writing (here: a diverged run) stays in its directory's cli.log; the
-    terminal gets the line once, on stderr (before #30: also a log line on stdout)."""
+    terminal gets the line once, on stderr (not also as a log line on stdout)."""
     args = [*TINY, "epochs=2", "optimizer.lr=1e38", "eps=null", "privacy.noise_multiplier=1",
             f"hydra.run.dir={tmp_path}/r"]
     code, out, err = _main("dptrain", args, monkeypatch, capsys, tmp_path)
@@ -141,11 +141,11 @@ def test_torchrun_says_it_once_from_rank_0(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# nonsense a run used to accept quietly (issue #30 item 4)
+# nonsense a run must not accept quietly
 
 
 def test_a_dataset_of_one_class_is_refused(quick, tmp_path):
-    """Before #30: a folder with one class trained and reported test acc 1.0000."""
+    """A folder with one class would train and report test acc 1.0000."""
     from test_data import write_folder
 
     from dptrain.errors import UserError
@@ -158,8 +158,8 @@ def test_a_dataset_of_one_class_is_refused(quick, tmp_path):
 
 
 def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quick, caplog):
-    """optimizer.lr=1e6: the loss stays finite (no divergence error) but is 10^5 × ln C. Before #30 the run
-    "finished successfully" without a word."""
+    """optimizer.lr=1e6: the loss stays finite (no divergence error) but is 10^5 × ln C. Without the warning the
+    run "finishes successfully" without a word."""
     import logging
 
     from dptrain import keys as key
@@ -178,7 +178,7 @@ def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quic
 
 
 def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_share(tmp_path, caplog):
-    """Before #30: tensors of another shape were skipped with an INFO line."""
+    """Tensors of another shape are skipped with a WARNING, not an INFO line."""
     import logging
 
     import torch
@@ -198,12 +198,12 @@ def test_a_checkpoint_partly_skipped_is_a_warning_naming_the_tensors_and_their_s
                  f"the model's values, trained from scratch: {', '.join(head[-2:])}")
 
 
-# the help page (issue #30 item 6)
+# the help page
 
 
 def test_help_is_a_page_with_every_headline_knob_its_range_and_five_examples_that_compose(monkeypatch, capsys,
                                                                                           tmp_path):
-    """Before #30: `dptrain --help` was Hydra's raw config dump, with no meaning, range or example."""
+    """Ours, not Hydra's raw config dump (which has no meaning, range or example)."""
     import shlex
 
     from dptrain import config
@@ -237,11 +237,11 @@ def test_help_for_a_group_lists_its_options_and_keys(monkeypatch, capsys, tmp_pa
     assert code == 2 and err.startswith("dptrain: error: unknown help topic 'engin'; valid: model, dataset, engine")
 
 
-# progress a person reads (issue #30 item 6)
+# progress a person reads
 
 
 def test_the_rule_table_and_checkpoint_lines_are_debug_when_nothing_is_on_the_fallback(quick, caplog):
-    """Before #30 every run printed a 9-line rule table and one checkpoint line per epoch at INFO."""
+    """The 9-line rule table and the per-epoch checkpoint lines are DEBUG, not INFO."""
     import logging
 
     with caplog.at_level(logging.INFO, logger="dptrain"):
@@ -252,13 +252,13 @@ def test_the_rule_table_and_checkpoint_lines_are_debug_when_nothing_is_on_the_fa
 
 
 def test_the_bar_eps_is_recomputed_within_an_epoch_at_a_bounded_cost():
-    """Before #30 the bar showed the epoch start's ε (0 for all of epoch 1)."""
+    """The bar's ε follows the steps within an epoch, not only the epoch start's."""
     import time
 
-    from dptrain.train.run import LiveEps
+    from dptrain.train.epochs import LiveEps
 
     class Budget:
-        noise_multiplier, calls = 1.0, []
+        private, calls = True, []
 
         def eps_spent(self, steps):
             self.calls.append(steps)
@@ -281,17 +281,17 @@ def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from dptrain.train.distributed import SINGLE
-    from dptrain.train.run import _bar_logging
+    from dptrain.train.epochs import bar_logging
 
     cfg = OmegaConf.create({"progress": True})
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    assert type(_bar_logging(cfg, SINGLE)) is type(logging_redirect_tqdm())
+    assert type(bar_logging(cfg, SINGLE)) is type(logging_redirect_tqdm())
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert type(_bar_logging(cfg, SINGLE)) is not type(logging_redirect_tqdm())
+    assert type(bar_logging(cfg, SINGLE)) is not type(logging_redirect_tqdm())
 
 
 def test_a_run_is_named_for_what_ran():
-    """Before #30: `vit_tiny_patch16_224` for a ViT run at patch 4 on 32x32 images."""
+    """Not only `vit_tiny_patch16_224` for a ViT run at patch 4 on 32x32 images."""
     from dptrain.cli.terminal import model_name
 
     vit = {"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}, "img_size": None}

@@ -11,6 +11,7 @@ import inspect
 import os
 
 from dptrain import config
+from dptrain.errors import check_name
 
 EXAMPLES = [
     ("dptrain", "a small CNN on the embedded digits data at eps = 3 (about 40 s on 2 CPU cores)"),
@@ -26,8 +27,6 @@ GROUPS = {"model": "ModelConfig", "dataset": "DatasetConfig", "engine": "EngineC
 
 def page(conf_dir: str, topic: str | None = None) -> str:
     """The help text: the overview, or one group's page. An unknown topic raises UserError."""
-    from dptrain.errors import check_name
-
     if topic is None:
         return _overview(conf_dir)
     check_name("help topic", topic, [*GROUPS, "experiment", "table"])
@@ -41,7 +40,7 @@ def _overview(conf_dir: str) -> str:
     out += _knobs(config.TrainConfig, "")
     out += ["", "groups (`dptrain --help <group>` for its options and keys):"]
     for g in [*GROUPS, "experiment", "table"]:
-        opts = _options(conf_dir, g)
+        opts = config.conf_options(g, conf_dir)
         if opts:
             out.append(f"  {g:<11}{', '.join(opts)}")
         else:
@@ -55,7 +54,7 @@ def _overview(conf_dir: str) -> str:
 
 def _group(conf_dir: str, group: str) -> str:
     out = [f"dptrain {group}=<option> and {group}.<key>=<value>", ""]
-    opts = _options(conf_dir, group)
+    opts = config.conf_options(group, conf_dir)
     if opts:
         out.append("options:")
         out += [f"  {o:<22}{_first_comment(os.path.join(conf_dir, group, o + '.yaml'))}" for o in opts]
@@ -103,11 +102,6 @@ def _field_comments(cls) -> dict[str, str]:
 
 def _sentence(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[:width - 1].rsplit(" ", 1)[0] + " …"
-
-
-def _options(conf_dir: str, group: str) -> list[str]:
-    d = os.path.join(conf_dir, group)
-    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml")) if os.path.isdir(d) else []
 
 
 def _first_comment(path: str) -> str:

@@ -7,8 +7,17 @@ run directory that @hydra.main creates before calling the task."""
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import sys
+import time
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dptrain.errors import UserError
 from dptrain.train.rundir import Claim
@@ -29,10 +38,6 @@ def compose(conf_dir: str, config_name: str, overrides: list[str], *, multirun: 
     """The composed configs (hydra node included) of `overrides`, or a one-line UserError. With --multirun, each
     value of a choice sweep (`eps=1,3`) is composed with the other overrides' first values; interval sweeps
     (optuna's) are left to the sweeper."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         variants = [list(overrides)]
@@ -59,18 +64,12 @@ def _sweep_variants(parsed) -> list[list[str]]:
 
 
 def _compose(conf_dir: str, config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         return hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
 
 
 def one_line(e: Exception, *, conf_dir: str = "", config_name: str = "train") -> str:
     """Hydra's and OmegaConf's composition errors as the sentence a user needs, on one line."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
     cause = e.__cause__ or e.__context__
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, name = e.missing_cfg_file.rpartition("/")
@@ -100,8 +99,6 @@ def unknown_key(key: str, *, conf_dir: str, config_name: str) -> str:
 
 
 def _known_keys(conf_dir: str, config_name: str) -> list[str]:
-    from omegaconf import OmegaConf
-
     try:
         cfg = _compose(conf_dir, config_name, [])
     except Exception:  # noqa: BLE001 - a suggestion is optional
@@ -139,8 +136,6 @@ def fail(prog: str, message: str, *, code: int = 2):
     """The one line on stderr and the exit code; nothing on stdout. Under torchrun only rank 0 says it (every
     rank meets the same command line); the others wait a moment first, as torchrun stops every worker as soon as
     one exits, and rank 0's line would be lost if another rank's exit came first."""
-    import time
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     else:
@@ -188,8 +183,6 @@ def run(main, claim: Claim | None) -> None:
 
 def without_hydra(cfg):
     """The composed config less its `hydra` node, as the task function receives it."""
-    from omegaconf import open_dict
-
     out = cfg.copy()
     with open_dict(out):
         out.pop("hydra", None)
@@ -198,8 +191,6 @@ def without_hydra(cfg):
 
 def log_to_files(logger, message: str) -> None:
     """`message` as an ERROR in the run's log files only (cli.log): the terminal already has its one line."""
-    import logging
-
     record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
     for h in logging.getLogger().handlers + logger.handlers:
         if isinstance(h, logging.FileHandler):

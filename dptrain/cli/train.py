@@ -10,10 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from dptrain import keys as key
-from dptrain.config import register
+from dptrain.cli import terminal
+from dptrain.cli.help import page
+from dptrain.config import CONF_DIR, ROOT, check_paths, register, validate
+from dptrain.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo/dptrain/<role>/x.py
-CONF_DIR = os.path.join(ROOT, "conf")
 register()
 
 
@@ -37,12 +38,7 @@ log = logging.getLogger("dptrain")
 def main():
     """Under torchrun, ranks > 0 send Hydra's own files to a temporary directory: rank 0 owns the run's. The
     command line is composed and checked before Hydra runs (terminal.py): a mistake is one line and exit 2."""
-    from dptrain.cli import terminal
-
     if sys.argv[1:2] in (["--help"], ["-h"]) and len(sys.argv) <= 3:  # ours; Hydra's is --hydra-help
-        from dptrain.cli.help import page
-        from dptrain.errors import UserError
-
         try:
             print(page(CONF_DIR, sys.argv[2] if len(sys.argv) == 3 else None))
         except UserError as e:
@@ -58,29 +54,19 @@ def main():
 
 def precheck(cfg) -> None:
     """What the command line alone can show wrong: numbers and keys (config.validate), or a path that must exist
-    and does not — resume=, dataset.root= (each would be created)."""
-    from dptrain.cli.terminal import without_hydra
-    from dptrain.config import check_paths, validate
-    from dptrain.errors import UserError
-
+    and does not — resume=, dataset.root= (each would be created). The run checks everything else once torch has
+    loaded (run.check_config)."""
     if cfg.resume:
         if not os.path.isdir(str(cfg.resume)):
             raise UserError(f"resume={cfg.resume}: not a directory")
         return
-    validate(without_hydra(cfg))
+    validate(terminal.without_hydra(cfg))
     check_paths(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg) -> float:
-    from dptrain.config import validate
-    from dptrain.errors import UserError
-
-    if not cfg.resume:  # numbers and keys need neither torch nor timm: refused before they load (seconds)
-        try:
-            validate(cfg)
-        except UserError as e:
-            _fail(e)
+    # torch and timm load for the run only: --help and a refused command line answer without them
     from dptrain.privacy import CoverageError
     from dptrain.train.checkpoint import resume_config
     from dptrain.train.distributed import init
@@ -108,15 +94,13 @@ def _main(cfg) -> float:
 
 def _fail(e: Exception):
     """A user's mistake: one line on stderr (in cli.log too), exit 2."""
-    from dptrain.cli.terminal import fail, log_to_files
-
-    log_to_files(log, str(e))
-    fail("dptrain", str(e))
+    terminal.log_to_files(log, str(e))
+    terminal.fail("dptrain", str(e))
 
 
 def interrupted(run_dir: str) -> str:
     """Ctrl-C's one line: whether the run can be continued, and the command that does it."""
-    from dptrain.train.checkpoint import FILE
+    from dptrain.train.checkpoint import FILE  # torch: loaded with the run, not at the CLI's start
 
     if os.path.isfile(os.path.join(run_dir, FILE)):
         return f"dptrain: interrupted; continue the run with: dptrain resume={run_dir} (its last checkpoint)"
@@ -132,10 +116,9 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
         priv += f"; eps excludes {' and '.join(s[key.EPS_EXCLUDES])} (log.*=nonprivate)"
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
-    from dptrain.cli.terminal import model_name
-
     config = s.get(key.CONFIG) or {}
-    model = model_name(config.get("model") or {"name": s[key.MODEL]}, (config.get("dataset") or {}).get("image_size"))
+    model = terminal.model_name(config.get("model") or {"name": s[key.MODEL]},
+                                (config.get("dataset") or {}).get("image_size"))
     init = f" ({s[key.INIT]})" if s.get(key.INIT) else ""  # "fine-tuned from <weights>" / "from scratch"
     return (f"{model}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "

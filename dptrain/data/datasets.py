@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import transforms as T
 
-from dptrain.data.store import Features, cached
+from dptrain.config import DatasetConfig
+from dptrain.data.features import FEATURES
+from dptrain.data.store import CACHE_MAX_SIZE, Features
 from dptrain.errors import UserError, check_name, lookup
-from dptrain.privacy.streams import Streams
+from dptrain.privacy.streams import Streams, os_normal
 
 log = logging.getLogger("dptrain.data")
 
-# DATASETS (name → loader) and FEATURES (name → feature map) follow their functions, below
+# DATASETS (name → loader) follows the loaders, below; FEATURES (name → feature map): features.py
 STATS = {  # per-channel mean/std of the training split, for from-scratch models
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-CACHE_MAX_SIZE = 64  # decode into memory up to this image size
 
 
 @dataclass
@@ -52,44 +56,47 @@ class Data:
     test_flip: bool = False
 
 
-def create_dataset(name: str, *, root: str | None = None, image_size: int | None = None, mean=None, std=None,
-                   download: bool = True, cache: bool = True, val_fraction: float = 0.0, seed: int = 0,
-                   size: int = 512, num_classes: int = 10, channels: int = 3, data_dir: str = "data",
-                   features: str = "none", normalize: str = "none", normalize_noise: float = 8.0,
-                   normalize_clip: float = 2.0, augment: bool = False, tta: bool = False,
-                   streams: Streams | None = None) -> Data:
-    """Each loader takes the keyword arguments it needs and ignores the rest (e.g. `size` is fake's only).
+def create_dataset(ds: DatasetConfig | str, *, seed: int = 0, data_dir: str = "data", mean=None, std=None,
+                   streams: Streams | None = None, **fields) -> Data:
+    """ds: the dataset settings (cfg.dataset), or a dataset name; `fields` set or replace DatasetConfig's fields (e.g.
+    image_size: the model's input size where the config gives none). Each loader takes what it needs.
     seed: the run's seed; fake data and the validation split use its "data" and "split" streams.
+    mean, std: the normalisation a pretrained model expects (default: the dataset's own statistics).
     normalize=dp: per-channel statistics of the training examples by the Gaussian mechanism (_dp_normalize), its
     noise from `streams`' "norm" stream (OS entropy in secure mode); recorded in Data.prior.
     augment with features: the features of each training image's mirror image too, as a second view (Data.views).
     tta: evaluate on each held-out example and its mirror image, averaging the softmax (Data.test_views / test_flip);
     with features it needs `augment` (the held-out part of a validation split has its mirror image's features then)."""
-    load = lookup("dataset", name, DATASETS)
-    if name == "folder" and not root:  # not the data_dir default: a path the user never gave
+    ds = DatasetConfig(name=ds, **fields) if isinstance(ds, str) else replace(_settings(ds), **fields)
+    load = lookup("dataset", ds.name, DATASETS)
+    if ds.name == "folder" and not ds.root:  # not the data_dir default: a path the user never gave
         raise UserError("dataset=folder needs dataset.root=<a folder with train/<class>/*.jpg and test/<class>/*.jpg>")
-    featurize = lookup("dataset.features", features, FEATURES)
-    check_name("dataset.normalize", normalize, NORMALIZE)
-    data = load(root=root or os.path.join(data_dir, name), image_size=image_size, mean=mean, std=std,
-                download=download, cache=cache, seed=Streams(seed).seed_for("data"), size=size,
-                num_classes=num_classes, channels=channels)
-    if tta and features != "none" and not augment:
-        raise UserError(f"dataset.tta=true with dataset.features={features} evaluates on the mirror images' features, "
-                        "computed with the training images': set dataset.augment=true (and privacy.augmult=2)")
-    data = featurize(data, cache_dir=os.path.join(data_dir, "features"), flips=augment, tta=tta)
-    data.test_flip = tta and features == "none"  # images: flipped on the fly by `evaluate`
-    if val_fraction > 0:
-        data = _validation_split(data, val_fraction, Streams(seed).seed_for("split"))
-    if normalize == "dp":  # after the split: the statistics read the examples trained on, never the held-out ones
+    featurize = lookup("dataset.features", ds.features, FEATURES)
+    check_name("dataset.normalize", ds.normalize, NORMALIZE)
+    data = load(root=ds.root or os.path.join(data_dir, ds.name), image_size=ds.image_size, mean=mean, std=std,
+                download=ds.download, cache=ds.cache, seed=Streams(seed).seed_for("data"), size=ds.size,
+                num_classes=ds.num_classes, channels=ds.channels)
+    if ds.tta and ds.features != "none" and not ds.augment:
+        raise UserError(f"dataset.tta=true with dataset.features={ds.features} evaluates on the mirror images' "
+                        "features, computed with the training images': set dataset.augment=true (and "
+                        "privacy.augmult=2)")
+    data = featurize(data, cache_dir=os.path.join(data_dir, "features"), flips=ds.augment, tta=ds.tta)
+    data.test_flip = ds.tta and ds.features == "none"  # images: flipped on the fly by `evaluate`
+    if ds.val_fraction > 0:
+        data = _validation_split(data, ds.val_fraction, Streams(seed).seed_for("split"))
+    if ds.normalize == "dp":  # after the split: the statistics read the examples trained on, never the held-out ones
         streams = streams if streams is not None else Streams(seed)
-        data = _dp_normalize(data, noise=normalize_noise, clip=normalize_clip, normal=_normals(streams))
+        data = _dp_normalize(data, noise=ds.normalize_noise, clip=ds.normalize_clip, normal=_normals(streams))
     return data
+
+
+def _settings(ds) -> DatasetConfig:
+    """cfg.dataset (an OmegaConf node) as a DatasetConfig."""
+    return ds if isinstance(ds, DatasetConfig) else DatasetConfig(**OmegaConf.to_container(ds, resolve=True))
 
 
 def _normals(streams: Streams):
     """n → n draws of N(0, 1), float64: the "norm" stream, or the OS's CSPRNG in secure mode."""
-    from dptrain.privacy.streams import os_normal
-
     if streams.secure:
         return os_normal
     g = streams.generator("norm")
@@ -123,7 +130,7 @@ def _dp_normalize(data: Data, *, noise: float, clip: float, normal) -> Data:
 
     def per_example() -> tuple[torch.Tensor, torch.Tensor]:
         """Each example's per-channel mean and mean square, (n, C) each in float64, in one pass over the (possibly
-        stored, feature_store.py) examples, 1024 at a time: ~0.8 GB of buffers for CIFAR's two feature views (all at
+        stored, store.py) examples, 1024 at a time: ~0.8 GB of buffers for CIFAR's two feature views (all at
         once: 25 GB). The same values for any chunk size: each row's own reduction."""
         means, squares = [], []
         for i in range(0, n, 1024):
@@ -158,53 +165,10 @@ def _affine(ds: Dataset, m: torch.Tensor, inv: torch.Tensor) -> Dataset:
 NORMALIZE = ("none", "dp")
 
 
-def _scattering(data: Data, *, cache_dir: str | None = None, flips: bool = False, tta: bool = False) -> Data:
-    """Replace the images by a fixed, data-independent feature map, computed once for both splits:
-    the ScatterNet of Tramèr & Boneh 2021 (kymatio Scattering2D, J=2, 8 angles): (C, H, W) →
-    (81·C, H/4, W/4). It has no parameters and reads no other example, so precomputing it costs no privacy
-    and the per-example gradients of the model on top stay exact; it only rules out per-step augmentation.
-    flips: also the features of each training image flipped left-right (another fixed, per-example map), as a
-    second view: train's examples become (2, 81·C, H/4, W/4), and both views of an example are trained on as one
-    example (privacy.augmult=2). The flip changes the ScatterNet's angles, not only the map's columns, so the
-    flipped features are computed, not derived.
-    tta: the test split's likewise, (2, 81·C, H/4, W/4), for test-time augmentation (Data.test_views).
-    Each array is computed 1024 images at a time into its own .npy file under cache_dir and read a batch at a time
-    (feature_store.py): the features never sit in memory whole."""
-    if not isinstance(data.train, TensorDataset):
-        raise UserError(f"dataset.features=scattering needs the images in memory: image size ≤ {CACHE_MAX_SIZE} "
-                        "and dataset.cache=true")
-    if data.image_size % 4:
-        raise UserError(f"dataset.features=scattering needs an image size divisible by 4, got {data.image_size}")
-    # kymatio.torch also imports its 3-D frontend, which needs scipy.special.sph_harm (gone from recent SciPy)
-    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
-    scatter = ScatteringTorch2D(J=2, shape=(data.image_size, data.image_size))
-    log.info("scattering features for %d + %d images", len(data.train), len(data.test))
-
-    def features(x: torch.Tensor, flip: bool):  # (N, C, H, W) images → (N, 81·C, H/4, W/4), cached
-        def blocks():
-            with torch.no_grad():
-                for i in range(0, len(x), 1024):
-                    chunk = x[i : i + 1024]
-                    yield scatter(chunk.flip(-1) if flip else chunk).flatten(1, 2)
-
-        # the cache key: the unflipped images and the transform's name
-        return cached(cache_dir, "scattering-J2-L8" + ("-hflip" if flip else ""), x, blocks)
-
-    (x, y), (xt, yt) = data.train.tensors, data.test.tensors
-    train = [features(x, False)] + ([features(x, True)] if flips else [])
-    test = [features(xt, False)] + ([features(xt, True)] if tta else [])
-    data.views, data.test_views = len(train), len(test)
-    data.in_chans, data.image_size = test[0].shape[1], test[0].shape[-1]
-    data.train, data.test = Features(train, y), Features(test, yt)
-    data.name += "-scattering"
-    return data
-
-
-FEATURES = {"none": lambda data, **_: data, "scattering": _scattering}
 
 
 def _digits(*, image_size: int | None, **_) -> Data:
+    # scikit-learn and torchvision (below): loaded only for the dataset that needs them
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -233,8 +197,6 @@ def _fake(*, size: int | None, num_classes: int | None, channels: int | None, im
 
 
 def _transform(image_size: int | None, mean, std):
-    from torchvision import transforms as T
-
     steps = [T.Resize(image_size), T.CenterCrop(image_size)] if image_size else []
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
@@ -253,8 +215,6 @@ def _images(name: str, splits, *, root, image_size, mean, std, download, cache, 
 
 
 def _materialise(ds: Dataset) -> TensorDataset:
-    from torch.utils.data import DataLoader
-
     xs, ys = [], []
     for x, y in DataLoader(ds, batch_size=512, num_workers=min(4, os.cpu_count() or 1)):
         xs.append(x)
@@ -275,7 +235,7 @@ class BadImage(UserError):
 def _load_image(path: str):
     """ImageFolder's loader (PIL, RGB), with a file that does not decode (truncated, corrupt, not an image) as a
     one-line error naming it instead of PIL's traceback from inside a DataLoader worker."""
-    from torchvision.datasets.folder import default_loader
+    from torchvision.datasets.folder import default_loader  # torchvision: loaded for image datasets only
 
     try:
         return default_loader(path)
@@ -286,7 +246,7 @@ def _load_image(path: str):
 
 
 def _folder(root: str, tf, **_):
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder  # torchvision: loaded for image datasets only
 
     dirs = [os.path.join(root, s) for s in ("train", "test")]
     for d in dirs:
@@ -303,9 +263,9 @@ def _folder(root: str, tf, **_):
 
 
 def _cifar_splits(torchvision_class: str, root: str, tf, *, name: str, download: bool):
-    from torchvision import datasets
+    import torchvision.datasets  # torchvision's datasets: loaded for image datasets only
 
-    base = getattr(datasets, torchvision_class)
+    base = getattr(torchvision.datasets, torchvision_class)
     return tuple(_cifar(base, name, root, train, tf, download) for train in (True, False))
 
 
@@ -320,8 +280,6 @@ def _cifar(base, name: str, root: str, train: bool, tf, download: bool):
             return all(os.path.isfile(os.path.join(folder, f)) for f in files)
 
         def _load_meta(self) -> None:
-            import pickle
-
             with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -373,8 +331,6 @@ def _subset(ds: Dataset, idx: list[int]) -> Dataset:
         return ds.subset(idx)  # an index into the stored rows, not a copy
     if isinstance(ds, TensorDataset):
         return TensorDataset(*(t[idx] for t in ds.tensors))
-    from torch.utils.data import Subset
-
     return Subset(ds, idx)
 
 
@@ -387,8 +343,6 @@ def batches(ds: Dataset, index_batches, *, num_workers: int = 0, pin_memory: boo
             batch = ds[idx]  # (x[idx], y[idx]): one gather, no per-example calls
             yield tuple(t.pin_memory() if pin_memory and t.device.type == "cpu" else t for t in batch)
         return
-    from torch.utils.data import DataLoader
-
     # generator: the loader draws its workers' base seed when it starts; from torch's global generator (dropout's)
     # that draw would shift dropout after a mid-epoch resume (checkpoint.py). The transforms are deterministic.
     loader = DataLoader(ds, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,

@@ -6,8 +6,7 @@ normalised copy, plus a stacked copy of the views) took a run to 23.4 GB. Here e
 by chunk, to a .npy file in the feature cache, and a batch reads only its own rows from it (`NpyRows`): the file's
 pages sit in the OS page cache — shared, evictable, not this process's resident memory — and the values are the
 very float32 bytes that were computed, so training on them is bit-identical to training on the tensors.
-`Features` is the dataset over them: its views stay separate arrays, stacked per batch; a validation split is an
-index into them; the DP normalisation is an affine map applied to each batch read.
+`Features` is the dataset over them: views stay separate arrays, stacked per batch; a validation split is an index.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 log = logging.getLogger("dptrain.data")
+CACHE_MAX_SIZE = 64  # image datasets are decoded into memory up to this image size (datasets.py)
 
 
 class NpyRows:

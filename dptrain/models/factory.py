@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
 import os
 
+import timm
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from dptrain import keys as key
+from dptrain.config import CONF_DIR, conf_options
 from dptrain.errors import UserError
 
 log = logging.getLogger("dptrain.models")
 
-# conf/model names → timm names (any other timm name works through model.name too)
-CONF_MODELS = {
-    "cnn": "cnn", "scatter_cnn": "scatter_cnn",
-    "resnet18": "resnet18", "resnet50": "resnet50", "vgg11": "vgg11_bn", "vgg19": "vgg19_bn",
-    "vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-    "beit_base": "beit_base_patch16_224.in22k_ft_in22k_in1k",
-    "beit_large": "beit_large_patch16_224.in22k_ft_in22k_in1k",
-    # the short names (conf/model/<name>.yaml says which size each one is)
-    "beit": "beit_base_patch16_224.in22k_ft_in22k_in1k", "vit": "vit_base_patch16_224", "resnet": "resnet18",
-    "vgg": "vgg11_bn",
-}
+BUILT_IN = ("cnn", "scatter_cnn")  # the models defined here; every other name is timm's
+
+
+@functools.cache
+def conf_models() -> dict[str, str]:
+    """conf/model/<option>.yaml → the model.name it sets: the conf names, the one list of them (a run composes
+    model=<option> into its model.name; create_model also takes the option itself, as the bench does)."""
+    return {o: OmegaConf.load(os.path.join(CONF_DIR, "model", f"{o}.yaml")).name for o in conf_options("model")}
 
 
 class CNN(nn.Module):
@@ -117,15 +118,13 @@ def fix_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 def timm_name(name: str) -> str:
-    return CONF_MODELS.get(name, name)
+    return conf_models().get(name, name)
 
 
 def data_config(name: str, pretrained: bool) -> dict:
     """The input size and normalisation a pretrained timm model expects ({} for from-scratch models)."""
-    if not pretrained or timm_name(name) in ("cnn", "scatter_cnn"):
+    if not pretrained or timm_name(name) in BUILT_IN:
         return {}
-    import timm
-
     cfg = timm.models.get_pretrained_cfg(timm_name(name))
     if cfg is None:
         return {}
@@ -138,7 +137,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: in
     if name == "timm":  # conf/model/timm.yaml's placeholder: the user gave no name
         raise UserError("model=timm needs a timm model name: dptrain model=timm model.name=<name> (e.g. convnext_atto; "
                         "python -c 'import timm; print(timm.list_models())')")
-    if pretrained and name in ("cnn", "scatter_cnn"):
+    if pretrained and name in BUILT_IN:
         raise UserError(f"model={name} has no pretrained weights: train it from scratch (regime=scratch, or "
                         "model.pretrained=false)")
     pretrained = pretrained and not checkpoint  # model.checkpoint's weights replace timm's: no download
@@ -171,10 +170,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: in
 
 
 def _timm(name, *, num_classes, in_chans, img_size, pretrained, **kwargs):
-    import timm
-
     if not timm.is_model(name):
-        raise UserError(f"unknown model '{name}'; conf names: {', '.join(CONF_MODELS)}; or any timm name "
+        raise UserError(f"unknown model '{name}'; conf names: {', '.join(conf_models())}; or any timm name "
                         "(python -c 'import timm; print(timm.list_models())')")
     if kwargs and set(kwargs) <= {"channels", "hidden", "act", "norm", "pool"}:
         raise UserError(f"model.kwargs {dict(kwargs)} are the small CNN's settings (conf/model/cnn.yaml); for a timm "
@@ -214,8 +211,6 @@ def _weights_missing(name: str, e: Exception) -> str:
     """The one line for pretrained weights that cannot be had (offline, no cache): which weights, and the ways out.
     timm fetches them from the Hugging Face hub into its cache ($HF_HOME/hub) once; HF_HUB_OFFLINE=1 reads that
     cache without asking the network (otherwise each file is retried for ~1 min before this error)."""
-    import timm
-
     cfg = timm.models.get_pretrained_cfg(name)
     where = ((cfg.hf_hub_id and f"hf-hub:{cfg.hf_hub_id}") or cfg.url or cfg.file) if cfg else None
     if where is None or "No pretrained weights exist" in str(e):

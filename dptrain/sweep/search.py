@@ -18,9 +18,16 @@ import shutil
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Transformer
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+
+from dptrain import keys as key
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon_of
 from dptrain.sweep.tuning import DISTRIBUTIONS, check_space, draw_trials, eps_incl_tuning, os_rng
+from dptrain.train.ledger import history_of
 
 TUNING_FILE = "tuning.json"
 
@@ -28,8 +35,6 @@ TUNING_FILE = "tuning.json"
 def parse_space(params: dict | None) -> dict:
     """params (key → Hydra sweep syntax: `a,b,c`, choice(...), range(...), interval(a, b), tag(log, interval(a, b)))
     → key → a function of a numpy generator returning the value's override string."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     space = {}
     for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in (params or {}).items()]):
         space[override.get_key_element()] = _sampler(override)
@@ -38,8 +43,6 @@ def parse_space(params: dict | None) -> dict:
 
 
 def _sampler(override):
-    from hydra.core.override_parser.types import Transformer
-
     key = override.get_key_element()
     if not override.is_sweep_override():
         value = override.get_value_element_as_str()
@@ -85,8 +88,6 @@ def silenced():
 
 def run_trials(launcher, arguments: list[str], space: dict, k: int) -> list[tuple]:
     """K trials, one at a time: [(score or None, run dir or None)] — a failed trial scores None."""
-    from hydra.core.utils import JobStatus
-
     rng, out = os_rng(), []
     for _ in range(k):
         seed = int.from_bytes(os.urandom(8), "little") >> 2  # each trial its own noise and sampler streams
@@ -122,9 +123,6 @@ def select(sweep_dir: Path, results: list[tuple]) -> Path | None:
 def record(sweep_dir: Path, selected: Path | None, *, distribution: str, mean: float, shape: float,
            params: dict) -> dict:
     """tuning.json: the search's settings, the selected run and ε including the tuning (never K)."""
-    from dptrain import keys as key
-    from dptrain.train.ledger import history_of
-
     info = {"hparams_search": "private", "distribution": distribution, "mean": mean,
             "shape": shape if distribution != "poisson" else None, "params": dict(params or {}),
             "bound": "Papernot & Steinke 2022, " + ("Theorem 6" if distribution == "poisson" else "Theorem 2"),
@@ -148,12 +146,8 @@ def record(sweep_dir: Path, selected: Path | None, *, distribution: str, mean: f
 
 def search(sweeper, arguments: list[str]) -> dict:
     """The sweeper's sweep(): draw K, run the trials, select, record, print one summary line."""
-    from omegaconf import OmegaConf
-
     try:
         check_settings(sweeper.distribution, sweeper.mean, sweeper.shape)
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(arguments)):
             raise UserError("hparams_search=private draws values from hydra.sweeper.params: give the searched keys "
                             "there, not as comma lists on the command line")

@@ -1,21 +1,10 @@
 """Private hyperparameter search: random search whose number of trials K is itself random and secret, each trial a
 full DP run, only the best released (Papernot & Steinke, "Hyperparameter Tuning with Renyi Differential Privacy",
-ICLR 2022; arXiv 2110.03620).
-
-K is drawn from OS entropy, from a truncated negative binomial D_{η,γ} (P[K=k] ∝ C(k+η-1, k)(1-γ)^k, k ≥ 1; η = 1 the
-geometric, η = 0 the logarithmic distribution) or a Poisson of mean μ (K = 0 releases nothing). If one trial is
-(λ, ε_λ)-RDP for every order λ, the search is (λ, ε'_λ)-RDP with
-    Theorem 2 (truncated negative binomial, E[K] its mean):
-        ε'_λ = ε_λ + (1+η)·min_λ̂ [(1 - 1/λ̂)·ε_λ̂ + log(1/γ)/λ̂] + log(E[K])/(λ - 1)
-    Theorem 6 (Poisson of mean μ), with ε̂ = log(1 + 1/(λ-1)) and δ̂ the trial's δ at ε̂ (from its RDP curve):
-        ε'_λ = ε_λ + μ·δ̂ + log(μ)/(λ - 1)
-and (ε, δ) follows from ε'_λ by the usual RDP conversion. A trial's RDP curve is its ledger's (every release of the
-run: model, DP statistics, metrics; ledger.history) through Opacus' RDP analysis, whatever accountant the run used.
+ICLR 2022; arXiv 2110.03620): K's distributions (draw_trials) and the search's RDP bound (tuning_rdp).
 
 Fail closed: a trial must not reveal K — the trials other than the best are deleted, the sweep's console output
 and logs during the trials are discarded, each trial draws its own seed from the OS (no two share noise); the search
-space may not contain a key that changes a trial's privacy budget (so every trial has the same RDP curve, and the
-bound holds for the mechanism "draw hyperparameters, train" as a whole).
+space may not contain a key that changes a trial's privacy budget (so every trial has the same RDP curve).
 """
 
 from __future__ import annotations
@@ -24,6 +13,8 @@ import math
 import os
 
 import numpy as np
+
+from dptrain.errors import UserError
 
 DISTRIBUTIONS = ("truncated_negative_binomial", "poisson")
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
@@ -73,7 +64,7 @@ def draw_trials(distribution: str, mean: float, shape: float, rng: np.random.Gen
 
 def rdp_curve(history: list, orders=ORDERS) -> np.ndarray:
     """A run's RDP ε_λ at each order: its mechanisms (σ, q, steps) composed, by Opacus' RDP analysis."""
-    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.analysis.rdp import compute_rdp  # opacus: an optional extra, loaded on use
 
     with np.errstate(divide="ignore"):
         return sum((compute_rdp(q=q, noise_multiplier=s, steps=t, orders=list(orders)) for s, q, t in history),
@@ -91,7 +82,12 @@ def delta_at(orders, rdp, eps: float) -> float:
 
 
 def tuning_rdp(orders, rdp, *, distribution: str, mean: float, shape: float) -> np.ndarray:
-    """ε'_λ of the search from one trial's ε_λ: Theorem 2 (truncated negative binomial) or 6 (Poisson)."""
+    """ε'_λ of the search from one trial's ε_λ (the trial's whole ledger, ledger.history, whatever accountant it
+    used). K ~ D_{η,γ}, P[K=k] ∝ C(k+η-1, k)(1-γ)^k, k ≥ 1 (η = 1 the geometric, η = 0 the logarithmic), Theorem 2:
+        ε'_λ = ε_λ + (1+η)·min_λ̂ [(1 - 1/λ̂)·ε_λ̂ + log(1/γ)/λ̂] + log(E[K])/(λ - 1)
+    K ~ Poisson(μ) (K = 0 releases nothing), Theorem 6, with ε̂ = log(1 + 1/(λ-1)) and δ̂ the trial's δ at ε̂:
+        ε'_λ = ε_λ + μ·δ̂ + log(μ)/(λ - 1)
+    (ε, δ) follows by the usual RDP conversion (delta_at)."""
     orders, rdp = np.asarray(orders, dtype=float), np.asarray(rdp, dtype=float)
     out = np.full(len(orders), math.inf)
     if distribution == "poisson":
@@ -110,7 +106,7 @@ def tuning_rdp(orders, rdp, *, distribution: str, mean: float, shape: float) -> 
 
 def eps_incl_tuning(history: list, *, delta: float, distribution: str, mean: float, shape: float) -> tuple:
     """(ε, order) of the whole search at δ, from one trial's mechanisms."""
-    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from opacus.accountants.analysis.rdp import get_privacy_spent  # opacus: an optional extra, loaded on use
 
     rdp = tuning_rdp(ORDERS, rdp_curve(history), distribution=distribution, mean=mean, shape=shape)
     finite = np.isfinite(rdp)
@@ -120,8 +116,6 @@ def eps_incl_tuning(history: list, *, delta: float, distribution: str, mean: flo
 
 def check_space(params: dict) -> None:
     """Refuse a searched key that changes a trial's budget (module docstring)."""
-    from dptrain.errors import UserError
-
     for k in params:
         if k in BUDGET_KEYS or any(p.endswith(".") and k.startswith(p) for p in BUDGET_KEYS):
             raise UserError(f"hparams_search=private cannot search '{k}': it changes each trial's privacy budget, "

@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 
 from dptrain import keys as key
-from dptrain.config import validate
-from dptrain.errors import UserError, check_name
-from dptrain.privacy.accounting import ACCOUNTANTS, default_delta, epsilon_of, steps_for
-from dptrain.train.ledger import METRIC_MODES, calibrate_metrics, evaluations, joint_sigma, loss_clip
+from dptrain.config import private
+from dptrain.errors import UserError
+from dptrain.privacy.accounting import default_delta, epsilon_of, steps_for
+from dptrain.train.ledger import calibrate_metrics, entries, evaluations, joint_sigma, loss_clip
 
 log = logging.getLogger("dptrain")
 SAMPLING = ("poisson", "shuffle")
@@ -41,6 +41,10 @@ class Budget:
     loss_clip: float | None = None
     excludes: tuple = ()
 
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
     def history(self, steps: int) -> list[tuple]:
         """The accountant's mechanisms (σ, q, steps) after `steps` training steps, in ledger order."""
         out = [tuple(m) for m in self.prior]
@@ -54,15 +58,13 @@ class Budget:
     def eps_spent(self, steps: int) -> float | None:
         """ε after `steps` steps — every release of the ledger composed — by the accountant that calibrated σ;
         None for a non-private run."""
-        if self.noise_multiplier is None:
+        if not self.private:
             return None
         return epsilon_of(self.history(steps), delta=self.delta, accountant=self.accountant)
 
     def summary(self, steps_done: int) -> dict:
         """The summary's privacy/... keys, ε spent after `steps_done` steps included."""
-        from dptrain.train.ledger import entries
-
-        private = self.noise_multiplier is not None
+        private = self.private
         return {key.EPS: self.eps, key.DELTA: self.delta, key.NOISE_MULTIPLIER: self.noise_multiplier,
                 key.ACCOUNTANT: self.accountant, key.SAMPLING: self.sampling, key.EPS_GUARANTEED: self.eps_guaranteed,
                 key.SECURE: self.secure, key.SECURE_NOISE: self.secure, key.SAMPLE_RATE: self.sample_rate,
@@ -72,29 +74,22 @@ class Budget:
                 key.EPS_EXCLUDES: list(self.excludes) if private else None}
 
 
-def create_budget(cfg, n: int, *, private: bool, secure: bool = False, prior: tuple = (),
-                  num_classes: int = 10) -> Budget:
-    """Validate the training inputs (cfg: a TrainConfig) for a training set of `n` examples and fix the budget.
-    prior: mechanisms (σ, q, steps) already run on these examples (data.Data.prior); σ is calibrated so that
-    training composed with them and with the metric releases (ledger.py; their loss clip from num_classes)
-    spends eps."""
-    validate(cfg)  # every number finite and in range (config.RANGES); run.py checks them before the data loads too
-    _check_training_inputs(cfg, n)
+def create_budget(cfg, n: int, *, secure: bool = False, prior: tuple = (), num_classes: int = 10) -> Budget:
+    """Fix the budget of a checked config (config.check_config) for a training set of `n` examples, after the
+    checks that need n. prior: mechanisms (σ, q, steps) already run on these examples (data.Data.prior); σ is
+    calibrated so that training composed with them and with the metric releases (ledger.py; their loss clip from
+    num_classes) spends eps."""
+    if not 1 <= cfg.batch_size <= n:
+        raise UserError(f"batch_size={cfg.batch_size} must be between 1 and the training set size n={n}")
     q = cfg.batch_size / n
     steps = steps_for(cfg.epochs, q)
-    if not private:
+    if not private(cfg):
         return Budget(sample_rate=q, steps=steps)
     p = cfg.privacy
-    check_name("accountant", p.accountant, ACCOUNTANTS)
-    check_name("privacy.sampling", p.sampling, SAMPLING)
     delta = cfg.delta if cfg.delta is not None else default_delta(n)
     if not 0 < delta < 1 / n:
         raise UserError(f"delta={delta} must be in (0, 1/n) = (0, {1 / n:.3g}) for n={n} training examples")
-    if cfg.eps is None and p.noise_multiplier is None:
-        raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
     lg, val = cfg.log, cfg.dataset.val_fraction > 0  # val: the evaluation split is held out of the private set
-    check_name("log.train_metrics", lg.train_metrics, METRIC_MODES)
-    check_name("log.val_metrics", lg.val_metrics, METRIC_MODES)
     evaluated = evaluations(q, steps, cfg.eval_every) if val and lg.val_metrics == "dp" else ()
     try:
         plan = calibrate_metrics(eps=cfg.eps if p.noise_multiplier is None else None, sigma=p.noise_multiplier,
@@ -115,11 +110,3 @@ def create_budget(cfg, n: int, *, private: bool, secure: bool = False, prior: tu
                   metrics_noise=plan.metrics_noise, val_noise=plan.val_noise, evaluated=evaluated,
                   loss_clip=loss_clip(num_classes, lg.loss_clip_factor), excludes=excludes)
 
-
-def _check_training_inputs(cfg, n: int) -> None:
-    L = cfg.batch_size
-    if not 1 <= L <= n:
-        raise UserError(f"batch_size={L} must be between 1 and the training set size n={n}")
-    if cfg.privacy.augmult > 1 and not cfg.dataset.augment:
-        raise UserError(f"privacy.augmult={cfg.privacy.augmult} needs dataset.augment=true (identical copies add "
-                        "nothing)")

@@ -1,27 +1,12 @@
-"""The privacy ledger (issue 31): every release derived from the private training examples, its mechanism and its
-cost, and the noise of the metric releases.
+"""The privacy ledger: every release derived from the private training examples, its mechanism and its cost, and
+the noise of the metric releases.
 
-A run releases, besides the model (every DP-SGD iterate), the DP normalisation statistics (data.py), the training
-metrics (train/loss, train/acc each epoch) and, with dataset.val_fraction > 0, the metrics of a held-out split of the
-private training set (test/acc, test/loss). Each is a Gaussian mechanism; `privacy/eps_spent` is their composition
-in the run's accountant (Opacus' PRV / RDP / GDP), and σ is calibrated with the metric queries composed in, so the
-target ε holds for the whole run.
-
-Training metrics (log.train_metrics=dp): in every step, on the step's own Poisson batch, two sums over its examples
-— the cross-entropy clipped to C = log.loss_clip_factor · log(num_classes) (data-independent), and correctness (an
-example's mean over its augmented rows: in [0, 1]) — each plus Gaussian noise N(0, (σ_m·C)²), N(0, σ_m²). The epoch's
-value is its noisy sums ÷ the expected count (steps · L), as DP-SGD divides by L, put back into [0, C] and [0, 1]
-(post-processing). The step's gradient query and
-these two share one sampled batch, so (with each normalised by its noise) the step is ONE subsampled Gaussian
-mechanism of sensitivity √(1/σ² + 2/σ_m²): training with metrics is training at σ_joint = (σ⁻² + 2σ_m⁻²)^(-1/2),
-exactly — no looser composition of separately sampled mechanisms.
-Validation metrics (log.val_metrics=dp, held-out private split of n_val examples, read at `evaluations` steps): the
-clipped loss and the correct count over the split, each plus N(0, (σ_v·C)²), N(0, σ_v²), ÷ n_val: two full-batch
-(q = 1) Gaussian mechanisms per evaluation, (σ_v, 1, 2·E) in the accountant as the normalisation's are.
-By default each metric release costs log.metrics_eps_fraction (2%) of ε: the composition without it spends
-(1 - 2%)·ε, with it ε (calibrate_metrics).
-n (the training set size, hence q) is public, as everywhere in DP-SGD accounting; so are the realised batch sizes
-that perf/samples_per_s counts (a function of n and the sampler's draws only).
+A run releases, besides the model (every DP-SGD iterate), the DP normalisation statistics (data/datasets.py), the
+training metrics (TrainMetrics) and, with dataset.val_fraction > 0, the metrics of a held-out split of the private
+training set (release_validation). Each is a Gaussian mechanism; `privacy/eps_spent` is their composition in the run's
+accountant, and σ is calibrated with the metric queries composed in (calibrate_metrics), so the target ε holds for the
+whole run. n (hence q) is public, as everywhere in DP-SGD accounting; so are the realised batch sizes that
+perf/samples_per_s counts (a function of n and the sampler's draws only).
 """
 
 from __future__ import annotations
@@ -29,10 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dptrain.privacy.accounting import calibrate, epsilon_of, noise_multiplier_for
+from dptrain.privacy.streams import KEYS, os_normal
 
 METRIC_MODES = ("dp", "none", "nonprivate")
 
@@ -44,15 +31,17 @@ def loss_clip(num_classes: int, factor: float) -> float:
 
 def joint_sigma(sigma: float, metrics_noise: float | None) -> float:
     """σ of the step's one subsampled Gaussian: the gradient (sensitivity R, noise σR) and the two metric sums
-    (sensitivities C and 1, noise σ_m·C and σ_m) on the same batch, each divided by its noise scale."""
+    (sensitivities C and 1, noise σ_m·C and σ_m) on the same batch, each divided by its noise scale: the step is ONE
+    subsampled Gaussian mechanism of sensitivity √(1/σ² + 2/σ_m²), exactly — no looser composition of separately
+    sampled mechanisms."""
     if metrics_noise is None:
         return sigma
     return (sigma ** -2 + 2 * metrics_noise ** -2) ** -0.5
 
 
 def evaluations(sample_rate: float, steps: int, eval_every: int) -> tuple[int, ...]:
-    """The steps after which run._train evaluates: epoch k ends at min(steps, round(k / q)) (run._epoch_end); it
-    evaluates after every eval_every-th epoch and after the last."""
+    """The steps after which epochs.train_epochs evaluates: epoch k ends at min(steps, round(k / q))
+    (epochs._epoch_end); it evaluates after every eval_every-th epoch and after the last."""
     out, epoch, end = [], 0, 0
     while end < steps:
         epoch += 1
@@ -76,7 +65,8 @@ def calibrate_metrics(*, eps: float | None, sigma: float | None, delta: float, s
                       accountant: str, prior: tuple, train_dp: bool, val_evals: int, fraction: float) -> Plan:
     """σ, σ_m, σ_v so that the whole run composes to `eps`, the metrics costing `fraction` of it each: the model
     (with `prior`) alone spends (1 - f_t - f_v)·eps; with the training metrics (1 - f_v)·eps; with the validation
-    metrics eps. With σ given (eps None): the same shares of ε(σ) / (1 - f_t - f_v)."""
+    metrics eps. With σ given (eps None): the same shares of ε(σ) / (1 - f_t - f_v). The default fraction
+    (log.metrics_eps_fraction) is 2%."""
     f_t, f_v = (fraction if train_dp else 0.0), (fraction if val_evals else 0.0)
     prior = [tuple(m) for m in prior]
 
@@ -114,15 +104,9 @@ class MetricNoise:
     released draw (a reused draw would cancel in a difference); from the OS in secure mode (streams.os_normal)."""
 
     def __init__(self, streams, sub: int):
-        from dptrain.privacy.streams import KEYS
-
         self.seed, self.secure, self.key = streams.seed, streams.secure, (KEYS["metrics"], sub)
 
     def draw(self, index: int, n: int) -> torch.Tensor:
-        import numpy as np
-
-        from dptrain.privacy.streams import os_normal
-
         if self.secure:
             return os_normal(n)
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(*self.key, int(index))))
@@ -130,15 +114,18 @@ class MetricNoise:
 
 
 class TrainMetrics:
-    """train/loss and train/acc of an epoch, as loop.train_one_epoch computes them. mode dp: the step's clipped loss
-    and correctness sums plus noise (noise=False on the ranks other than 0 of a data-parallel run: the noise is added
-    once, to rank 0's part), ÷ steps·L; nonprivate: the exact means over the examples seen."""
+    """train/loss and train/acc of an epoch, as loop.train_one_epoch computes them. mode dp: in every step, on the
+    step's own Poisson batch, two sums over its examples — the cross-entropy clipped to C = log.loss_clip_factor ·
+    log(num_classes) (data-independent), and correctness (an example's mean over its augmented rows: in [0, 1]) —
+    each plus N(0, (σ_m·C)²), N(0, σ_m²) (noise=None on the ranks other than 0 of a data-parallel run: the noise is
+    added once, to rank 0's part); the epoch's value is its noisy sums ÷ steps·L, as DP-SGD divides by L (joint_sigma:
+    the step stays one Gaussian). nonprivate: the exact means over the examples seen."""
 
     def __init__(self, *, mode: str, clip: float, noise_multiplier: float | None, expected_batch_size: int,
                  noise: MetricNoise | None):
         self.mode, self.clip, self.sigma, self.L, self.noise = mode, clip, noise_multiplier, expected_batch_size, noise
         self._loss = self._correct = 0.0
-        self.index = 0  # the run's step about to be taken (run.py sets it at each epoch start): the noise's key
+        self.index = 0  # the run's step about to be taken (epochs.py sets it at each epoch start): the noise's key
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         """One physical batch's logits (B·K, classes) for labels (B,): K rows per example (augmult, views)."""
@@ -171,7 +158,8 @@ class TrainMetrics:
 def release_validation(result: dict, *, mode: str, clip: float, noise_multiplier: float | None,
                        noise: MetricNoise | None, index: int) -> dict:
     """The held-out private split's metrics as released: under dp its clipped loss sum (loop.evaluate's loss_clip)
-    and correct count plus N(0, (σ_v·C)²), N(0, σ_v²), ÷ n_val; none: nothing; nonprivate: as computed."""
+    and correct count plus N(0, (σ_v·C)²), N(0, σ_v²), ÷ n_val — two full-batch (q = 1) Gaussian mechanisms per
+    evaluation, (σ_v, 1, 2·E) in the accountant as the normalisation's are; none: nothing; nonprivate: as computed."""
     if mode == "none":
         return {"acc": None, "loss": None}
     if mode == "nonprivate":

@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dptrain import keys as key
-from dptrain.config import check_paths, validate
-from dptrain.data.datasets import NORMALIZE, Data, create_dataset
+from dptrain.cli.terminal import model_name
+from dptrain.config import check_paths, private, validate
+from dptrain.data.datasets import Data, create_dataset
 from dptrain.engines import ENGINES, PRECISIONS, Engine, create_engine
 from dptrain.errors import Diverged, UserError, check_name
 from dptrain.models.factory import checkpoint_provenance, create_model, data_config, grad_checkpointing
 from dptrain.models.finetune import check_adapters_run, count_trainable, merge_lora, prepare, weights_from
 from dptrain.privacy import CLIPPING
+from dptrain.privacy.accounting import ACCOUNTANTS
 from dptrain.privacy.sampling import PoissonSampler, ShuffleSampler
 from dptrain.train import checkpoint as ckpt
-from dptrain.train.allocator import keep_freed_memory, trim_freed_memory
-from dptrain.train.budget import Budget, create_budget
+from dptrain.train.allocator import keep_freed_memory
+from dptrain.train.budget import SAMPLING, Budget, create_budget
 from dptrain.train.distributed import SINGLE, Dist
-from dptrain.train.ledger import MetricNoise, TrainMetrics, release_validation
-from dptrain.train.loop import evaluate, train_one_epoch
+from dptrain.train.epochs import Trained, bar_logging, train_epochs
+from dptrain.train.ledger import METRIC_MODES, MetricNoise, TrainMetrics
 from dptrain.train.optim import create_optimizer, create_schedule
 from dptrain.train.outputs import NullTracker, Tracker, git_state, machine, peak_memory_mb, reset_peak_memory
 from dptrain.train.seeding import create_streams
@@ -42,9 +42,9 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     adds its canaries through them; a plain run never builds one.
     dist: this process's place in a data-parallel run (torchrun; distributed.py): rank 0 owns `run_dir`."""
     t_start, git = time.time(), git_state()  # the code that runs, even if HEAD moves meanwhile
-    commit = git[key.COMMIT]
-    run_dir, resumed = _prepare(cfg, run_dir, dist)  # config checked before anything loads; resume's state
-    streams = create_streams(cfg)  # every random stream from cfg.seed, or OS entropy (privacy/streams.py)
+    check_config(cfg)  # every check that needs no data, before anything loads
+    streams = create_streams(cfg, restarts=dist.enabled or bool(cfg.resume))  # from cfg.seed, or OS entropy
+    run_dir, resumed = _prepare(cfg, run_dir, dist)  # a resumed run's directory and state
     torch.manual_seed(streams.seed_for("model"))
     device = dist.place(_device(cfg.device))
     reset_peak_memory(device)  # perf/peak_mem_mb: this run's peak, not an earlier job's of the same sweep process
@@ -59,10 +59,7 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     dist.broadcast_module(model)
     if dist.enabled:  # dropout / drop-path: each rank its own draws (the weights are rank 0's, above)
         torch.manual_seed(streams.seed_for("model", *dist.substream))
-    checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)  # a private run's ε composes
-    weights = {key.INIT: weights_from(model, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint),
-               key.TRAINABLE: cfg.model.trainable, key.TRAINABLE_PARAMS: count_trainable(model)}
-    log.info("%s, model.trainable=%s", weights[key.INIT], cfg.model.trainable)
+    checkpoint, weights = _provenance(cfg, data, model)
     ema = _ema(model, cfg.privacy.ema)
     optimizer = create_optimizer(cfg.optimizer, model)
     scheduler = create_schedule(cfg.optimizer.schedule, optimizer, budget.steps)
@@ -76,16 +73,17 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
     # random crops and flips at each step; stored views (features) are fixed: no augmentation stream
     augment = streams.generator("augment", *dist.substream) if cfg.dataset.augment and data.views == 1 else None
     saver = ckpt.Checkpointer(run_dir, every_s=cfg.checkpoint.every_s,
-                              config=OmegaConf.to_container(cfg, resolve=True), commit=commit, budget=budget,
+                              config=OmegaConf.to_container(cfg, resolve=True), commit=git[key.COMMIT], budget=budget,
                               model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, engine=engine,
                               sampler=sampler, augment=augment, t_start=t_start, dist=dist)
     saver.start(resumed)  # status.json "running"; a resumed run's state restored
     t_start = saver.t_start  # a resumed run's: its earlier parts' seconds included
     try:
-        with _bar_logging(cfg, dist):
-            trained = _train(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
-                             tracker=tracker, augment=augment, device=device, saver=saver, dist=dist,
-                             metrics=_train_metrics(cfg, budget, streams, dist), streams=streams)
+        with bar_logging(cfg, dist):
+            trained = train_epochs(cfg, engine, sampler, data, budget, model=model, ema=ema, scheduler=scheduler,
+                                   tracker=tracker, augment=augment, device=device, memory_format=_memory_format(cfg),
+                                   saver=saver, dist=dist, metrics=_train_metrics(cfg, budget, streams, dist),
+                                   streams=streams)
     except Diverged as e:  # failed.json with the ε those steps spent; no model.pt, no summary.json
         err = _failed(cfg, data, budget, e, tracker=tracker, t_start=t_start, commit=git)
         saver.failed()
@@ -95,9 +93,17 @@ def run(cfg, run_dir: str, *, hooks=None, dist: Dist = SINGLE) -> dict:
         # LoRA adapters merged: model.pt is the plain architecture (finetune.merge_lora)
         torch.save(merge_lora(engine.detach()).state_dict(), os.path.join(run_dir, "model.pt"))
     return dist.from_rank0(lambda: _finish(cfg, data, budget, trained, streams=streams, checkpoint=checkpoint,
-                                           weights=weights,
-                                           device=device, t_start=t_start, commit=git, tracker=tracker,
-                                           saver=saver, dist=dist))  # written by rank 0, returned on every rank
+                                           weights=weights, device=device, t_start=t_start, commit=git,
+                                           tracker=tracker, saver=saver, dist=dist))  # rank 0's, on every rank
+
+
+def _provenance(cfg, data: Data, model) -> tuple[dict | None, dict]:
+    """Where the starting weights came from (a private run's ε composes with theirs) and what trains."""
+    checkpoint = checkpoint_provenance(cfg.model.checkpoint, dataset=data.name)
+    weights = {key.INIT: weights_from(model, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint),
+               key.TRAINABLE: cfg.model.trainable, key.TRAINABLE_PARAMS: count_trainable(model)}
+    log.info("%s, model.trainable=%s", weights[key.INIT], cfg.model.trainable)
+    return checkpoint, weights
 
 
 def _budget(cfg, data: Data, streams, resumed: dict | None, dist: Dist) -> Budget:
@@ -105,32 +111,16 @@ def _budget(cfg, data: Data, streams, resumed: dict | None, dist: Dist) -> Budge
     n = len(data.train)
     if resumed:
         return ckpt.resumed_budget(resumed, n=n, batch_size=cfg.batch_size)
-    return dist.from_rank0(lambda: create_budget(cfg, n, private=cfg.engine.name != "nonprivate",
-                                                 secure=streams.secure, prior=data.prior,
+    return dist.from_rank0(lambda: create_budget(cfg, n, secure=streams.secure, prior=data.prior,
                                                  num_classes=data.num_classes))
 
 
 def _train_metrics(cfg, budget: Budget, streams, dist: Dist) -> TrainMetrics:
     """train/loss and train/acc as log.train_metrics says (ledger.py); a non-private run's exactly. The noise once,
     on rank 0's part of each step's sums."""
-    mode = cfg.log.train_metrics if budget.noise_multiplier is not None else "nonprivate"
+    mode = cfg.log.train_metrics if budget.private else "nonprivate"
     return TrainMetrics(mode=mode, clip=budget.loss_clip, noise_multiplier=budget.metrics_noise,
                         expected_batch_size=cfg.batch_size, noise=MetricNoise(streams, 0) if dist.is_main else None)
-
-
-def _validate(cfg, budget: Budget, data: Data, model, *, streams, device, epoch: int, done: int) -> dict:
-    """The evaluation split's acc and loss as released: the test split's exactly (public); a held-out split of the
-    private training set (dataset.val_fraction > 0) as log.val_metrics says, noised under dp (ledger.py)."""
-    private = cfg.dataset.val_fraction > 0 and budget.noise_multiplier is not None
-    mode = cfg.log.val_metrics if private else "nonprivate"
-    if mode == "dp" and done not in budget.evaluated:  # the budget counted these evaluations only
-        raise RuntimeError(f"evaluation at step {done} is not in the budget's {budget.evaluated}")
-    if mode == "none":
-        return {"acc": None, "loss": None}
-    result = evaluate(model, data.test, device=device, num_workers=cfg.dataset.num_workers, views=data.test_views,
-                      flip=data.test_flip, loss_clip=budget.loss_clip if mode == "dp" else None)
-    return release_validation(result, mode=mode, clip=budget.loss_clip, noise_multiplier=budget.val_noise,
-                              noise=MetricNoise(streams, 1), index=epoch)
 
 
 def _engine(cfg, model, optimizer, budget: Budget, streams, dist: Dist) -> Engine:
@@ -152,8 +142,6 @@ def _sampler(cfg, n: int, budget: Budget, streams, hooks, dist: Dist):
 
 
 def _log_setup(cfg, data: Data, budget: Budget) -> None:
-    from dptrain.cli.terminal import model_name
-
     log.info("%s on %s (n=%d, %d classes, %dx%d) with %s: q=%.4g, %d steps, sigma=%s, delta=%s",
              model_name(OmegaConf.to_container(cfg.model)), data.name, len(data.train), data.num_classes,
              data.image_size, data.image_size,
@@ -179,17 +167,39 @@ def _finish(cfg, data: Data, budget: Budget, trained, *, streams, checkpoint, we
     return summary
 
 
+def check_config(cfg) -> None:
+    """Every check of the config that needs no data, made once, first, by every run (`run`): keys and numbers
+    (config.validate, also the CLI's check before torch loads), names, and what the settings need of each other.
+    What needs the training set's size is budget.py's; the dataset's own names, data's."""
+    validate(cfg)
+    check_name("engine", cfg.engine.name, ENGINES)
+    check_name("precision", cfg.precision, PRECISIONS)
+    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
+    _check_views(cfg)
+    if private(cfg):  # a non-private run has no accountant, sampling rule or metric noise to name
+        check_name("accountant", cfg.privacy.accountant, ACCOUNTANTS)
+        check_name("privacy.sampling", cfg.privacy.sampling, SAMPLING)
+        check_name("log.train_metrics", cfg.log.train_metrics, METRIC_MODES)
+        check_name("log.val_metrics", cfg.log.val_metrics, METRIC_MODES)
+        if cfg.eps is None and cfg.privacy.noise_multiplier is None:
+            raise UserError("eps must be > 0 (got None), or give privacy.noise_multiplier")
+
+
+def _check_views(cfg) -> None:
+    """Augmentation multiplicity and the views it needs: fresh augmentations, or features' two fixed views."""
+    ds, augmult = cfg.dataset, cfg.privacy.augmult
+    if augmult > 1 and not ds.augment:
+        raise UserError(f"privacy.augmult={augmult} needs dataset.augment=true (identical copies add nothing)")
+    # features are computed once, before training: the only augmentation is a second fixed view per example (the
+    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
+    if ds.features != "none" and ds.augment and augmult != 2:
+        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
+                        f"example (the image and its mirror image): set privacy.augmult=2 (got {augmult}), or "
+                        "dataset.augment=false")
+
+
 def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
-    """Every check that needs no data (check_config), the run directory (a resumed run's own; rank 0's under
-    torchrun) and a resumed run's checkpoint."""
-    check_config(cfg)
-    if cfg.dataset.normalize == "dp" and (cfg.privacy.secure or cfg.privacy.secure_noise) and (dist.enabled or
-                                                                                              cfg.resume):
-        # seeded, the statistics are redrawn identically (one release); from the OS, each process or resume would
-        # release another estimate that the budget does not count
-        raise UserError("dataset.normalize=dp with privacy.secure draws the statistics' noise from the OS once per "
-                        "process: not under torchrun or resume=; run it in one uninterrupted process, or without "
-                        "privacy.secure")
+    """The run directory (a resumed run's own; rank 0's under torchrun) and a resumed run's checkpoint."""
     # resume=<run dir>: continue that run (checkpoint.py). Under torchrun rank 0 reads and checks its checkpoint
     # (on as many processes as wrote it) and sends it to every rank, each of which restores its own part
     resumed = dist.from_rank0(lambda: ckpt.load(cfg, world_size=dist.world_size)) if cfg.resume else None
@@ -200,32 +210,13 @@ def _prepare(cfg, run_dir: str, dist: Dist) -> tuple[str, dict | None]:
     return run_dir, resumed
 
 
-def check_config(cfg) -> None:
-    """Every check that needs no data: numbers in range, keys and names known (also tests/test_readme.py's)."""
-    validate(cfg)  # every numeric knob finite and in range (config.RANGES), every key known
-    check_name("engine", cfg.engine.name, ENGINES)
-    check_name("precision", cfg.precision, PRECISIONS)
-    check_name("engine.clipping", cfg.engine.clipping, CLIPPING)
-    check_name("dataset.normalize", cfg.dataset.normalize, NORMALIZE)
-
-
 def _data(cfg, streams) -> Data:
     """The dataset, at the input size and normalisation the model wants."""
     check_paths(cfg)  # dataset.root exists: a download would create it
     want = data_config(cfg.model.name, cfg.model.pretrained)
     ds = cfg.dataset
-    # features are computed once, before training: the only augmentation is a second fixed view per example (the
-    # mirror image's features), and each step trains on both (augmentation multiplicity 2)
-    if ds.features != "none" and ds.augment and cfg.privacy.augmult != 2:
-        raise UserError(f"dataset.features={ds.features} with dataset.augment=true stores two fixed views of each "
-                        f"example (the image and its mirror image): set privacy.augmult=2 (got "
-                        f"{cfg.privacy.augmult}), or dataset.augment=false")
-    data = create_dataset(ds.name, root=ds.root, image_size=ds.image_size or want.get("image_size"),
-                          mean=want.get("mean"), std=want.get("std"), download=ds.download, cache=ds.cache,
-                          val_fraction=ds.val_fraction, seed=cfg.seed, size=ds.size, num_classes=ds.num_classes,
-                          channels=ds.channels, data_dir=cfg.data_dir, features=ds.features, normalize=ds.normalize,
-                          normalize_noise=ds.normalize_noise, normalize_clip=ds.normalize_clip,
-                          augment=ds.augment and ds.features != "none", tta=ds.tta, streams=streams)
+    data = create_dataset(ds, image_size=ds.image_size or want.get("image_size"), seed=cfg.seed,
+                          data_dir=cfg.data_dir, mean=want.get("mean"), std=want.get("std"), streams=streams)
     if data.num_classes < 2:  # one class: every prediction is right, and the reported accuracy says nothing
         raise UserError(f"dataset '{data.name}' has {data.num_classes} class; classification needs at least 2 (a "
                         "folder dataset: one subfolder per class under train/ and test/)")
@@ -254,184 +245,6 @@ def _model(cfg, data: Data, device: torch.device, wrap=None) -> torch.nn.Module:
 
 def _memory_format(cfg):
     return torch.channels_last if cfg.model.channels_last else None  # NHWC: faster CPU convs, same values
-
-
-@dataclass
-class Trained:
-    """What the epochs leave for the summary."""
-
-    last: dict  # the last epoch's metrics.jsonl line
-    epochs: float  # expected passes over the training set (_epochs_done)
-    steps: int
-    examples: int  # examples trained on, over all steps
-    step_times: list[float]  # seconds per optimizer step
-    train_s: float
-    warnings: list[str]  # summary.json's: what was logged as WARNING (_loss_warning)
-
-
-def _train(cfg, engine: Engine, sampler, data: Data, budget: Budget, *, model, ema, scheduler, tracker, augment,
-           device, saver: ckpt.Checkpointer, dist: Dist = SINGLE, metrics: TrainMetrics | None = None,
-           streams=None) -> Trained:
-    """Epochs of ≈ n / L logical batches (_epoch_end; the last one shorter) until the budget's steps are taken; after
-    each, evaluate `model` (its EMA if any), checkpoint, and log one metrics.jsonl line (rank 0: the evaluation,
-    ε, the bar; the checkpoint is every rank's call, written by rank 0 with each rank's own state). Also
-    checkpoints after a step when `saver` is due (under torchrun: rank 0's decision, on every rank). A resumed run
-    starts at its checkpoint's position."""
-    steps, q = budget.steps, budget.sample_rate
-    at = saver.position  # zeros, or where a resumed run's checkpoint left off
-    bar = tqdm(total=steps, initial=at.steps, disable=None if cfg.progress and dist.is_main else True,
-               dynamic_ncols=True, leave=True)  # kept on screen when the run ends
-    it, done, seen, times, epoch, rows = saver.batches(sampler), at.done, at.seen, list(at.times), at.epoch, at.rows
-    row = rows[-1] if rows else {}
-    cap = metrics.clip if metrics is not None and metrics.mode == "dp" else None  # the released loss's bound
-    warnings = [w for w in [_loss_warning(rows, data.num_classes, cfg.optimizer.lr, cap)] if w]  # a resumed run's
-    t_train = time.perf_counter() - at.train_s
-    # the bar's ε: the last epoch end's, or the prior's before the first; refreshed within an epoch when the bar shows
-    live = LiveEps(budget, row[key.EPS_SPENT] if key.EPS_SPENT in row else budget.eps_spent(0), on=not bar.disable)
-    while done < steps:
-        epoch += 1
-        logical = [next(it) for _ in range(max(1, _epoch_end(epoch, q, steps) - done))]
-        totals = at.totals if epoch == at.epoch + 1 else {}  # a checkpoint inside this epoch: its steps are taken
-        n = len(logical)
-        here = ckpt.Position(epoch - 1, done, seen, times, totals, rows)  # inside this epoch, as totals grow
-
-        def on_step(loss, ex, secs, base=seen, epoch=epoch, here=here, n=n):
-            trim_freed_memory()  # keep_freed_memory's heap, fragmented by steps of varying size (allocator.py)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, **_loss_postfix(loss, metrics), **_eps_postfix(live.at(bar.n)),
-                            samples_s=f"{(base + ex) / max(time.perf_counter() - t_train, 1e-9):.0f}")
-            if len(here.totals["step_times"]) < n and saver.due():  # the epoch's last step: its end checkpoints
-                here.train_s = time.perf_counter() - t_train
-                saver.save(here)
-
-        if metrics is not None:  # the key of the noise of the epoch's first step not yet taken
-            metrics.index = done + len(totals.get("step_times", ()))
-        try:
-            stats = train_one_epoch(engine, data.train, logical[len(totals.get("step_times", ())):],
-                                    physical_batch_size=cfg.physical_batch_size, device=device,
-                                    num_workers=cfg.dataset.num_workers, augment_gen=augment,
-                                    augmult=cfg.privacy.augmult, views=data.views, ema=ema, scheduler=scheduler,
-                                    memory_format=_memory_format(cfg), on_step=on_step, totals=totals,
-                                    metrics=metrics)
-        except BaseException as e:  # Diverged, Ctrl-C: the bar ends its line before the CLI's one line
-            bar.close()
-            if isinstance(e, Diverged):
-                e.steps += done  # the run's steps, not the epoch's
-            raise
-        done += len(logical)
-        stats.update(_released(stats, metrics, dist))
-        seen += stats["examples"]
-        times += stats["step_times"]
-        if dist.is_main:
-            # eval_every=0: only after the last epoch, so a reported row's test split is read once
-            due = done >= steps or (cfg.eval_every and epoch % cfg.eval_every == 0)
-            test = (_validate(cfg, budget, data, ema.module if ema is not None else model, streams=streams,
-                              device=device, epoch=epoch, done=done) if due else {"acc": None, "loss": None})
-            row = {key.EPOCH: epoch, key.STEP: done, key.TRAIN_LOSS: stats["loss"], key.TRAIN_ACC: stats["acc"],
-                   key.TEST_ACC: test["acc"], key.TEST_LOSS: test["loss"], key.EPS_SPENT: budget.eps_spent(done)}
-            rows.append(row)
-            live.value = row[key.EPS_SPENT]
-        # before the line leaves the process: a resumed run then never logs (releases) a step twice. Every rank
-        # (torchrun: each sends rank 0 its own state; rank 0 writes)
-        saver.save(ckpt.Position(epoch, done, seen, times, {}, rows, time.perf_counter() - t_train),
-                   eps_spent=row.get(key.EPS_SPENT))
-        if not dist.is_main:
-            continue
-        tracker.log(row)
-        if (warning := _loss_warning(rows, data.num_classes, cfg.optimizer.lr, cap)) and warning not in warnings:
-            log.warning("%s", warning)
-            warnings.append(warning)
-        bar.set_postfix(epoch=epoch, **_loss_postfix(stats["loss"], metrics), **_eps_postfix(row[key.EPS_SPENT]),
-                        acc="-" if test["acc"] is None else f"{test['acc']:.3f}")
-    bar.close()
-    return Trained(last=row, epochs=_epochs_done(epoch, done, q), steps=done, examples=seen, step_times=times,
-                   train_s=time.perf_counter() - t_train, warnings=warnings)
-
-
-def _loss_warning(rows: list[dict], num_classes: int, lr: float, cap: float | None = None) -> str | None:
-    """The released training loss (cross-entropy) says the weights are running away (lr=1e6 once "finished
-    successfully" at loss 5.9e5): two orders of magnitude above a uniform guess's, ln C — or, when the loss is
-    released privately (each example's clipped to `cap`, log.train_metrics=dp), at 90% of that cap, i.e. nearly
-    every example's loss above it. Read from the released values only, so the warning is post-processing of what
-    the ledger counts. None: no sign of it."""
-    chance = math.log(max(num_classes, 2))
-    limit = 100 * chance if cap is None else 0.9 * cap
-    for r in rows:
-        loss = r.get(key.TRAIN_LOSS)
-        if loss is not None and loss >= limit:
-            what = (f"{loss / chance:.3g}x that of a uniform guess" if cap is None else
-                    f"at the released loss's per-example bound ({cap:.2f}: {cap / chance:.3g}x that of a uniform "
-                    "guess)")
-            return (f"train loss {loss:.3g} in epoch {r[key.EPOCH]} is {what} (ln {num_classes} = {chance:.2f}): "
-                    f"training is diverging; lower optimizer.lr (now {lr:g})")
-    return None
-
-
-class LiveEps:
-    """ε spent for the progress bar, recomputed within an epoch (it showed epoch 1's start, 0, for all of epoch 1)
-    — but a PRV accountant call takes 0.3-0.8 s on 2 cores, longer than many steps: recomputed only once the time
-    since the last call is 50× that call's, so the bar costs the run at most ~2% (nothing without a bar)."""
-
-    def __init__(self, budget: Budget, value, *, on: bool):
-        self.budget, self.value, self.on, self.next_at = budget, value, on and budget.noise_multiplier is not None, 0.0
-
-    def at(self, steps: int):
-        now = time.perf_counter()
-        if self.on and now >= self.next_at:
-            self.value = self.budget.eps_spent(steps)
-            self.next_at = time.perf_counter() + 50 * (time.perf_counter() - now)
-        return self.value
-
-
-def _bar_logging(cfg, dist: Dist):
-    """While the progress bar shows (a terminal, rank 0), log lines go through tqdm.write: printed above the bar,
-    not glued onto it with a stale copy of the bar left behind."""
-    import contextlib
-    import sys
-
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    shows = cfg.progress and dist.is_main and sys.stderr.isatty()
-    return logging_redirect_tqdm() if shows else contextlib.nullcontext()
-
-
-def _released(stats: dict, metrics: TrainMetrics | None, dist: Dist) -> dict:
-    """The epoch's train loss and accuracy as released: the sums over the ranks (noised once, on rank 0) ÷ the
-    count (ledger.TrainMetrics.count); None under log.train_metrics=none."""
-    loss_sum, correct, examples = dist.sum(stats["loss_sum"], stats["correct"], stats["examples"])
-    if metrics is None:
-        return {"loss": loss_sum / max(examples, 1), "acc": None, "examples": int(examples)}
-    count = metrics.count(len(stats["step_times"]), int(examples))
-    if metrics.mode == "none":
-        return {"loss": None, "acc": None, "examples": int(examples)}
-    loss, acc = loss_sum / count, correct / count
-    if metrics.mode == "dp":  # noised: back into the values' range (post-processing, no privacy cost)
-        loss, acc = min(max(loss, 0.0), metrics.clip), min(max(acc, 0.0), 1.0)
-    return {"loss": loss, "acc": acc, "examples": int(examples)}
-
-
-def _epoch_end(epoch: int, q: float, steps: int) -> int:
-    """The steps taken when `epoch` (1, 2, ...) ends: k expected passes over the data at sample rate q take
-    round(k / q) steps, as budget.py's steps = round(epochs / q) does (epochs of round(n / L) steps made 15 epochs
-    on digits 14 epochs of 6 steps); the budget's steps cap the last, partial one."""
-    return min(steps, round(epoch / q))
-
-
-def _epochs_done(epoch: int, done: int, q: float) -> float:
-    """summary.json's `epochs`: the whole epochs before `epoch` plus the fraction of its steps taken — `epochs` of
-    the config for a run that completes a whole number of them (schema.EPOCHS)."""
-    start, end = _epoch_end(epoch - 1, q, done), round(epoch / q)
-    return round(epoch - 1 + (done - start) / max(end - start, 1), 4) if epoch else 0.0
-
-
-def _loss_postfix(loss, metrics) -> dict:
-    """The progress bar's training loss: as released (noised under log.train_metrics=dp); none when not released."""
-    return {} if loss is None or (metrics is not None and metrics.mode == "none") else {"loss": f"{loss:.3f}"}
-
-
-def _eps_postfix(eps) -> dict:
-    """The progress bar's ε: spent so far; none for a non-private run."""
-    return {} if eps is None else {"eps": f"{eps:.3g}"}
 
 
 def _summary(cfg, data: Data, budget: Budget, trained: Trained, *, streams: dict, checkpoint: dict | None,
@@ -503,7 +316,5 @@ def _ema(model, decay):
     Copied before the engine attaches, so the copy is a plain module."""
     if decay is None:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     return AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
