@@ -251,3 +251,14 @@ def register() -> None:
     OmegaConf.register_new_resolver("dptrain_run_dir", lambda resume, new: resume or new, replace=True)
     OmegaConf.register_new_resolver("dptrain_hydra_subdir", lambda resume, now: f".hydra/resume-{now}" if resume
                                     else ".hydra", replace=True)
+
+
+def model_name(model: dict, image_size: int | None = None) -> str:
+    """What ran, not only the timm name: `vit_tiny_patch16_224 (patch_size=4) at 32x32` — a kwarg overrides what
+    the name says. The built-in CNNs' kwargs are their conf defaults (conf/model/cnn.yaml): left out."""
+    name, kwargs = model.get("name"), dict(model.get("kwargs") or {})
+    out = str(name)
+    if kwargs and name not in ("cnn", "scatter_cnn"):
+        out += " (" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    size = model.get("img_size") or image_size
+    return out + (f" at {size}x{size}" if size else "")

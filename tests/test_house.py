@@ -12,6 +12,12 @@ MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 # Opacus engine, LoRA, ScatterNet features, a plot, a torchvision dataset download)
 LAZY = ("opacus", "peft", "wandb", "kymatio", "matplotlib", "torchvision.datasets", "sklearn", "dp_accounting",
         "transformers", "pandas", "tabulate", "submitit", "hydra_plugins", "optuna")
+# deferred on purpose, per module: what it imports late and why
+DEFERRED = {
+    "cli/train.py": ("dptrain.train", "dptrain.privacy"),  # a bad command line is refused before torch loads
+    "bench/gpu_check.py": ("dptrain.bench.speed",),  # pandas: a bare GPU machine may lack it (rows kept in json)
+    "bench/steps.py": ("dptrain.config",),  # Hydra: installed by gpu_check's kit after this module is imported
+}
 TOP_LEVEL = {"__init__", "__main__", "errors", "config", "keys", "audit", "report", "testing"}
 
 
@@ -66,7 +72,8 @@ def test_imports_sit_at_the_top_unless_heavy_and_optional():
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                    if not all(n.startswith(LAZY) for n in names):
+                    allowed = LAZY + DEFERRED.get(str(p.relative_to(PACKAGE)), ())
+                    if not all(n.startswith(allowed) for n in names):
                         inside.append(f"{p.relative_to(PACKAGE)}:{node.lineno} {', '.join(names)}")
     assert not inside, "imports inside functions (move them to the top, or add a heavy optional one to LAZY):\n" + \
         "\n".join(inside)

@@ -13,7 +13,7 @@ from dptrain.train.rundir import LOCK, Claim
 
 def _main(prog, argv, monkeypatch, capsys, cwd):
     """`prog <argv>` in this process (Hydra's task included), from `cwd`: (exit code, stdout, stderr)."""
-    from dptrain import audit
+    from dptrain.cli import audit
     from dptrain.cli import train as dptrain_cli
 
     monkeypatch.chdir(cwd)
@@ -292,7 +292,7 @@ def test_log_lines_go_above_the_bar_on_a_terminal(monkeypatch):
 
 def test_a_run_is_named_for_what_ran():
     """Not only `vit_tiny_patch16_224` for a ViT run at patch 4 on 32x32 images."""
-    from dptrain.cli.terminal import model_name
+    from dptrain.config import model_name
 
     vit = {"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}, "img_size": None}
     assert model_name(vit, 32) == "vit_tiny_patch16_224 (patch_size=4) at 32x32"

@@ -195,14 +195,3 @@ def log_to_files(logger, message: str) -> None:
     for h in logging.getLogger().handlers + logger.handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(record)
-
-
-def model_name(model: dict, image_size: int | None = None) -> str:
-    """What ran, not only the timm name: `vit_tiny_patch16_224 (patch_size=4) at 32x32` — a kwarg overrides what
-    the name says. The built-in CNNs' kwargs are their conf defaults (conf/model/cnn.yaml): left out."""
-    name, kwargs = model.get("name"), dict(model.get("kwargs") or {})
-    out = str(name)
-    if kwargs and name not in ("cnn", "scatter_cnn"):
-        out += " (" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
-    size = model.get("img_size") or image_size
-    return out + (f" at {size}x{size}" if size else "")

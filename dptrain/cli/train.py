@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from dptrain import keys as key
 from dptrain.cli import terminal
 from dptrain.cli.help import page
-from dptrain.config import CONF_DIR, ROOT, check_paths, register, validate
+from dptrain.config import CONF_DIR, ROOT, check_paths, model_name, register, validate
 from dptrain.errors import UserError
 
 register()
@@ -117,7 +117,7 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
     if s.get(key.CHECKPOINT_EPS_SPENT) is not None:
         priv += f"; its checkpoint's run spent eps {s[key.CHECKPOINT_EPS_SPENT]:.3f} (composes if the data overlap)"
     config = s.get(key.CONFIG) or {}
-    model = terminal.model_name(config.get("model") or {"name": s[key.MODEL]},
+    model = model_name(config.get("model") or {"name": s[key.MODEL]},
                                 (config.get("dataset") or {}).get("image_size"))
     init = f" ({s[key.INIT]})" if s.get(key.INIT) else ""  # "fine-tuned from <weights>" / "from scratch"
     return (f"{model}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"

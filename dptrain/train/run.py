@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dptrain import keys as key
-from dptrain.cli.terminal import model_name
-from dptrain.config import check_paths, private, validate
+from dptrain.config import check_paths, model_name, private, validate
 from dptrain.data.datasets import Data, create_dataset
 from dptrain.engines import ENGINES, PRECISIONS, Engine, create_engine
 from dptrain.errors import Diverged, UserError, check_name
