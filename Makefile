@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all test-torch-min lint bench bench-dist bench-gpu gpu-check gpu-wheels mutants report clean
+.PHONY: help install demo test test-slow test-all test-torch-min lint bench bench-dist bench-gpu gpu-check gpu-wheels mutants report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,8 +22,11 @@ install: $(STAMP) ## create .venv and install dptrain (editable) with its dev ex
 demo: $(STAMP) ## train privately on the embedded default (digits, small CNN, eps=3) and print the summary
 	$(BIN)/dptrain
 
-test: $(STAMP) ## the fast test suite (CPU, no network, < 10 min)
+test: $(STAMP) ## the fast test suite (CPU, no network, < 6 min on an idle 2-core machine)
 	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) ## the end-to-end tests `make test` leaves out (CPU; everything not marked gpu)
+	$(BIN)/python -m pytest -m 'slow and not gpu'
 
 test-all: $(STAMP) ## every test, slow ones included
 	$(BIN)/python -m pytest -m ''

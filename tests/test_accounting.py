@@ -409,6 +409,7 @@ def test_cpu_noise_fills_the_chunks_in_the_thread_pool_an_accelerators_one_by_on
     assert draws == [1 << 22, 1000] * CHUNKS
 
 
+@pytest.mark.slow
 def test_physical_batch_size_changes_memory_only(quick):
     _, a = quick("physical_batch_size=16", "name=a")
     sa = torch.load(a / "model.pt")
@@ -418,12 +419,14 @@ def test_physical_batch_size_changes_memory_only(quick):
         assert torch.allclose(sa[k], sb[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_training_takes_exactly_the_calibrated_steps(quick):
     s, run_dir = quick("epochs=2.5", "batch_size=10")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1][key.STEP] == s[key.STEPS] == steps_for(2.5, 10 / 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["mixed_ghost", "opacus", "opacus_ghost"])
 def test_empty_poisson_batches_are_noise_only_steps(quick, engine):
     s, run_dir = quick(f"engine={engine}", "batch_size=1", "epochs=0.5")  # q = 1/64: many empty logical batches
@@ -432,11 +435,13 @@ def test_empty_poisson_batches_are_noise_only_steps(quick, engine):
     assert_eps_spent(s, target=3.0, steps=steps)
 
 
+@pytest.mark.slow
 def test_shuffle_is_labelled_not_guaranteed(quick):
     s, _ = quick("privacy.sampling=shuffle")
     assert s[key.SAMPLING] == "shuffle" and s[key.EPS_GUARANTEED] is False
 
 
+@pytest.mark.slow
 def test_given_noise_multiplier_reports_epsilon(quick):
     s, _ = quick("privacy.noise_multiplier=1.5", "eps=null", "privacy.secure=true")
     assert s[key.NOISE_MULTIPLIER] == 1.5 and s[key.EPS] is None
@@ -445,6 +450,7 @@ def test_given_noise_multiplier_reports_epsilon(quick):
     assert s[key.SECURE] is True and s[key.SECURE_NOISE] is True
 
 
+@pytest.mark.slow
 def test_default_run_at_eps_1_is_tight_under_prv(compose, tmp_path):
     """`dptrain eps=1`: its (σ, q, steps, δ) recomputed with Opacus' PRV accountant gives 0.995 ≤ ε ≤ 1 — the
     training metrics' noise σ_m riding on the same batch (the step one Gaussian at (σ⁻² + 2σ_m⁻²)^(-1/2))."""

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_trim_gives_back_freed_heap_only_under_keep_freed_memory():
     """In a fresh process (the settings are process-wide): no trim before keep_freed_memory; after it, freed

@@ -90,6 +90,7 @@ def _randomized_response(m, eps, rng):
     return said + 0.01 * rng.random(m), included  # jitter: a random order within each side
 
 
+@pytest.mark.slow
 def test_bound_is_valid_on_an_eps_dp_mechanism():
     """The bound must not exceed the true ε of an ε-DP mechanism more often than 1 - confidence."""
     rng = np.random.default_rng(0)
@@ -201,6 +202,7 @@ def compose_audit():
     GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_real_engine_passes_white_box(compose_audit, tmp_path):
     r = _audit(compose_audit, tmp_path, "eps=3")
     assert r[A.PASSED] and r[A.EPS_LOWER_BOUND] <= r[A.EPS] <= 3.0 and r[A.OBSERVED] == "steps"
@@ -209,12 +211,14 @@ def test_real_engine_passes_white_box(compose_audit, tmp_path):
     assert on_disk[A.EPS_CLAIMED_BY] == "eps_spent" and on_disk[A.CONFIDENCE] == 0.95
 
 
+@pytest.mark.slow
 def test_nonprivate_engine_fails_white_box(compose_audit, tmp_path):
     """Seen in the final weights alone (observe=final) too."""
     r = _audit(compose_audit, tmp_path, "engine=nonprivate", "audit.observe=final", settings=FAIL)
     assert not r[A.PASSED] and r[A.EPS_LOWER_BOUND] > 3.0 == r[A.EPS]  # the claimed target, eps=3
 
 
+@pytest.mark.slow
 def test_engine_without_noise_fails_white_box(compose_audit, tmp_path, monkeypatch):
     """The real engine with its noise switched off (a bug the accountant cannot see): σ and ε are reported as
     usual, the audit says otherwise."""
@@ -225,6 +229,7 @@ def test_engine_without_noise_fails_white_box(compose_audit, tmp_path, monkeypat
     assert 2.9 < r[A.EPS] <= 3.0 < r[A.EPS_LOWER_BOUND] and not r[A.PASSED]
 
 
+@pytest.mark.slow
 def test_engine_without_clipping_fails_white_box(compose_audit, tmp_path, monkeypatch):
     """The real engine with every clip factor forced to 1 (noise σR as usual): the canaries' gradients, 10 R,
     go in unclipped."""
@@ -241,6 +246,7 @@ def test_engine_without_clipping_fails_white_box(compose_audit, tmp_path, monkey
     assert r[A.EPS_LOWER_BOUND] > 3.0 and not r[A.PASSED]
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_1_when_the_audit_fails(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     out = subprocess.run([sys.executable, "-m", "dptrain.cli.audit", *FAST, "engine=nonprivate", "eps=1"],

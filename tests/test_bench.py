@@ -26,6 +26,7 @@ def test_time_engines_and_tables(tmp_path):
     assert (tmp_path / "bench-cpu.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_peak_memory_in_a_fresh_process():
     mem = memory.peak_memory("cnn", 8, 4, "mixed_ghost_2pass", "cpu", steps=1)
     assert mem is not None and mem["peak_mb"] > mem["extra_mb"] >= 0

@@ -28,6 +28,7 @@ def test_non_private_budget_has_only_q_and_steps(compose):
     assert {k for k, v in b.summary(20).items() if v is not None} == {key.SAMPLE_RATE, key.STEPS}
 
 
+@pytest.mark.slow
 def test_sigma_is_calibrated_to_eps(compose):
     b = create_budget(compose("eps=2", "batch_size=100", "epochs=2", "log.train_metrics=none"), 1000)
     assert (b.delta, b.eps, b.steps, b.sample_rate) == (1e-5, 2.0, 20, 0.1)
@@ -47,6 +48,7 @@ def test_sigma_and_eps_spent_are_the_chosen_accountants_at_the_given_delta(compo
                                                delta=1e-6, accountant="prv")
 
 
+@pytest.mark.slow
 def test_given_sigma_shuffle_and_secure_are_recorded(compose, caplog):
     """σ given: no target ε (also where eps is set: it is ignored). Shuffled batches: recorded, not guaranteed, and
     one warning says so (Poisson: none)."""
@@ -62,6 +64,7 @@ def test_given_sigma_shuffle_and_secure_are_recorded(compose, caplog):
                                "assumes; the reported eps is not a guarantee"]
 
 
+@pytest.mark.slow
 def test_batch_sizes_1_and_n_and_augmult_with_augmentation_are_accepted(compose):
     for L in (1, 1000):
         b = create_budget(compose(f"batch_size={L}", "epochs=1", "eps=null", "privacy.noise_multiplier=1.0"), 1000)

@@ -34,6 +34,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_and_mid_write_then_resume_is_bit_identical(tmp_path):
     """A real `dptrain` process, checkpointing after every step, is SIGKILLed after step 6 (inside epoch 2); the
     process resuming it (`dptrain resume=<dir>`) is SIGKILLed inside its 2nd checkpoint write (half a
@@ -102,6 +103,7 @@ def killed_and_resumed(monkeypatch, tmp_path, *overrides, at_step=6, every=EVERY
     return ref, d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("engine.passes=2",),
     ("engine=opacus",),

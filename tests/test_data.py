@@ -112,6 +112,7 @@ def test_augment_is_a_crop_and_flip():
     assert augment(x, torch.Generator().manual_seed(1), pad=2).shape == x.shape
 
 
+@pytest.mark.slow
 def test_run_on_folder_with_builtin_engine(quick, tmp_path):
     write_folder(tmp_path / "imgs", per_class=6)
     s, _ = quick("dataset=folder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=8", "batch_size=6",

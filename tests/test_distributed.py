@@ -45,6 +45,7 @@ def _same_on_both_ranks(results):
     return a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sum_mixed_ghost", "sum_ghost_2pass", "sum_per_sample", "noisy_mixed_ghost",
                                   "empty_mixed_ghost", "empty_opacus", "empty_opacus_ghost", "nonprivate"])
 def test_two_ranks_take_the_one_process_step(two_ranks, name):
@@ -170,6 +171,7 @@ RESUMED = ["engine=ghost", "dataset.augment=true", "privacy.augmult=2", "privacy
            "optimizer.schedule=cosine"]
 
 
+@pytest.mark.slow
 def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path):
     """2 gloo processes run dptrain's run() uninterrupted, then killed after step 6 (a checkpoint after every
     step: the last at step 5, inside epoch 2) and resumed: weights (bit for bit), metrics.jsonl, accuracy, steps
@@ -286,6 +288,7 @@ def _check_run_dir(s: dict, path, one: dict) -> None:
     assert files == [".hydra", "cli.log", "metrics.jsonl", "model.pt", "status.json", "summary.json"], files
 
 
+@pytest.mark.slow
 def test_torchrun_multirun(tmp_path, quick):
     """`torchrun --nproc_per_node=2 -m dptrain -m engine=mixed_ghost,nonprivate`: the built-in engine and DDP
     through the CLI, a Hydra multirun in the same 2 processes; each job one run directory, one summary.json."""
@@ -343,6 +346,7 @@ def _sweep(tmp_path, launcher, *extra):
     assert (tmp_path / "results" / "t.csv").read_text().count("\n") == 3  # a header and the 2 runs
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     """Hydra's submitit launcher (submitit_slurm on a cluster): 2 jobs, 2 summaries, one report."""
     _sweep(tmp_path, "submitit_local", "hydra.launcher.timeout_min=10")

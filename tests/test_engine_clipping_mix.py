@@ -45,6 +45,7 @@ def test_layers_with_clipped_and_unclipped_examples(layer, mode):
     assert err < 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("route", [True, False], ids=["input_gram", "im2col"])
 @pytest.mark.parametrize("name", ["resnet18_gn", "vit_tiny", "beit_tiny"])

@@ -334,6 +334,7 @@ def test_after_an_exception_mid_backward_the_next_backward_is_exact(where, passe
 
 
 # ------------------------------------------------------------------------- the runner: model.grad_checkpointing
+@pytest.mark.slow
 def test_the_runner_trains_the_same_model_with_grad_checkpointing(compose, tmp_path):
     from dptrain.train.run import run
 
@@ -350,6 +351,7 @@ def test_the_runner_trains_the_same_model_with_grad_checkpointing(compose, tmp_p
         assert torch.allclose(plain[k], ckpt[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_on_a_model_without_it_is_one_line(compose, tmp_path):
     from dptrain.errors import UserError
     from dptrain.train.run import run

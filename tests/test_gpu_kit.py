@@ -103,6 +103,7 @@ def test_sections_past_the_time_budget_are_recorded_as_skipped(tmp_path):
 ALLOC = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 
 
+@pytest.mark.slow
 def test_an_allocation_error_of_cudnn_or_cublas_is_a_probe_that_does_not_fit(monkeypatch):
     """_cuda_peak: torch's out-of-memory and cuDNN's/cuBLAS's allocation RuntimeErrors are "does not fit" (inf, the
     line kept), as in a max-batch search past the memory; any other error propagates to its row."""
@@ -133,6 +134,7 @@ def test_an_allocation_error_of_cudnn_or_cublas_is_a_probe_that_does_not_fit(mon
     assert out["max_batch"] >= 16 and "out of memory" in json.dumps(out["probes"])
 
 
+@pytest.mark.slow
 def test_bench_rows_are_kept_per_engine_whatever_fails(capsys):
     """One engine that cannot be built, one whose memory step raises, one whose memory does not fit: every engine
     keeps its row, with its time where it has one and its error as its note."""
@@ -210,6 +212,7 @@ def test_the_check_imports_nothing_from_tests():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
+@pytest.mark.slow
 def test_tests_run_on_the_cpu_unless_marked_gpu():
     """`device: auto` is cpu in a test not marked gpu, on a GPU machine too — here and in the subprocesses a
     test starts (the CLI; torchrun, whose workers then pick gloo)."""

@@ -47,6 +47,7 @@ def test_ledger_composes_like_opacus_and_dp_accounting():
     assert b.eps_spent(300) == pytest.approx(other.get_epsilon(1e-5), rel=2e-3)  # two RDP implementations
 
 
+@pytest.mark.slow
 def test_ledger_rows_and_their_costs():
     b = ledger_budget("prv")
     rows = {r["release"]: r for r in b.summary(300)[key.LEDGER]}
@@ -65,6 +66,7 @@ def test_ledger_rows_and_their_costs():
     assert history_of(b.summary(300)) == [list(m) for m in b.history(300)]
 
 
+@pytest.mark.slow
 def test_default_metrics_cost_two_percent_of_eps(compose):
     """eps=3: the model (with no prior) alone spends 98% of ε, the training metrics the rest; with a private held-out
     split, 96%, 98% with the training metrics, 100% with the validation reads."""
@@ -312,6 +314,7 @@ def test_private_search_keeps_one_run_and_reports_eps_incl_tuning(tmp_path):
         assert "num: 0" in (tmp_path / "s" / "selected" / ".hydra" / "hydra.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_private_search_refuses_a_budget_key(tmp_path):
     r = cli("-m", "hparams_search=private", *TINY, "+hydra.sweeper.params.batch_size='choice(8,16)'",
             f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)

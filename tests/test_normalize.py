@@ -56,6 +56,7 @@ def test_standardises_a_large_set_to_mean_zero_variance_one():
     assert z.mean(1).abs().max() < 0.02 and (z.var(1) - 1).abs().max() < 0.03
 
 
+@pytest.mark.slow
 def test_run_composes_the_statistics_into_the_budget(quick, compose):
     s, run_dir = quick("dataset.normalize=dp", "eps=2")
     assert s[key.PRIOR] == [[8.0, 1.0, 2]]
@@ -66,6 +67,7 @@ def test_run_composes_the_statistics_into_the_budget(quick, compose):
     assert metrics[-1][key.EPS_SPENT] == pytest.approx(s[key.EPS_SPENT])
 
 
+@pytest.mark.slow
 def test_calibration_with_a_prior_spends_eps_within_tolerance():
     prior = ((8.0, 1.0, 2),)
     sigma = noise_multiplier_for(eps=3.0, delta=1e-5, sample_rate=0.16384, steps=366, prior=prior)
@@ -128,6 +130,7 @@ def test_scattering_features_are_cached_under_data_dir(tmp_path):
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])
 
 
+@pytest.mark.slow
 def test_eval_every_zero_reads_the_test_split_once(quick, monkeypatch):
     import dptrain.train.epochs as run_mod
 

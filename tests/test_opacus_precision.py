@@ -91,6 +91,7 @@ def test_opacus_fp16_overflowed_example_is_left_out_not_the_step():
                for a, b in zip(*sums))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_opacus_mixed_precision_run_spends_the_target(quick, precision):
     s, _ = quick("engine=opacus", f"precision={precision}")

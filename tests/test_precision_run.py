@@ -7,6 +7,7 @@ from dptrain import keys as key
 from dptrain.errors import UserError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("engine", ["mixed_ghost", "nonprivate"])
 def test_mixed_precision_run(quick, engine, precision):
@@ -17,6 +18,7 @@ def test_mixed_precision_run(quick, engine, precision):
         assert_eps_spent(s, target=s[key.EPS])  # the ledger's composition, within the calibration's 0.5%
 
 
+@pytest.mark.slow
 def test_two_pass_bf16_run_spends_the_target(quick):
     s, _ = quick("engine=mixed_ghost", "engine.passes=2", "precision=bf16")
     assert s[key.CONFIG]["precision"] == "bf16"
@@ -24,6 +26,7 @@ def test_two_pass_bf16_run_spends_the_target(quick):
     assert_eps_spent(s, target=s[key.EPS])  # the ledger's composition, within the calibration's 0.5%
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "match"), [
     (("engine=opacus_ghost", "precision=bf16"), "precision=bf16 needs engine=opacus"),
     (("engine.passes=2", "precision=fp16"), "precision=fp16 needs engine.passes=1"),

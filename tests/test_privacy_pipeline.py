@@ -144,6 +144,7 @@ def observed(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_one_noisy_update_per_accounted_step_including_empty_batches(observed, engine):
     o = observed(engine)

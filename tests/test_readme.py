@@ -141,6 +141,7 @@ def shrunk_bench(args: list[str], out: str) -> list[str]:
     return [*args, *cut, *([] if given.models else ["--models", "cnn"])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [a for t, a, _ in COMMANDS if t == "dptrain-bench" and "--processes" not in a],
                          ids=[" ".join(a) for t, a, _ in COMMANDS if t == "dptrain-bench" and "--processes" not in a])
 def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
@@ -158,6 +159,7 @@ def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
     assert err.startswith("dptrain-bench: ") and (tmp_path / "out" / "bench-cpu.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [a for t, a, _ in COMMANDS if t == "dptrain-report"],
                          ids=[" ".join(a) for t, a, _ in COMMANDS if t == "dptrain-report"])
 def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):

@@ -40,6 +40,7 @@ def assert_rows_match_summaries(df):
         assert same(row["name"], s["name"])
 
 
+@pytest.mark.slow
 def test_table_sweep_narrowed_then_report(tmp_path):
     r = cli("table=acc_vs_eps", *TINY, "hydra.sweeper.params.eps='1,8'", "hydra.sweeper.params.model=cnn",
             "hydra.sweeper.params.engine=mixed_ghost", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
@@ -75,6 +76,7 @@ def test_experiments_compose(compose):
     assert cfg.model.pretrained and cfg.eps == 1.0 and cfg.dataset.name == "cifar10"
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_when_the_extra_is_installed(tmp_path):
     """The optional extra (pip install 'dptrain[optuna]', also in the dev extras, so `make test` runs it)."""
     import importlib.util

@@ -133,6 +133,7 @@ def test_cli_unknown_group_option_lists_choices(tmp_path):
     assert r.returncode != 0 and "resnet18" in r.stderr
 
 
+@pytest.mark.slow
 def test_multirun_four_jobs(tmp_path):
     r = cli("-m", *TINY, "eps=1,8", "engine=opacus,nonprivate", f"hydra.sweep.dir={tmp_path}/m", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -142,6 +143,7 @@ def test_multirun_four_jobs(tmp_path):
     assert got == {("opacus", 1.0), ("opacus", 8.0), ("nonprivate", 1.0), ("nonprivate", 8.0)}
 
 
+@pytest.mark.slow
 def test_wandb_offline(quick):
     s, run_dir = quick("logger=wandb")
     runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -149,6 +151,7 @@ def test_wandb_offline(quick):
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
 
+@pytest.mark.slow
 def test_augmult_and_ema_run(quick):
     s, _ = quick("privacy.augmult=2", "dataset.augment=true", "privacy.ema=0.9")
     assert s[key.CONFIG]["privacy"]["augmult"] == 2 and s[key.CONFIG]["privacy"]["ema"] == 0.9
@@ -171,11 +174,13 @@ def assert_same_model(quick, *overrides):
         assert torch.allclose(state_a[k], state_b[k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_channels_last_trains_the_same_model(quick):
     """NHWC is a layout, not a different computation."""
     assert_same_model(quick, "model.channels_last=true")
 
 
+@pytest.mark.slow
 def test_two_passes_train_the_same_model(quick):
     """engine.passes=2 changes memory and time, not the computation."""
     assert_same_model(quick, "engine.passes=2")
@@ -209,6 +214,7 @@ def test_ema_averages_every_optimizer_step():
     assert torch.allclose(ema.module[1].weight, expect, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_decays_to_zero_over_the_run(quick):
     import torch
 
@@ -239,6 +245,7 @@ def test_model_input_size_mismatch_is_one_line(compose, tmp_path):
         run(cfg, str(tmp_path / "r"))
 
 
+@pytest.mark.slow
 def test_scatter_cnn_trains_on_scattering_features(compose, tmp_path):
     from dptrain.train.run import run
 
@@ -370,6 +377,7 @@ def test_divergence_marks_the_run_failed_with_the_eps_spent(quick, tmp_path):
                                      f"3 steps, eps spent {f[key.EPS_SPENT]:.4g} at delta 1e-05)"]
 
 
+@pytest.mark.slow
 def test_cli_divergence_is_one_line_and_exit_2(tmp_path):
     sigma = ["eps=null", "privacy.noise_multiplier=1"]
     r = cli(*TINY, *sigma, "epochs=2", "optimizer.lr=1e38", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
@@ -379,6 +387,7 @@ def test_cli_divergence_is_one_line_and_exit_2(tmp_path):
     assert (tmp_path / "r" / "failed.json").exists() and not (tmp_path / "r" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_private_run_records_its_eps(compose, tmp_path, caplog):
     """Continuing from a dptrain run's model.pt: the summary records that run's ε, δ and dataset (the budgets
     compose where the data overlap) and says so; a bare weights file records its path only."""
@@ -441,6 +450,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsy
                    f"{tmp_path}/r")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the RSS high-water mark (Linux)")
 def test_peak_memory_is_each_runs_own(compose, tmp_path, monkeypatch):
     """A multirun sweep runs its jobs in one process: a job after a bigger one reports its own peak, not the
@@ -514,6 +524,7 @@ def test_progress_bar_shows_eps_from_the_start_and_stays(quick, monkeypatch, eng
         assert all(p["eps"] != "None" for p in postfixes)
 
 
+@pytest.mark.slow
 def test_cli_summary_names_the_run_directory_and_the_wandb_sync(tmp_path):
     r = cli(*TINY, "logger=wandb", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -117,6 +117,7 @@ def test_sampler_and_noise_never_share_a_generator():
     assert not torch.equal(torch.rand(8, generator=sampler.generator), torch.rand(8, generator=gen0))
 
 
+@pytest.mark.slow
 def test_every_generator_a_run_seeds_is_distinct(compose, tmp_path, monkeypatch):
     """A real run (fake data, validation split, augmentation, built-in engine and Opacus) at seed 0: every
     torch generator it seeds and the global seed are pairwise distinct in the bits torch keeps."""
@@ -245,6 +246,7 @@ def test_a_generator_is_made_on_the_device_asked_for(monkeypatch):
 FIXED_SIGMA = ("eps=null", "privacy.noise_multiplier=1.0")  # no σ calibration: these tests are about streams
 
 
+@pytest.mark.slow
 def test_secure_noise_is_a_deprecated_alias_of_secure(quick, caplog):
     """secure_noise=true maps to secure=true (sampler AND noise from the OS) with a warning; two secure runs with
     the same seed train different models, two seeded ones the same."""

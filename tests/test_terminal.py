@@ -85,6 +85,7 @@ def test_paths_that_must_exist_are_never_created(monkeypatch, capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_as_it_was(monkeypatch, capsys, tmp_path):
     """A finished run, resumed by mistake: refused in one line; no .hydra/resume-*, cli.log unchanged."""
     run = tmp_path / "r"
@@ -97,6 +98,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(monkeypatch, capsys, tmp_path
     assert LOCK not in os.listdir(run)  # the finished run released its lock
 
 
+@pytest.mark.slow
 def test_a_run_directory_belongs_to_one_process(monkeypatch, capsys, tmp_path):
     """Another live process holds the directory (here: a Claim in this process, a separate flock): the second run
     is refused in one line and writes nothing there. Both running would interleave their metrics.jsonl."""
@@ -157,6 +159,7 @@ def test_a_dataset_of_one_class_is_refused(quick, tmp_path):
         quick("dataset.num_classes=1")
 
 
+@pytest.mark.slow
 def test_a_loss_that_runs_away_is_a_warning_in_the_log_summary_and_terminal(quick, caplog):
     """optimizer.lr=1e6: the loss stays finite (no divergence error) but is 10^5 × ln C. Without the warning the
     run "finishes successfully" without a word."""
@@ -240,6 +243,7 @@ def test_help_for_a_group_lists_its_options_and_keys(monkeypatch, capsys, tmp_pa
 # progress a person reads
 
 
+@pytest.mark.slow
 def test_the_rule_table_and_checkpoint_lines_are_debug_when_nothing_is_on_the_fallback(quick, caplog):
     """The 9-line rule table and the per-epoch checkpoint lines are DEBUG, not INFO."""
     import logging

@@ -94,6 +94,7 @@ def test_the_loop_feeds_an_examples_views_as_consecutive_rows():
     assert torch.equal(rows, x[idx].flatten(0, 1).flatten(1))
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_both_views_and_other_multiplicities_are_refused(compose, tmp_path):
     from dptrain.train.run import run
 
@@ -162,6 +163,7 @@ def test_evaluate_averages_the_softmax_over_views_or_mirror_images():
         assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(model(x[:, 0]), y).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_with_tta(compose, tmp_path):
     from dptrain.train.run import run
 
