@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # conftest and tests/helpers/ imp
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+CONF = os.path.join(ROOT, "conf")
 
 
 def _absl_handler_on_the_real_stderr() -> None:

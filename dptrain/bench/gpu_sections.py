@@ -109,7 +109,7 @@ def gpu_tests(device: torch.device, log: str, timeout: float = 600) -> dict:
     env = {**os.environ, "DPTRAIN_TEST_DEVICE": device.type, "WANDB_MODE": "offline",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
-           os.path.join(ROOT, "tests", "test_gpu.py")]
+           os.path.join(ROOT, "tests", "bench", "test_gpu.py")]
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
         text, code = out.stdout + out.stderr, out.returncode

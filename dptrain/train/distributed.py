@@ -221,7 +221,7 @@ class Sharded:
     rank, then `batch[rank::world]` — possibly empty; the loop still calls engine.step() for it.
 
     Why one shared mask rather than disjoint partitions each sampled at rate q (also exact Poisson): the logical
-    batch is then exactly the one the 1-process run of the same command draws (tests/test_distributed.py compares
+    batch is then exactly the one the 1-process run of the same command draws (tests/train/test_distributed.py compares
     them), and the strided shard balances the ranks to ±1 example where disjoint partitions give Binomial-sized
     local batches. The cost: every rank draws n uniforms per step."""
 

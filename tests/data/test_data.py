@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers.folders import write_folder
 from PIL import Image
 
 from dptrain import keys as key
@@ -55,16 +56,6 @@ def test_cifar_corrupt_is_one_line_error(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="corrupt cifar10"):
         create_dataset("cifar10", root=str(tmp_path), download=False)
-
-
-def write_folder(root, classes=("cat", "dog", "eel"), per_class=4, size=12):
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
 
 
 def test_folder_loader(tmp_path):

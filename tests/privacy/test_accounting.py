@@ -112,7 +112,7 @@ def test_only_the_accountants_known_notes_are_silenced(monkeypatch):
 
 
 # σ calibrated with a prior (dataset.normalize=dp's statistics, data.py) is dptrain's own bisection, _calibrate (Opacus'
-# calibration takes no prior); tests/test_normalize.py checks it end to end. Here every branch, at RDP with q = 1 (its
+# calibration takes no prior); test_normalize.py checks it end to end. Here every branch, at RDP with q = 1 (its
 # closed form: ~0.1 ms an ε).
 PRIOR = ((8.0, 1.0, 2),)  # two Gaussian queries of noise 8 on the full data
 CAL = {"delta": 1e-5, "sample_rate": 1.0, "steps": 5, "accountant": "rdp", "prior": PRIOR}

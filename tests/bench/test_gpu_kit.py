@@ -10,10 +10,10 @@ import sys
 import zipfile
 
 import pytest
+from conftest import ROOT
 
 from dptrain.bench import gpu_check, gpu_memory, gpu_sections, kit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # import name → distribution: what `import dptrain` and the gpu tests need beyond the GPU machine's preinstalled
 # packages (torch, timm, numpy, scipy, pyyaml, pytest, pandas, matplotlib, ...; .library/device/KINDS.md)
 KIT = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime", "opacus": "opacus",

@@ -52,7 +52,7 @@ class MHA(nn.Module):
 @pytest.mark.parametrize("passes", PASSES)
 def test_multihead_attention_sequence_first_is_exact_when_T_equals_B(passes):
     """batch_first=False (refused until the second half of item 2): read batch-first from its attribute, confirmed by
-    the probe, exact (tests/test_engine_seqfirst.py has the modes, T != B and the Transformer layers)."""
+    the probe, exact (tests/privacy/test_engine_seqfirst.py has the modes, T != B and the Transformer layers)."""
     torch.manual_seed(0)
     data = [(torch.randn(3, 3, 4), torch.tensor([0, 1, 2])), (torch.randn(2, 3, 4), torch.tensor([2, 0]))]
     err, engine = check(MHA(batch_first=False), data, mode="mixed_ghost", max_grad_norm=0.5, passes=passes)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, cli
+from conftest import ROOT, TINY, cli
 
 from dptrain.train.rundir import LOCK, Claim
 
@@ -132,7 +132,7 @@ def test_an_error_is_printed_once_and_logged_in_the_run(monkeypatch, capsys, tmp
 def test_torchrun_says_it_once_from_rank_0(tmp_path):
     """`torchrun --nproc_per_node=2 -m dptrain eps=0`: one dptrain line, from rank 0, and a non-zero exit
     (torchrun's own ChildFailedError report follows it: the launcher prints that for any failed worker)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT  # the repository
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "0",
                         "-m", "dptrain", "eps=0"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
@@ -148,7 +148,7 @@ def test_torchrun_says_it_once_from_rank_0(tmp_path):
 
 def test_a_dataset_of_one_class_is_refused(quick, tmp_path):
     """A folder with one class would train and report test acc 1.0000."""
-    from test_data import write_folder
+    from helpers.folders import write_folder
 
     from dptrain.errors import UserError
 

@@ -2,8 +2,8 @@
 state with dropout, bf16 and fp16 steps, a short end-to-end run. Marked `gpu` (not in `make test`); skipped
 without CUDA:
 
-    .venv/bin/python -m pytest -m gpu tests/test_gpu.py                              # on a machine with CUDA
-    DPTRAIN_TEST_DEVICE=cpu .venv/bin/python -m pytest -m gpu tests/test_gpu.py      # the same code on CPU (dry run)
+    .venv/bin/python -m pytest -m gpu tests/bench/test_gpu.py                # on a machine with CUDA
+    DPTRAIN_TEST_DEVICE=cpu .venv/bin/python -m pytest -m gpu tests/bench/test_gpu.py # the same code on CPU (dry run)
 """
 
 import copy

@@ -13,13 +13,11 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import ROOT, TINY
 from helpers.dist_workers import SCENARIOS, reference, worker
 
 from dptrain import keys as key
 from dptrain.train.distributed import SINGLE, Dist, worker_overrides
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
