@@ -54,7 +54,7 @@ ENGINE, MODEL, DATASET = "engine", "model", "dataset"
 INIT, TRAINABLE, TRAINABLE_PARAMS = "model/init", "model/trainable", "model/trainable_params"
 EPOCH, STEP = "epoch", "step"  # metrics.jsonl: this line's epoch and the optimizer steps so far
 # epochs trained, as expected passes over the training set: epoch k ends at step round(k / q) (epochs._epoch_end), and a
-# partial last epoch counts its fraction of steps — so a run of config.epochs = 15 reports 15 (it once said 14)
+# partial last epoch counts its fraction of steps: a run of config.epochs = 15 reports 15
 EPOCHS = "epochs"
 WALL_S, DEVICE, MACHINE, COMMIT = "wall_s", "device", "machine", "commit"
 # provenance (tracking.git_state): whether the tracked files differed from COMMIT, and the sha256 of `git diff HEAD`
