@@ -189,7 +189,7 @@ class _Without:
     def __init__(self, sampler, keep: torch.Tensor):
         self.sampler, self.keep = sampler, keep
         # the filter is a fixed function of the wrapped sampler's draws: its generator replays them on resume
-        self.n, self.generator = sampler.n, sampler.generator
+        self.n, self.generator = getattr(sampler, "n", None), getattr(sampler, "generator", None)
 
     def __iter__(self):
         for idx in self.sampler:
