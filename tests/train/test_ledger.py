@@ -228,7 +228,8 @@ def test_tuning_bound_by_hand_and_against_dp_accounting(dist, mean, shape):
 # keys a run writes that no private example influences: the budget, the config, timings, where it ran. (perf/* and
 # the ledger use n, public as in all DP-SGD accounting; samples/s counts the sampler's batches, a function of n.)
 PUBLIC = {key.EPOCH, key.STEP, key.EPOCHS, key.WALL_S, key.DEVICE, key.MACHINE, key.COMMIT, key.COMMIT_DIRTY,
-          key.COMMIT_DIFF, key.NAME, key.RESUMED, key.CONFIG, key.ENGINE, key.MODEL, key.DATASET, key.STREAMS,
+          key.COMMIT_DIFF, key.NAME, key.RESUMED, key.CONFIG, key.ENGINE, key.MODEL, key.INIT,
+          key.TRAINABLE, key.TRAINABLE_PARAMS, key.DATASET, key.STREAMS,
           key.CHECKPOINT, key.CHECKPOINT_EPS_SPENT, *key.PRIVACY, key.SAMPLES_PER_S, key.PEAK_MEM_MB, key.STEP_MS}
 # a released key → the ledger row that pays for it (None: the public test split, dataset.val_fraction = 0)
 RELEASED = {key.TRAIN_LOSS: "train/loss, train/acc", key.TRAIN_ACC: "train/loss, train/acc"}
