@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         return
     speed.run(configs, engines=args.engines, device=device, steps=args.steps, memory=args.memory,
               memory_budget=args.memory_budget, max_batch_limit=args.max_batch_limit, out=out,
-              argv=sys.argv if argv is None else ["dptrain-bench", *argv])
+              argv=["dptrain-bench", *(sys.argv[1:] if argv is None else argv)])  # as a user types it, no local path
 
 
 if __name__ == "__main__":
