@@ -30,8 +30,8 @@ from .finish import Finish, exact_fp32
 from .passes import OnePass
 from .plan import MODES, Entry, build_plan, describe
 from .probe import probe_rows
-from .records import examples, pending, ready
-from .rules import FALLBACK, Record, is_replaying
+from .records import Record, examples, pending, ready
+from .rules import FALLBACK, is_replaying
 from .sequence_first import grad_to_batch_first
 from .trainable import refuse_changed, trainable_ids
 from .two_pass import TwoPass

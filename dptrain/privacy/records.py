@@ -1,14 +1,17 @@
-"""Book-keeping of one backward's records (rules/base.Record: one hooked call each): the examples behind a call,
+"""Book-keeping of one backward's records (Record: one hooked call each): the examples behind a call,
 the records whose rule still has to run, and the checks and casts before a rule runs on them."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._pytree import tree_map
 
 from .errors import CoverageError
-from .plan import Entry
-from .rules import Record
+
+if TYPE_CHECKING:  # annotations only: plan and rules import this module
+    from .plan import Entry
 
 
 def examples(entry: Entry, rows: int, *, model_rows: int, augmult: int) -> int:
@@ -67,3 +70,23 @@ def ready(e: Entry, recs: list[Record], B: int) -> None:
 
 def _to_fp32(x):
     return x.float() if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class Record:
+    """One call of a hooked module: detached inputs and, after backward, output gradients (or, for an
+    expanding rule, the gradients of its per-example stand-ins)."""
+
+    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out", "result", "place")
+
+    def __init__(self, args: tuple, kwargs: dict, rows: int, forward_id: int, n_out: int):
+        self.args, self.kwargs, self.forward_id = args, kwargs, forward_id
+        self.rows = self.batch = rows  # rows of the input; examples (rows / K), set before the rules run
+        self.grads: list[torch.Tensor | None] = [None] * n_out
+        self.n_out = n_out
+        self.versions = [a._version if torch.is_tensor(a) else None for a in args]
+        self.result: tuple | None = None  # (squared norms, state) once the rule has run on this record
+        self.place = 0  # index among its forward's records (a recomputed forward makes its records in the same order)
+
+    def release(self) -> None:
+        """Drop the inputs and output gradients: a rule's state keeps what its accumulate needs."""
+        self.args, self.kwargs, self.grads = (), {}, [None] * self.n_out

@@ -34,7 +34,8 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .errors import CoverageError
 from .passes import NORMS, ONE_PASS, RECOMPUTE, SUM
-from .rules import Record, is_replaying
+from .records import Record
+from .rules import is_replaying
 
 
 class Host(Protocol):

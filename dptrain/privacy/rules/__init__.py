@@ -23,8 +23,9 @@ from timm.layers import Linear as TimmLinear
 from timm.models import beit, cait, convnext, eva, swin_transformer
 from torch import nn
 
+from ..records import Record
 from .attention import AttentionRule, SharedBiasRule, WindowAttentionRule
-from .base import Record, Rule, choose
+from .base import Rule, choose
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .expand import ConvNeXtGammaRule, ExpandRule, GammaRule, TokenRule

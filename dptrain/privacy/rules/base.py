@@ -1,5 +1,5 @@
-"""What every rule shares: the `Rule` protocol, the per-call `Record`, the mixed rule's cost model and the
-small tensor helpers (Gram norms, folding augmented copies, adding into .grad).
+"""What every rule shares: the `Rule` protocol (over `records.Record`s, one per hooked call), the mixed rule's cost
+model and the small tensor helpers (Gram norms, folding augmented copies, adding into .grad).
 
 Notation (Bu, Mao & Xu 2022): a layer sees activations a_i ∈ R^{T×d} and output gradients
 g_i ∈ R^{T×p} for example i; its per-example weight gradient is g_iᵀ a_i. The ghost norm is
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..records import Record
+
 # Bound on the B·T² elements a ghost Gram matrix may hold at once (chunked over the batch).
 GRAM_BUDGET = 2**25
 # Bound on the elements of per-example work at once when instantiating (the vmapped weight-gradient convolution's
@@ -33,26 +35,6 @@ def choose(mode: str, T: int, p: int, d: int) -> str:
     if mode == "per_sample":
         return "instantiate"
     return "ghost" if 2 * T * T < p * d else "instantiate"
-
-
-class Record:
-    """One call of a hooked module: detached inputs and, after backward, output gradients (or, for an
-    expanding rule, the gradients of its per-example stand-ins)."""
-
-    __slots__ = ("args", "kwargs", "grads", "rows", "batch", "versions", "forward_id", "n_out", "result", "place")
-
-    def __init__(self, args: tuple, kwargs: dict, rows: int, forward_id: int, n_out: int):
-        self.args, self.kwargs, self.forward_id = args, kwargs, forward_id
-        self.rows = self.batch = rows  # rows of the input; examples (rows / K), set before the rules run
-        self.grads: list[torch.Tensor | None] = [None] * n_out
-        self.n_out = n_out
-        self.versions = [a._version if torch.is_tensor(a) else None for a in args]
-        self.result: tuple | None = None  # (squared norms, state) once the rule has run on this record
-        self.place = 0  # index among its forward's records (a recomputed forward makes its records in the same order)
-
-    def release(self) -> None:
-        """Drop the inputs and output gradients: a rule's state keeps what its accumulate needs."""
-        self.args, self.kwargs, self.grads = (), {}, [None] * self.n_out
 
 
 class Rule:

@@ -11,8 +11,9 @@ import torch
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..records import Record
 from ..sequence_first import replayed_batch_first
-from .base import Record, Rule, add_grad, fold, weighted_sum
+from .base import Rule, add_grad, fold, weighted_sum
 
 _STATE = threading.local()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..records import Record
 from . import base
-from .base import Record, Rule, add_grad, cat, choose, gram_norm2, owned, scale_smaller, weighted_sum
+from .base import Rule, add_grad, cat, choose, gram_norm2, owned, scale_smaller, weighted_sum
 
 
 class LinearRule(Rule):
