@@ -64,22 +64,10 @@ def cpu_unless_gpu(request, monkeypatch):
 
 @pytest.fixture
 def compose():
-    """Compose the real conf/ tree with overrides, as `dptrain <overrides>` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """Compose the real conf/ tree with overrides, as `dptrain <overrides>` would (helpers/runs.compose)."""
+    from helpers.runs import compose as make
 
-    from dptrain.config import register
-
-    register()
-
-    def make(*overrides, return_hydra_config=False):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return hydra_compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-    yield make
-    GlobalHydra.instance().clear()
+    return make
 
 
 @pytest.fixture
