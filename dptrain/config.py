@@ -165,6 +165,7 @@ class TrainConfig:
     progress: bool = True  # a progress bar on the terminal (epoch, loss, eps spent, samples/s)
     eval_every: int = 1  # evaluate after every N-th epoch and after the last; 0: the last only (test read once)
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
+    keep_freed_memory_max_gb: float = 7.0  # its cap: past this peak RSS, freed buffers go back to the OS after all
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
     resume: str | None = None  # a run directory: continue that run from its checkpoint.pt, with its saved config
@@ -182,6 +183,7 @@ RANGES = {
     "dataset.val_fraction": "[0, 1)", "dataset.size": "[1, inf)", "dataset.num_classes": "[2, inf)",
     "dataset.channels": "[1, inf)", "dataset.image_size": "[1, inf)", "dataset.num_workers": "[0, inf)",
     "model.img_size": "[1, inf)", "checkpoint.every_s": "[0, inf)", "eval_every": "[0, inf)",
+    "keep_freed_memory_max_gb": "(0, inf)",
     "dataset.normalize_noise": "(0, inf)", "dataset.normalize_clip": "(0, inf)",
     "model.lora.rank": "[1, inf)", "model.lora.alpha": "(0, inf)", "model.lora.dropout": "[0, 1)",
     "log.metrics_eps_fraction": "(0, 0.25)", "log.loss_clip_factor": "(0, inf)",

@@ -27,7 +27,8 @@ FILE, STATUS_FILE = "checkpoint.pt", "status.json"
 FORMAT = 1  # checkpoint.pt's layout; a checkpoint of another format is refused
 # overrides that `resume=` accepts with a new value (a key, or a group whose keys all qualify): they change
 # neither the privacy nor the result. Any other override must equal the saved value.
-HARMLESS = ("resume", "progress", "logger", "checkpoint", "dataset.num_workers", "keep_freed_memory")
+HARMLESS = ("resume", "progress", "logger", "checkpoint", "dataset.num_workers", "keep_freed_memory",
+           "keep_freed_memory_max_gb")
 _MISSING = object()
 
 
