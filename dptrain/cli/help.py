@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import typing
 
 from dptrain import config
 from dptrain.errors import check_name
@@ -20,16 +21,22 @@ EXAMPLES = [
     ("dptrain engine=opacus", "the Opacus baseline on the same Poisson batches (slower: minutes for the default)"),
     ("dptrain -m eps=1,3,8 dataset=fake", "a sweep: three runs under multirun/train/<date>/"),
 ]
-GROUPS = {"model": "ModelConfig", "dataset": "DatasetConfig", "engine": "EngineConfig",
-          "optimizer": "OptimizerConfig", "privacy": "PrivacyConfig", "logger": "LoggerConfig",
-          "checkpoint": "CheckpointConfig"}
+# the key groups: TrainConfig's fields that are dataclasses (model.<key>=…), read off the config, never listed here
+GROUPS = {f.name: t for f in dataclasses.fields(config.TrainConfig)
+          if dataclasses.is_dataclass(t := typing.get_type_hints(config.TrainConfig)[f.name])}
+
+
+def _topics(conf_dir: str) -> list[str]:
+    """The key groups, then the option-only groups of conf/ (experiment, table, regime, …; hydra's own aside)."""
+    dirs = sorted(d for d in os.listdir(conf_dir) if os.path.isdir(os.path.join(conf_dir, d)) and d != "hydra")
+    return [*GROUPS, *(d for d in dirs if d not in GROUPS)]
 
 
 def page(conf_dir: str, topic: str | None = None) -> str:
     """The help text: the overview, or one group's page. An unknown topic raises UserError."""
     if topic is None:
         return _overview(conf_dir)
-    check_name("help topic", topic, [*GROUPS, "experiment", "table"])
+    check_name("help topic", topic, _topics(conf_dir))
     return _group(conf_dir, topic)
 
 
@@ -39,12 +46,14 @@ def _overview(conf_dir: str) -> str:
            "headline knobs (=default, meaning, range):"]
     out += _knobs(config.TrainConfig, "")
     out += ["", "groups (`dptrain --help <group>` for its options and keys):"]
-    for g in [*GROUPS, "experiment", "table"]:
+    topics = _topics(conf_dir)
+    w = max(map(len, topics)) + 1
+    for g in topics:
         opts = config.conf_options(g, conf_dir)
         if opts:
-            out.append(f"  {g:<11}{', '.join(opts)}")
+            out.append(f"  {g:<{w}}{', '.join(opts)}")
         else:
-            out.append(f"  {g:<11}keys only: {g}.<key>=...")
+            out.append(f"  {g:<{w}}keys only: {g}.<key>=...")
     out += ["", "examples:"]
     out += [f"  {cmd:<52} # {why}" for cmd, why in EXAMPLES]
     out += ["", "A mistake on the command line is one line `dptrain: error: ...` and exit status 2.",
@@ -53,14 +62,14 @@ def _overview(conf_dir: str) -> str:
 
 
 def _group(conf_dir: str, group: str) -> str:
-    out = [f"dptrain {group}=<option> and {group}.<key>=<value>", ""]
+    out = [f"dptrain {group}=<option>" + (f" and {group}.<key>=<value>" if group in GROUPS else ""), ""]
     opts = config.conf_options(group, conf_dir)
     if opts:
         out.append("options:")
         out += [f"  {o:<22}{_first_comment(os.path.join(conf_dir, group, o + '.yaml'))}" for o in opts]
     if group in GROUPS:
         out += ["", "keys (=default, meaning, range):"]
-        out += _knobs(getattr(config, GROUPS[group]), f"{group}.")
+        out += _knobs(GROUPS[group], f"{group}.")
     return "\n".join(out)
 
 
@@ -107,6 +116,6 @@ def _sentence(text: str, width: int = 90) -> str:
 def _first_comment(path: str) -> str:
     with open(path) as f:
         for line in f:
-            if line.startswith("#"):
+            if line.startswith("#") and not line.startswith("# @package"):  # Hydra's directive is not a summary
                 return _sentence(line.lstrip("# ").strip(), 80)
     return ""

@@ -240,6 +240,28 @@ def test_help_for_a_group_lists_its_options_and_keys(monkeypatch, capsys, tmp_pa
     assert code == 2 and err.startswith("dptrain: error: unknown help topic 'engin'; valid: model, dataset, engine")
 
 
+def test_help_lists_every_group_of_the_config_and_of_conf(monkeypatch, capsys, tmp_path):
+    """The groups come from TrainConfig's dataclass fields and conf/'s folders (not a hand list that drifts): each
+    has its line in the overview and its own page; no group shows up as a headline knob (`log={}`); an option's
+    summary is its file's first comment, not Hydra's `@package` line."""
+    import dataclasses
+
+    from dptrain import config
+    from dptrain.cli.train import CONF_DIR
+
+    nested = [f.name for f in dataclasses.fields(config.TrainConfig)
+              if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())]
+    folders = [d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d)) and d != "hydra"]
+    _, out, _ = _main("dptrain", ["--help"], monkeypatch, capsys, tmp_path)
+    listed = out.split("groups (")[1].split("examples:")[0]
+    for g in {*nested, *folders}:
+        assert f"\n  {g} " in listed, g
+        assert f"  {g}=" not in out.split("groups (")[0], g
+        code, page, _ = _main("dptrain", ["--help", g], monkeypatch, capsys, tmp_path)
+        assert code == 0 and page.startswith(f"dptrain {g}=<option>") and "@package" not in page, g
+    assert {"log", "regime", "hparams_search"} <= {*nested, *folders}
+
+
 # progress a person reads
 
 
