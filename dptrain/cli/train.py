@@ -120,7 +120,9 @@ def format_summary(s: dict, *, run_dir: str | None = None) -> str:
     model = model_name(config.get("model") or {"name": s[key.MODEL]},
                                 (config.get("dataset") or {}).get("image_size"))
     init = f" ({s[key.INIT]})" if s.get(key.INIT) else ""  # "fine-tuned from <weights>" / "from scratch"
-    return (f"{model}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: test acc {s[key.TEST_ACC]:.4f} | {priv}\n"
+    # dataset.val_fraction > 0: test/acc is the held-out split of the training set's (the test split is never read)
+    acc = "val acc" if (config.get("dataset") or {}).get("val_fraction") else "test acc"
+    return (f"{model}{init} on {s[key.DATASET]} with {s[key.ENGINE]}: {acc} {s[key.TEST_ACC]:.4f} | {priv}\n"
             f"  {s[key.SAMPLES_PER_S]:.0f} samples/s, step {s[key.STEP_MS]:.1f} ms (median), "
             f"peak mem {s[key.PEAK_MEM_MB]:.0f} MB, {s[key.STEPS]} steps in {s[key.WALL_S]:.1f} s"
             + (f"\n  files: {run_dir} (summary.json, metrics.jsonl, model.pt)" if run_dir else "")

@@ -74,6 +74,8 @@ def test_every_engine_runs_and_writes_summary(quick, engine):
     from dptrain.cli.train import format_summary
 
     assert f"with {engine}: test acc" in format_summary(s)
+    held_out = {**s, key.CONFIG: {**s[key.CONFIG], "dataset": {**s[key.CONFIG]["dataset"], "val_fraction": 0.1}}}
+    assert f"with {engine}: val acc {s[key.TEST_ACC]:.4f}" in format_summary(held_out)  # the test split unread
 
 
 def test_builtin_and_opacus_give_identical_models(quick):
