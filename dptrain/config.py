@@ -165,7 +165,7 @@ class TrainConfig:
     progress: bool = True  # a progress bar on the terminal (epoch, loss, eps spent, samples/s)
     eval_every: int = 1  # evaluate after every N-th epoch and after the last; 0: the last only (test read once)
     keep_freed_memory: bool = False  # CPU: reuse freed buffers (faster large batches, more peak RSS; allocator.py)
-    keep_freed_memory_max_gb: float = 7.0  # its cap: past this peak RSS, freed buffers go back to the OS after all
+    keep_freed_memory_max_gb: float = 6.0  # its cap: past this peak RSS (GB), freed buffers go back to the OS after all
     data_dir: str = "data"  # where cifar is downloaded / looked for, relative to the launch directory
     name: str = "train"  # run name: outputs/<name>/..., and the table name in reports
     resume: str | None = None  # a run directory: continue that run from its checkpoint.pt, with its saved config
