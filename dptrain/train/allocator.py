@@ -9,10 +9,10 @@ with it (3.6 GB without, 6 epochs), and a benchmark process that builds many mod
 killed for memory. Hence off by default; worth it for one long large-batch CPU run. Even trimmed after every step
 (trim_freed_memory) the kept heap creeps up over hundreds of steps (the ε = 1 ScatterNet flips recipe: 6.1 GB after
 165 steps, 7.0 GB after ~290): `keep_freed_memory_max_gb` caps it — once the process's peak RSS passes the cap,
-glibc's defaults come back for the rest of the run (slower steps, bounded memory). The step that crosses the cap can
-overshoot it: the ε = 8 flips recipe under a 7 GB cap peaked at 7.65 GB in the step that crossed it (6.98 GB 7 s before),
-then never higher, its steps ~10% slower after. Hence the default cap of 6 GB, for the 8 GB the CIFAR-10 recipes
-promise.
+glibc's defaults come back for the rest of the run (slower steps, bounded memory). The step that crosses the cap
+can overshoot it: the ε = 8 flips recipe under a 7 GB cap peaked at 7.65 GB in the step that crossed it (6.98 GB
+just before), then never higher, its steps ~10% slower after. Hence the default cap of 6 GB, for the 8 GB the
+CIFAR-10 recipes promise.
 """
 
 from __future__ import annotations
