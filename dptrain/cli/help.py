@@ -22,8 +22,9 @@ EXAMPLES = [
     ("dptrain -m eps=1,3,8 dataset=fake", "a sweep: three runs under multirun/train/<date>/"),
 ]
 # the key groups: TrainConfig's fields that are dataclasses (model.<key>=…), read off the config, never listed here
-GROUPS = {f.name: t for f in dataclasses.fields(config.TrainConfig)
-          if dataclasses.is_dataclass(t := typing.get_type_hints(config.TrainConfig)[f.name])}
+_HINTS = typing.get_type_hints(config.TrainConfig)
+GROUPS = {f.name: _HINTS[f.name] for f in dataclasses.fields(config.TrainConfig)
+          if dataclasses.is_dataclass(_HINTS[f.name])}
 
 
 def _topics(conf_dir: str) -> list[str]:

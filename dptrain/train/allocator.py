@@ -22,6 +22,10 @@ import logging
 import os
 import sys
 
+import torch
+
+from dptrain.train.outputs import peak_memory_mb
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 # glibc's own bounds when left alone: the mmap threshold adapts up to 32 MB (64-bit), the trim threshold is twice it
 DEFAULT_MMAP, DEFAULT_TRIM = 32 << 20, 64 << 20
@@ -29,6 +33,7 @@ _done = False
 _released = False  # keep_freed_memory undone past its cap (release_freed_memory)
 _max_bytes: float | None = None  # keep_freed_memory's cap on the process's peak RSS
 log = logging.getLogger("dptrain")
+CPU = torch.device("cpu")
 
 
 def keep_freed_memory(max_gb: float | None = None) -> bool:
@@ -44,15 +49,6 @@ def keep_freed_memory(max_gb: float | None = None) -> bool:
     except (OSError, AttributeError):  # musl, or no libc.so.6: keep the defaults
         _done = False
     return _done
-
-
-def peak_rss() -> int | None:
-    """This process's peak resident set (VmHWM), bytes; None where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def release_freed_memory() -> bool:
@@ -83,7 +79,8 @@ def trim_freed_memory() -> bool:
     releases the kept memory for good (release_freed_memory). True if trimmed."""
     if not _done:
         return False
-    peak = peak_rss() if _max_bytes is not None and not _released else None
+    # this run's peak RSS (the summary's perf/peak_mem_mb: VmHWM since the run's start), MiB → bytes
+    peak = peak_memory_mb(CPU) * 2**20 if _max_bytes is not None and not _released else None
     if peak is not None and peak > _max_bytes and release_freed_memory():
         log.warning(f"peak RSS {peak / 1e9:.2f} GB passed keep_freed_memory_max_gb={_max_bytes / 1e9:g}: freed "
                     "buffers go back to the OS from now on (bounded memory, slower CPU steps)")

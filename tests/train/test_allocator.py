@@ -35,11 +35,11 @@ def test_cap_on_peak_rss_gives_kept_memory_back_for_good():
     than any free chunk of the heap, so mmapped) leaves the process at once, without a trim. Trimming goes on."""
     code = """
 import logging, torch
-from dptrain.train.allocator import keep_freed_memory, peak_rss, trim_freed_memory
+from dptrain.train.allocator import CPU, keep_freed_memory, peak_memory_mb, trim_freed_memory
 logging.basicConfig(level=logging.WARNING, format='%(message)s')
 def rss():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) // 1024
-print(keep_freed_memory(max_gb=(peak_rss() + 400e6) / 1e9))
+print(keep_freed_memory(max_gb=(peak_memory_mb(CPU) * 2**20 + 400e6) / 1e9))
 x = torch.ones(50 * 2**20)  # 200 MB, under the cap (the peak so far + 400 MB): kept after del
 before = rss(); del x
 print(before - rss() < 50, trim_freed_memory())
