@@ -49,6 +49,7 @@ STEP_MS = "perf/step_ms"  # median over the run's optimizer steps
 
 # what ran, where
 ENGINE, MODEL, DATASET = "engine", "model", "dataset"
+VAL_SUFFIX = "-val"  # DATASET + this: a run on a held-out split of that training set (dataset.val_fraction > 0)
 # where the weights came from (finetune.weights_from): "fine-tuned from <timm weights tag>", "fine-tuned from
 # checkpoint <file>" or "from scratch"; model.trainable (all, head, bias, lora) and the parameters it trains
 INIT, TRAINABLE, TRAINABLE_PARAMS = "model/init", "model/trainable", "model/trainable_params"

@@ -18,7 +18,9 @@ import pandas as pd
 from dptrain import keys as key
 from dptrain.errors import UserError
 from dptrain.keys import COLUMNS
+from dptrain.privacy.accounting import epsilon_of
 from dptrain.sweep.search import TUNING_FILE
+from dptrain.train.ledger import history_of
 
 
 def collect(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -154,12 +156,46 @@ def beside(paths: list[str]) -> str:
     return os.path.relpath(common) if not any(os.path.isabs(p) for p in paths) else common
 
 
-def report(paths: list[str], *, table: str | None = None, out: str | None = None) -> dict:
+def eps_together(df, failed: list[str]) -> dict:
+    """The ε of all the runs together: every mechanism of every run's ledger (history_of) composed as if all ran on
+    the same examples — the cost of a search made by hand (its validation runs and the run it chose) or of a table's
+    seeds. A bound, never an estimate: a run on a subset of the examples (dataset.val_fraction) is counted as if on all.
+    The runs' own accountant when they share one that composes mixed mechanisms, else prv."""
+    if failed:  # their ε is spent too, and their ledgers are incomplete: fail closed
+        raise UserError(f"--together: {len(failed)} failed or unfinished run(s) spent ε too ({failed[0]}); finish "
+                        "them (dptrain resume=<run dir>) or report without them")
+    if df.eps_incl_tuning.notna().any():  # its summary is one trial's: the search's cost is its RDP bound
+        raise UserError("--together cannot compose the selected run of a private search (hparams_search=private): "
+                        "its ε including tuning is in its sweep's tuning.json; report it separately")
+    if df.eps_spent.isna().any():
+        names = ", ".join(df[df.eps_spent.isna()].run_dir)
+        raise UserError(f"--together: non-private run(s) among them ({names}): their ε is infinite; leave them out")
+    same = {"dataset": df.dataset.astype(str).str.removesuffix(key.VAL_SUFFIX), "delta": df.delta}  # -val: a split
+    for col, values in same.items():
+        if values.nunique(dropna=False) > 1:
+            raise UserError(f"--together composes runs on the same examples at one δ; these runs have {col} "
+                            f"{', '.join(map(str, sorted(set(values), key=str)))}: report them separately")
+    accountants = set(df.accountant)
+    accountant = accountants.pop() if len(accountants) == 1 and "gdp" not in accountants else "prv"
+    history = []
+    for d in df.run_dir:
+        s = json.load(open(os.path.join(d, "summary.json")))
+        if not s.get(key.LEDGER):  # a summary from before the privacy ledger: its mechanisms are not all written
+            raise UserError(f"--together: {d} has no privacy/ledger (a run older than the ledger): its mechanisms "
+                            "cannot be composed; rerun it or report without it")
+        history += history_of(s)
+    delta = float(df.delta.iloc[0])
+    return {"eps": epsilon_of(history, delta=delta, accountant=accountant), "delta": delta, "accountant": accountant,
+            "runs": len(df), "sum": float(df.eps_spent.sum())}
+
+
+def report(paths: list[str], *, table: str | None = None, out: str | None = None, together: bool = False) -> dict:
     rows, failed = collect(paths)
     if not rows:
         raise UserError(f"no summary.json under {', '.join(paths)}"
                          + (f"; failed/unfinished: {', '.join(failed)}" if failed else ""))
     df = pd.DataFrame(rows)
+    joint = eps_together(df, failed) if together else None
     if not table:  # the runs' own name (a sweep's table), else "runs"
         table = df["name"].dropna().iloc[0] if df["name"].notna().any() else "runs"
     out = out or beside(paths)
@@ -176,13 +212,21 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
         f.write("## ε spent\n\n" + pivot_md(df, "eps_spent") + "\n\n")
         if df.eps_incl_tuning.notna().any():
             f.write("## ε including tuning\n\n" + pivot_md(df, "eps_incl_tuning") + "\n\n")
+        if joint:
+            f.write("## ε of these runs together\n\n" + _together_line(joint) + "\n\n")
         f.write("## runs\n\n" + df.drop(columns=["machine", "run_dir"]).to_markdown(index=False, floatfmt=".4g")
                 + "\n")
         if failed:
             f.write("\n## failed or unfinished\n\n" + "\n".join(f"- {x}" for x in failed) + "\n")
     plot_runs(df, base + ".png")
     return {"csv": base + ".csv", "md": base + ".md", "png": base + ".png", "runs": len(df), "failed": failed,
-            "notes": lines(df)}
+            "notes": lines(df) + ([_together_line(joint)] if joint else []), "together": joint}
+
+
+def _together_line(j: dict) -> str:
+    return (f"ε of the {j['runs']} runs together: {j['eps']:.4g} at δ {j['delta']:.3g} (every run's ledger composed "
+            f"by {j['accountant']}, as if all ran on the same examples; the sum of their ε, naive composition: "
+            f"{j['sum']:.4g}).")
 
 
 def _labels(df) -> str:
@@ -191,7 +235,8 @@ def _labels(df) -> str:
     plain = df[df.tuning == NOT_ACCOUNTED]
     if len(plain):
         out.append(f"**{NOT_ACCOUNTED}**: {len(plain)} private runs of a plain `-m` sweep; choosing among them "
-                   "releases more than their ε covers (Papernot & Steinke 2022): use hparams_search=private.")
+                   "releases more than their ε covers (Papernot & Steinke 2022): use hparams_search=private, or "
+                   "`dptrain-report --together` for all of them composed.")
     searched = df[df.eps_incl_tuning.notna()]
     for _, r in searched.iterrows():
         out.append(f"selected run of a private search: {r.run_dir} — eps {r.eps_spent:.4g}, eps_incl_tuning "

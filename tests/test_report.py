@@ -207,3 +207,64 @@ def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
         main([str(tmp_path / "empty")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"dptrain-report: error: no summary.json under {tmp_path}/empty\n"
+
+
+def ledger_run(d, *, sigma=1.0, q=0.01, steps=100, delta=1e-5, dataset="digits", **values):
+    """A private run whose ledger is one DP-SGD mechanism (σ, q, steps) after the DP normalisation's two queries
+    (privacy/prior), as a run's summary.json writes them."""
+    from dptrain.privacy.accounting import epsilon_of
+
+    ledger = [{"release": "dataset.normalize=dp statistics", "noise_multiplier": 8.0, "sample_rate": 1.0, "steps": 2},
+              {"release": "model", "noise_multiplier": sigma, "sample_rate": q, "steps": steps}]
+    spent = epsilon_of([(8.0, 1.0, 2), (sigma, q, steps)], delta=delta)
+    write_run(d, **{key.DATASET: dataset, key.DELTA: delta, key.ACCOUNTANT: "prv", key.EPS_SPENT: spent,
+                    key.PRIOR: [[8.0, 1.0, 2]], key.LEDGER: ledger} | values)
+    return spent
+
+
+def test_together_composes_every_runs_ledger(tmp_path, capsys):
+    """A search by hand (validation runs, then the chosen run) spent the composition of all their mechanisms: two
+    copies of a run compose to that run with twice the queries, well under twice its ε."""
+    from dptrain.cli.report import main
+    from dptrain.privacy.accounting import epsilon_of
+
+    one = ledger_run(tmp_path / "runs" / "val", dataset="digits-val")  # a held-out split of the same training set
+    ledger_run(tmp_path / "runs" / "chosen")
+    r = report([str(tmp_path / "runs")], out=str(tmp_path / "results"), together=True)
+    twice = epsilon_of([(8.0, 1.0, 4), (1.0, 0.01, 200)], delta=1e-5)
+    assert r["together"]["eps"] == pytest.approx(twice, rel=1e-6) and r["together"]["sum"] == pytest.approx(2 * one)
+    assert one < twice < 1.6 * one
+    md = (tmp_path / "results" / "runs.md").read_text()
+    assert f"ε of the 2 runs together: {twice:.4g} at δ 1e-05" in md and f"naive composition: {2 * one:.4g}" in md
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "results")])  # without --together: no such line
+    assert "runs together" not in capsys.readouterr().out
+    assert "runs together" not in (tmp_path / "results" / "runs.md").read_text()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nonprivate", "non-private run(s) among them"), ("delta", "these runs have delta 1e-05, 1e-06"),
+    ("dataset", "these runs have dataset cifar10, digits"), ("no ledger", "has no privacy/ledger"),
+    ("failed", "1 failed or unfinished run(s) spent ε too")])
+def test_together_refuses_what_it_cannot_compose(tmp_path, capsys, case, message):
+    """Fail closed: a run whose ε is infinite, another δ or data set, a summary without its ledger, a failed run's
+    spent ε — one line, exit 2, no number."""
+    from dptrain.cli.report import main
+
+    ledger_run(tmp_path / "runs" / "a")
+    other = tmp_path / "runs" / "b"
+    if case == "nonprivate":
+        write_run(other, **{key.DATASET: "digits", key.DELTA: 1e-5})
+    elif case == "delta":
+        ledger_run(other, delta=1e-6)
+    elif case == "dataset":
+        ledger_run(other, dataset="cifar10")
+    elif case == "no ledger":
+        ledger_run(other, **{key.LEDGER: None})
+    else:
+        other.mkdir(parents=True)
+        (other / "failed.json").write_text(json.dumps({key.STATUS: "failed", key.ERROR: "diverged", key.STEP: 3,
+                                                       key.EPS_SPENT: 0.2, key.DELTA: 1e-5}))
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "runs"), "--together", "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err

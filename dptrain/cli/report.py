@@ -5,6 +5,7 @@ tables, only when asked).
     dptrain-report multirun/acc_vs_eps/2026-11-28_10-00-00      # a sweep → that folder/acc_vs_eps.*
     dptrain-report outputs/a outputs/b --table mine              # some runs → outputs/mine.*
     dptrain-report multirun/acc_vs_eps/<date> --out results      # the committed results/acc_vs_eps.*
+    dptrain-report val_a val_b chosen --together                 # + the ε of a hand-made search, all runs composed
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("paths", nargs="+", help="run or sweep directories")
     ap.add_argument("--table", help="output name (default: the runs' `name`)")
     ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
+    ap.add_argument("--together", action="store_true",
+                    help="also the ε of all the runs composed, as if on the same examples: what a search by hand "
+                         "(its validation runs and the chosen run) or a table's seeds spent in all")
     return ap
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     try:
-        r = report(args.paths, table=args.table, out=args.out)
+        r = report(args.paths, table=args.table, out=args.out, together=args.together)
     except UserError as e:
         fail("dptrain-report", str(e))
     print(f"{r['runs']} runs → {r['csv']}, {r['md']}, {r['png']}")

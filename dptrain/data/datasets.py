@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
+from dptrain import keys as key
 from dptrain.config import DatasetConfig
 from dptrain.data.features import FEATURES
 from dptrain.data.store import CACHE_MAX_SIZE, Features
@@ -322,7 +323,7 @@ def _validation_split(data: Data, fraction: float, seed: int) -> Data:
         else:
             xv, yv = data.test.tensors
             data.test = TensorDataset(xv[:, 0], yv)
-    data.name += "-val"
+    data.name += key.VAL_SUFFIX
     return data
 
 
