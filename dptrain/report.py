@@ -160,7 +160,9 @@ def eps_together(df, failed: list[str]) -> dict:
     """The ε of all the runs together: every mechanism of every run's ledger (history_of) composed as if all ran on
     the same examples — the cost of a search made by hand (its validation runs and the run it chose) or of a table's
     seeds. A bound, never an estimate: a run on a subset of the examples (dataset.val_fraction) is counted as if on all.
-    The runs' own accountant when they share one that composes mixed mechanisms, else prv."""
+    The runs' own accountant when they share one that composes mixed mechanisms, else prv. Composition of mechanisms
+    fixed in advance: when a run's σ or steps were chosen from another run's release, the bound that holds composes
+    the worst candidate's RDP curve instead (scripts/tuning_cost.py); the printed line says so."""
     if failed:  # their ε is spent too, and their ledgers are incomplete: fail closed
         raise UserError(f"--together: {len(failed)} failed or unfinished run(s) spent ε too ({failed[0]}); finish "
                         "them (dptrain resume=<run dir>) or report without them")
@@ -226,7 +228,8 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
 def _together_line(j: dict) -> str:
     return (f"ε of the {j['runs']} runs together: {j['eps']:.4g} at δ {j['delta']:.3g} (every run's ledger composed "
             f"by {j['accountant']}, as if all ran on the same examples; the sum of their ε, naive composition: "
-            f"{j['sum']:.4g}).")
+            f"{j['sum']:.4g}). It holds for settings fixed before the runs; a run whose settings were chosen from "
+            "the others' results needs the worst candidate's RDP curve (scripts/tuning_cost.py).")
 
 
 def _labels(df) -> str:

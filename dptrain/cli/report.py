@@ -24,8 +24,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--table", help="output name (default: the runs' `name`)")
     ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
     ap.add_argument("--together", action="store_true",
-                    help="also the ε of all the runs composed, as if on the same examples: what a search by hand "
-                         "(its validation runs and the chosen run) or a table's seeds spent in all")
+                    help="also the ε of all the runs composed, as if on the same examples: what a grid, a table's "
+                         "seeds or a search by hand spent in all (for settings fixed before the runs)")
     return ap
 
 
