@@ -227,9 +227,10 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
 
 def _together_line(j: dict) -> str:
     return (f"ε of the {j['runs']} runs together: {j['eps']:.4g} at δ {j['delta']:.3g} (every run's ledger composed "
-            f"by {j['accountant']}, as if all ran on the same examples; the sum of their ε, naive composition: "
-            f"{j['sum']:.4g}). It holds for settings fixed before the runs; a run whose settings were chosen from "
-            "the others' results needs the worst candidate's RDP curve (scripts/tuning_cost.py).")
+            f"by {j['accountant']}, as if all ran on the same examples; naive composition: the sum of their ε, "
+            f"{j['sum']:.4g}, at δ {j['runs'] * j['delta']:.3g}). It holds for settings fixed before the runs; a run "
+            "whose settings were chosen from the others' results needs the worst candidate's RDP curve "
+            "(scripts/tuning_cost.py).")
 
 
 def _labels(df) -> str:
