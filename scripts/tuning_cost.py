@@ -18,24 +18,22 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from dptrain.config import register
+from dptrain.config import CONF_DIR, register
 from dptrain.privacy.accounting import epsilon_of
 from dptrain.sweep.tuning import ORDERS, rdp_curve
 from dptrain.train.budget import create_budget
 from dptrain.train.ledger import history_of
 
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 
-
-def history(run_dir: str) -> list:
-    return history_of(json.load(open(os.path.join(run_dir, "summary.json"))))
+def summary(run_dir: str) -> dict:
+    return json.load(open(os.path.join(run_dir, "summary.json")))
 
 
 def candidate(experiment: str, override: str, n: int, prior: list) -> list:
     """The mechanisms a final run with `override` would have run on n examples (its budget, calibrated as dptrain
     calibrates it), without running it."""
     register()
-    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", override])
     b = create_budget(cfg, n, prior=tuple(map(tuple, prior)))
     return [list(m) for m in b.history(b.steps)]
@@ -50,16 +48,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, required=True, help="the final run's training set size")
     ap.add_argument("--delta", type=float, default=1e-5)
     a = ap.parse_args()
-    val = [m for d in a.runs for m in history(d)]
-    final = history(a.final)
-    prior = json.load(open(os.path.join(a.final, "summary.json")))["privacy/prior"]
-    cands = {c: candidate(a.experiment, c, a.n, prior) for c in a.candidates}
+    val = [m for d in a.runs for m in history_of(summary(d))]
+    s = summary(a.final)
+    final = history_of(s)
+    cands = {c: candidate(a.experiment, c, a.n, s["privacy/prior"]) for c in a.candidates}
     assert any(np.allclose(np.array(h, float), np.array(final, float)) for h in cands.values()), (final, cands)
     worst = np.max([rdp_curve(h) for h in cands.values()], axis=0)
     adaptive, order = get_privacy_spent(orders=list(ORDERS), rdp=rdp_curve(val) + worst, delta=a.delta)
     print(f"- as run, PRV (dptrain-report --together): eps {epsilon_of(val + final, delta=a.delta):.3f}")
-    as_run_rdp = get_privacy_spent(orders=list(ORDERS), rdp=rdp_curve(val + final), delta=a.delta)[0]
-    print(f"- as run, RDP: eps {as_run_rdp:.3f}")
+    print(f"- as run, RDP: eps {epsilon_of(val + final, delta=a.delta, accountant='rdp'):.3f}")
     print(f"- adaptive choice among {', '.join(a.candidates)} (RDP, worst candidate per order): eps {adaptive:.3f} "
           f"(order {order:g}) at delta {a.delta:g}")
     for c, h in cands.items():
