@@ -179,7 +179,12 @@ def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
     main()
     for p in paths:
         shutil.copytree(tmp_path / "one", tmp_path / p / "0")
+    capsys.readouterr()  # the training run's own log lines
     report.main(args)
-    out = capsys.readouterr().out.strip().splitlines()[-1]
-    where = report.parser().parse_args(args).out or beside(paths)
-    assert out.startswith("1 runs → ") and f"{where}/" in out
+    out = capsys.readouterr().out.strip().splitlines()
+    parsed = report.parser().parse_args(args)
+    where = parsed.out or beside(paths)
+    # the first line names the outputs; the notes (and --together's composed ε) follow it
+    assert out[0].startswith(f"{len(paths)} runs → ") and f"{where}/" in out[0]
+    if parsed.together:
+        assert any(line.strip().startswith(f"ε of the {len(paths)} runs together: ") for line in out[1:])
