@@ -179,9 +179,10 @@ def eps_together(df, failed: list[str]) -> dict:
                             f"{', '.join(map(str, sorted(set(values), key=str)))}: report them separately")
     accountants = set(df.accountant)
     accountant = accountants.pop() if len(accountants) == 1 and "gdp" not in accountants else "prv"
+    summaries = {d: json.load(open(os.path.join(d, "summary.json"))) for d in df.run_dir}
+    independent(summaries, what="--together")
     history = []
-    for d in df.run_dir:
-        s = json.load(open(os.path.join(d, "summary.json")))
+    for d, s in summaries.items():
         if not s.get(key.LEDGER):  # a summary from before the privacy ledger: its mechanisms are not all written
             raise UserError(f"--together: {d} has no privacy/ledger (a run older than the ledger): its mechanisms "
                             "cannot be composed; rerun it or report without it")
@@ -189,6 +190,22 @@ def eps_together(df, failed: list[str]) -> dict:
     delta = float(df.delta.iloc[0])
     return {"eps": epsilon_of(history, delta=delta, accountant=accountant), "delta": delta, "accountant": accountant,
             "runs": len(df), "sum": float(df.eps_spent.sum())}
+
+
+def independent(summaries: dict[str, dict], *, what: str) -> None:
+    """Composition needs each run's noise independent of the others'. Without privacy.secure every stream comes from
+    `seed` (privacy/streams.py), so two runs at one seed draw the SAME noise: the difference of their releases (two
+    validation accuracies, two first steps) is noise-free, and no composed ε bounds it. Fail closed on such a pair."""
+    seen = {}
+    for d, s in summaries.items():
+        if s.get(key.SECURE) or s.get(key.SECURE_NOISE):  # OS entropy on every draw: independent of every run
+            continue
+        seed = (s.get(key.CONFIG) or {}).get("seed")
+        if seed in seen:
+            raise UserError(f"{what}: {seen[seed]} and {d} both ran at seed {seed} without privacy.secure, so they "
+                            "drew the same noise and the difference of their releases is noise-free: no composed ε "
+                            "covers them. Give each run its own seed (seed=<n>) or privacy.secure=true, and rerun")
+        seen[seed] = d
 
 
 def report(paths: list[str], *, table: str | None = None, out: str | None = None, together: bool = False) -> dict:
@@ -228,8 +245,9 @@ def report(paths: list[str], *, table: str | None = None, out: str | None = None
 def _together_line(j: dict) -> str:
     return (f"ε of the {j['runs']} runs together: {j['eps']:.4g} at δ {j['delta']:.3g} (every run's ledger composed "
             f"by {j['accountant']}, as if all ran on the same examples; naive composition: the sum of their ε, "
-            f"{j['sum']:.4g}, at δ {j['runs'] * j['delta']:.3g}). It holds for settings fixed before the runs; a run "
-            "whose settings were chosen from the others' results needs the worst candidate's RDP curve "
+            f"{j['sum']:.4g}, at δ {j['runs'] * j['delta']:.3g}). It holds for runs with independent noise (each "
+            "its own seed, or privacy.secure) and settings fixed before the runs; a run whose settings were chosen "
+            "from the others' results needs the worst candidate's RDP curve "
             "(scripts/tuning_cost.py).")
 
 
@@ -240,7 +258,8 @@ def _labels(df) -> str:
     if len(plain):
         out.append(f"**{NOT_ACCOUNTED}**: {len(plain)} private runs of a plain `-m` sweep; choosing among them "
                    "releases more than their ε covers (Papernot & Steinke 2022): use hparams_search=private, or "
-                   "`dptrain-report --together` for all of them composed.")
+                   "`dptrain-report --together` for all of them composed (each run at its own seed, or "
+                   "privacy.secure=true).")
     searched = df[df.eps_incl_tuning.notna()]
     for _, r in searched.iterrows():
         out.append(f"selected run of a private search: {r.run_dir} — eps {r.eps_spent:.4g}, eps_incl_tuning "

@@ -19,7 +19,9 @@ from hydra import compose, initialize_config_dir
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from dptrain.config import CONF_DIR, register
+from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon_of
+from dptrain.report import independent
 from dptrain.sweep.tuning import ORDERS, rdp_curve
 from dptrain.train.budget import create_budget
 from dptrain.train.ledger import history_of
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, required=True, help="the final run's training set size")
     ap.add_argument("--delta", type=float, default=1e-5)
     a = ap.parse_args()
+    independent({d: summary(d) for d in [*a.runs, a.final]}, what="tuning_cost.py")  # shared noise: no bound holds
     val = [m for d in a.runs for m in history_of(summary(d))]
     s = summary(a.final)
     final = history_of(s)
@@ -64,4 +67,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # one line, as dptrain's own commands
+        raise SystemExit(str(e)) from None  # the message names the script

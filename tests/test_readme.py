@@ -163,10 +163,8 @@ def test_readme_bench_command_runs_shrunk(args, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args", [a for t, a, _ in COMMANDS if t == "dptrain-report"],
                          ids=[" ".join(a) for t, a, _ in COMMANDS if t == "dptrain-report"])
 def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
-    """Each README `dptrain-report` line, on one tiny finished run under each folder it names; the output lands
-    beside the runs unless the line says --out."""
-    import shutil
-
+    """Each README `dptrain-report` line, on one tiny finished run under each folder it names (each at its own seed:
+    --together refuses runs that drew the same noise); the output lands beside the runs unless the line says --out."""
     from conftest import TINY
 
     from dptrain.cli import report
@@ -175,10 +173,9 @@ def test_readme_report_command_runs(args, tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     paths = [a for a in report.parser().parse_args(args).paths]
-    monkeypatch.setattr("sys.argv", ["dptrain", *TINY, f"hydra.run.dir={tmp_path}/one"])
-    main()
-    for p in paths:
-        shutil.copytree(tmp_path / "one", tmp_path / p / "0")
+    for i, p in enumerate(paths):
+        monkeypatch.setattr("sys.argv", ["dptrain", *TINY, f"seed={i}", f"hydra.run.dir={tmp_path / p / '0'}"])
+        main()
     capsys.readouterr()  # the training run's own log lines
     report.main(args)
     out = capsys.readouterr().out.strip().splitlines()

@@ -209,16 +209,17 @@ def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and err == f"dptrain-report: error: no summary.json under {tmp_path}/empty\n"
 
 
-def ledger_run(d, *, sigma=1.0, q=0.01, steps=100, delta=1e-5, dataset="digits", **values):
-    """A private run whose ledger is one DP-SGD mechanism (σ, q, steps) after the DP normalisation's two queries
-    (privacy/prior), as a run's summary.json writes them."""
+def ledger_run(d, *, seed, sigma=1.0, q=0.01, steps=100, delta=1e-5, dataset="digits", secure=False, **values):
+    """A private run at `seed` whose ledger is one DP-SGD mechanism (σ, q, steps) after the DP normalisation's two
+    queries (privacy/prior), as a run's summary.json writes them."""
     from dptrain.privacy.accounting import epsilon_of
 
     ledger = [{"release": "dataset.normalize=dp statistics", "noise_multiplier": 8.0, "sample_rate": 1.0, "steps": 2},
               {"release": "model", "noise_multiplier": sigma, "sample_rate": q, "steps": steps}]
     spent = epsilon_of([(8.0, 1.0, 2), (sigma, q, steps)], delta=delta)
     write_run(d, **{key.DATASET: dataset, key.DELTA: delta, key.ACCOUNTANT: "prv", key.EPS_SPENT: spent,
-                    key.PRIOR: [[8.0, 1.0, 2]], key.LEDGER: ledger} | values)
+                    key.PRIOR: [[8.0, 1.0, 2]], key.LEDGER: ledger, key.SECURE: secure,
+                    key.CONFIG: {"eps": 3.0, "seed": seed}} | values)
     return spent
 
 
@@ -228,8 +229,8 @@ def test_together_composes_every_runs_ledger(tmp_path, capsys):
     from dptrain.cli.report import main
     from dptrain.privacy.accounting import epsilon_of
 
-    one = ledger_run(tmp_path / "runs" / "val", dataset="digits-val")  # a held-out split of the same training set
-    ledger_run(tmp_path / "runs" / "chosen")
+    one = ledger_run(tmp_path / "runs" / "val", seed=1, dataset="digits-val")  # a held-out split of the same set
+    ledger_run(tmp_path / "runs" / "chosen", seed=2)
     r = report([str(tmp_path / "runs")], out=str(tmp_path / "results"), together=True)
     twice = epsilon_of([(8.0, 1.0, 4), (1.0, 0.01, 200)], delta=1e-5)
     assert r["together"]["eps"] == pytest.approx(twice, rel=1e-6) and r["together"]["sum"] == pytest.approx(2 * one)
@@ -245,22 +246,29 @@ def test_together_composes_every_runs_ledger(tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("nonprivate", "non-private run(s) among them"), ("delta", "these runs have delta 1e-05, 1e-06"),
     ("dataset", "these runs have dataset cifar10, digits"), ("no ledger", "has no privacy/ledger"),
-    ("failed", "1 failed or unfinished run(s) spent ε too")])
+    ("failed", "1 failed or unfinished run(s) spent ε too"),
+    ("same seed", "both ran at seed 0 without privacy.secure, so they drew the same noise"),
+    ("one secure", "both ran at seed 0 without privacy.secure")])
 def test_together_refuses_what_it_cannot_compose(tmp_path, capsys, case, message):
     """Fail closed: a run whose ε is infinite, another δ or data set, a summary without its ledger, a failed run's
-    spent ε — one line, exit 2, no number."""
+    spent ε, two runs whose noise is the same draw (one seed, not secure) — one line, exit 2, no number."""
     from dptrain.cli.report import main
 
-    ledger_run(tmp_path / "runs" / "a")
+    ledger_run(tmp_path / "runs" / "a", seed=0)
     other = tmp_path / "runs" / "b"
     if case == "nonprivate":
         write_run(other, **{key.DATASET: "digits", key.DELTA: 1e-5})
     elif case == "delta":
-        ledger_run(other, delta=1e-6)
+        ledger_run(other, seed=1, delta=1e-6)
     elif case == "dataset":
-        ledger_run(other, dataset="cifar10")
+        ledger_run(other, seed=1, dataset="cifar10")
     elif case == "no ledger":
-        ledger_run(other, **{key.LEDGER: None})
+        ledger_run(other, seed=1, **{key.LEDGER: None})
+    elif case == "same seed":
+        ledger_run(other, seed=0, steps=50)  # another setting, the same noise: the difference is noise-free
+    elif case == "one secure":  # b's noise is the OS's, but a third run shares a's seed and a's noise
+        ledger_run(other, seed=0, secure=True)
+        ledger_run(tmp_path / "runs" / "c", seed=0, q=0.02)
     else:
         other.mkdir(parents=True)
         (other / "failed.json").write_text(json.dumps({key.STATUS: "failed", key.ERROR: "diverged", key.STEP: 3,
@@ -269,3 +277,13 @@ def test_together_refuses_what_it_cannot_compose(tmp_path, capsys, case, message
         main([str(tmp_path / "runs"), "--together", "--out", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_together_composes_secure_runs_at_one_seed(tmp_path):
+    """privacy.secure draws every noise from OS entropy, not from the seed: runs at one seed compose."""
+    from dptrain.privacy.accounting import epsilon_of
+
+    for name in ("a", "b"):
+        ledger_run(tmp_path / "runs" / name, seed=0, secure=True)
+    r = report([str(tmp_path / "runs")], out=str(tmp_path / "results"), together=True)
+    assert r["together"]["eps"] == pytest.approx(epsilon_of([(8.0, 1.0, 4), (1.0, 0.01, 200)], delta=1e-5), rel=1e-6)
