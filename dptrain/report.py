@@ -162,7 +162,8 @@ def eps_together(df, failed: list[str]) -> dict:
     seeds. A bound, never an estimate: a run on a subset of the examples (dataset.val_fraction) is counted as if on all.
     The runs' own accountant when they share one that composes mixed mechanisms, else prv. Composition of mechanisms
     fixed in advance: when a run's σ or steps were chosen from another run's release, the bound that holds composes
-    the worst candidate's RDP curve instead (scripts/tuning_cost.py); the printed line says so."""
+    the worst candidate's RDP curve instead (scripts/tuning_cost.py); the printed line says so. Composition also needs
+    independent noise: two runs at one seed without privacy.secure are refused (`independent`)."""
     if failed:  # their ε is spent too, and their ledgers are incomplete: fail closed
         raise UserError(f"--together: {len(failed)} failed or unfinished run(s) spent ε too ({failed[0]}); finish "
                         "them (dptrain resume=<run dir>) or report without them")

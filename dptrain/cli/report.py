@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (default: the folder holding the runs; results/ only when named)")
     ap.add_argument("--together", action="store_true",
                     help="also the ε of all the runs composed, as if on the same examples: what a grid, a table's "
-                         "seeds or a search by hand spent in all (for settings fixed before the runs)")
+                         "seeds or a search by hand spent in all (for settings fixed before the runs; each run at "
+                         "its own seed or with privacy.secure, so that their noise is independent)")
     return ap
 
 
