@@ -18,6 +18,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
+from dptrain import keys as key
 from dptrain.config import CONF_DIR, register
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import epsilon_of
@@ -50,11 +51,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, required=True, help="the final run's training set size")
     ap.add_argument("--delta", type=float, default=1e-5)
     a = ap.parse_args()
-    independent({d: summary(d) for d in [*a.runs, a.final]}, what="tuning_cost.py")  # shared noise: no bound holds
-    val = [m for d in a.runs for m in history_of(summary(d))]
-    s = summary(a.final)
-    final = history_of(s)
-    cands = {c: candidate(a.experiment, c, a.n, s["privacy/prior"]) for c in a.candidates}
+    summaries = {d: summary(d) for d in [*a.runs, a.final]}  # each read once
+    independent(summaries, what="tuning_cost.py")  # shared noise: no bound holds
+    val = [m for d in a.runs for m in history_of(summaries[d])]
+    final = history_of(summaries[a.final])
+    cands = {c: candidate(a.experiment, c, a.n, summaries[a.final][key.PRIOR]) for c in a.candidates}
     assert any(np.allclose(np.array(h, float), np.array(final, float)) for h in cands.values()), (final, cands)
     worst = np.max([rdp_curve(h) for h in cands.values()], axis=0)
     adaptive, order = get_privacy_spent(orders=list(ORDERS), rdp=rdp_curve(val) + worst, delta=a.delta)
